@@ -1,0 +1,3 @@
+from dinosae.cli import main
+
+raise SystemExit(main())

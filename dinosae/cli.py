@@ -1,0 +1,125 @@
+"""The `dinosae` command line: one subcommand per pipeline step.
+
+Snakemake rules call these with explicit paths and the config sections the step depends on
+(`--cfg JSON`); people can use `--config config.yaml` and `--set key=value` instead.
+
+    dinosae shard --config config.yaml --split train --out data/shards/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dinosae.config import ConfigError, load_config
+
+# name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
+# function(cfg, **args) with the flags' values under their python names.
+COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
+    "validate-config": ("dinosae.config", "validate", "validate a config and exit", []),
+    "mini-dataset": (
+        "dinosae.data.mini", "build_mini_dataset",
+        "build the embedded dataset from scikit-image's photographs (ImageNet folder layout)",
+        [("--out", dict(required=True, help="output folder (gets train/ and val/)"))],
+    ),
+    "shard": (
+        "dinosae.data.shard", "shard_split",
+        "preprocess one split of an ImageNet-style folder into webdataset tars + manifest.json",
+        [("--split", dict(required=True, choices=["train", "val"])),
+         ("--out", dict(required=True, help="output folder for the tars and manifest.json"))],
+    ),
+    "ae-train": (
+        "dinosae.train.ae", "train_stage", "train one autoencoder stage (1-4)",
+        [("--stage", dict(type=int, required=True, choices=[1, 2, 3, 4])),
+         ("--shards", dict(required=True, help="train shard folder (with manifest.json)")),
+         ("--init", dict(default=None, help="previous stage's checkpoint")),
+         ("--out", dict(required=True, help="stage folder: checkpoint.pt, metrics.csv, grids"))],
+    ),
+    "eval-recon": (
+        "dinosae.evaluate", "eval_recon", "reconstruction metrics on the val split -> recon.txt",
+        [("--checkpoint", dict(required=True)), ("--shards", dict(required=True)),
+         ("--out", dict(required=True))],
+    ),
+    "encode-init": (
+        "dinosae.latents", "encode_init", "create the latent cache arrays and attributes",
+        [("--shards", dict(required=True)), ("--checkpoint", dict(required=True)),
+         ("--out", dict(required=True, help="the .zarr store"))],
+    ),
+    "encode-part": (
+        "dinosae.latents", "encode_part", "encode one shard-aligned region of the cache",
+        [("--cache", dict(required=True)), ("--shards", dict(required=True)),
+         ("--checkpoint", dict(required=True)), ("--index", dict(type=int, required=True)),
+         ("--parts", dict(type=int, required=True)), ("--done", dict(required=True))],
+    ),
+    "encode-gather": (
+        "dinosae.latents", "encode_gather", "validate every region, then mark the cache complete",
+        [("--cache", dict(required=True)), ("--out", dict(required=True, help="report json"))],
+    ),
+    "export-latents": (
+        "dinosae.latents", "export_hdf5", "write a latent cache's arrays and attributes to HDF5",
+        [("--cache", dict(required=True)), ("--out", dict(required=True))],
+    ),
+    "train-dit": (
+        "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
+        [("--cache", dict(required=True)), ("--ae", dict(required=True)),
+         ("--out", dict(required=True))],
+    ),
+    "sample": (
+        "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",
+        [("--dit", dict(required=True)), ("--ae", dict(required=True)),
+         ("--cache", dict(required=True)), ("--out", dict(required=True))],
+    ),
+    "fid-reference": (
+        "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
+        [("--shards", dict(required=True)), ("--out", dict(required=True))],
+    ),
+    "fid": (
+        "dinosae.evaluate", "fid", "FID/IS (or FD in the configured extractor) -> gfid.txt",
+        [("--samples", dict(required=True)), ("--reference", dict(required=True)),
+         ("--out", dict(required=True))],
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinosae", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, help_, args) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", default=None, help="YAML config file (e.g. config.yaml)")
+        p.add_argument("--cfg", default=None, help="config sections as JSON (used by the rules)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key, e.g. --set dit.steps=100")
+        for flag, kwargs in args:
+            p.add_argument(flag, **kwargs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    module, function, _, flags = COMMANDS[args.command]
+    try:
+        cfg = load_config(args.config, args.cfg, args.set)
+    except ConfigError as e:
+        print(f"dinosae: {e}", file=sys.stderr)
+        return 2
+    if args.config is None and args.cfg is None:
+        print("dinosae: give --config FILE or --cfg JSON", file=sys.stderr)
+        return 2
+    kwargs = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_"))
+              for f, _ in flags}
+    fn = getattr(importlib.import_module(module), function)
+    try:
+        fn(cfg, **kwargs)
+    except ConfigError as e:
+        print(f"dinosae: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Shared test helpers: a tiny configuration derived from config.yaml."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from dinosae.config import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def tiny_config(tmp: Path | None = None) -> dict:
+    """config.yaml shrunk for unit tests: 32 px images (2x2 tokens), a 2-block 64-wide teacher,
+    a handful of steps. Paths point under `tmp` when given."""
+    cfg = copy.deepcopy(default_config())
+    d = cfg["data"]
+    d["mini"].update(train_per_class=6, val_per_class=3, crop_size=48)
+    d["image_size"] = 32
+    d["shard_max_bytes"] = 20000
+    d["workers"] = 1
+    if tmp is not None:
+        d["root"] = str(Path(tmp) / "mini")
+        d["shards"] = str(Path(tmp) / "shards")
+    ae = cfg["autoencoder"]
+    ae["teacher"]["overrides"] = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+    ae["stem_widths"] = [8, 16, 32]
+    ae["decoder"].update(widths=[8, 16, 16, 32, 32], depths=[1, 1, 1, 1, 1])
+    ae["discriminator"].update(layers=[0, 1], channels=16)
+    t = cfg["ae_train"]
+    t.update(batch_size=4, warmup_steps=2, log_every=2, image_every=4, ckpt_every=3,
+             stage_steps=[6, 4, 3, 3], disc_warmup_steps=2)
+    cfg["latents"].update(parts=2, batch_size=8)
+    cfg["dit"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, image_every=4,
+                      ckpt_every=3)
+    cfg["sample"].update(num_samples=12, batch_size=6, steps=4)
+    cfg["eval"].update(recon_samples=12, batch_size=6)
+    return validate(cfg, check_paths=False)
