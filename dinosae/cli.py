@@ -15,6 +15,8 @@ import sys
 
 from dinosae.config import ConfigError, load_config
 
+AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"
+
 # name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
 # function(cfg, **args) with the flags' values under their python names.
 COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
@@ -73,12 +75,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     ),
     "fid-reference": (
         "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
-        [("--shards", dict(required=True)), ("--out", dict(required=True))],
+        [("--shards", dict(required=True)), ("--out", dict(required=True)),
+         ("--ae", dict(default=None, help=AE_HELP))],
     ),
     "fid": (
         "dinosae.evaluate", "fid", "FID/IS (or FD in the configured extractor) -> gfid.txt",
         [("--samples", dict(required=True)), ("--reference", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)),
+         ("--ae", dict(default=None, help=AE_HELP))],
     ),
 }
 

@@ -38,7 +38,8 @@ def _message(err: jsonschema.ValidationError) -> str:
     if err.validator == "additionalProperties":
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         where = f" in '{key}'" if err.absolute_path else ""
-        return f"config: unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}{where}"
+        plural = "s" if len(extra) > 1 else ""
+        return f"config: unknown key{plural} {', '.join(map(repr, extra))}{where}"
     if err.validator == "required":
         return f"config: '{key}' is missing a required key: {err.message.split(' ')[0]}"
     return f"config: '{key}': {err.message}"

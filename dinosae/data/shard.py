@@ -1,0 +1,314 @@
+"""ImageNet-style folder -> webdataset tars of preprocessed images + manifest.json.
+
+Sample `i` (global index in sorted (wnid, filename) order, counting good images only) is stored as
+`{i:08d}.jpg` (or `.png`) and `{i:08d}.cls` (class index, decimal text). Tars are written under a
+temporary name and renamed when complete; `manifest.json` is written last and marks the split as
+done. Tar headers are fixed (mtime 0, uid/gid 0, fixed user/group), so a rerun writes identical
+bytes; members are plain ustar entries (short ASCII names, integer mtime: no pax headers), which
+the loader's tar reader relies on.
+
+Tars are written with webdataset's `TarWriter` (fixed mtime/user/group make it deterministic);
+the roll-over to the next shard is done here rather than with `ShardWriter`, which writes straight
+to the final names and only rolls over after a shard has exceeded its size.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from dinosae.data.folder import class_dirs, scan_imagenet_folder
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "dinosae-shards", 1
+MANIFEST = "manifest.json"
+EXT = {"jpeg": "jpg", "png": "png"}
+_BLOCK, _RECORD = 512, 10240  # tar block and record sizes (bytes)
+
+
+# ---------------------------------------------------------------- preprocessing (in the workers)
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. 16-bit grey is scaled to 8 bits (not clipped); transparent
+    images are composited over white; CMYK, palette, grey and bilevel go through PIL's convert."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).round().astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)),
+                                   im.convert("RGBA"))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def center_crop_adm(im: Image.Image, size: int) -> np.ndarray:
+    """ADM (guided-diffusion) preprocessing: halve with a box filter while the short side is at
+    least 2*size, bicubic-resize the short side to `size`, center crop. Returns (size, size, 3)."""
+    while min(im.size) >= 2 * size:
+        im = im.resize((im.width // 2, im.height // 2), Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
+    arr = np.asarray(im)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare(path: str, size: int, fmt: str, quality: int) -> tuple[bytes | None, str | None]:
+    """Read, convert, resize, crop and encode one image: (bytes, None) or (None, reason)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "empty file (0 bytes)"
+        with Image.open(path) as im:
+            im.load()  # decodes everything: a truncated or corrupt file fails here
+            arr = center_crop_adm(to_rgb(im), size)
+        return encode(np.ascontiguousarray(arr), fmt, quality), None
+    except Exception as e:  # any failure to read one file skips that file, with the reason
+        return None, f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------------- tar writing
+
+def _member_bytes(n: int) -> int:
+    return _BLOCK + -(-n // _BLOCK) * _BLOCK
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardSink:
+    """Writes samples to shard-NNNNNN.tar files, rolling over by size and count."""
+
+    def __init__(self, out: Path, ext: str, max_bytes: int, max_count: int) -> None:
+        self.out, self.ext, self.max_bytes, self.max_count = out, ext, max_bytes, max_count
+        self.shards: list[dict] = []
+        self.file = self.writer = None
+        self.count = self.payload = self.first = 0
+
+    def _tmp(self, name: str) -> Path:
+        return self.out / f".{name}.tmp{os.getpid()}"
+
+    def write(self, index: int, label: int, data: bytes) -> None:
+        cls = str(label).encode()
+        size = _member_bytes(len(data)) + _member_bytes(len(cls))
+        if self.writer is not None and (
+            self.count >= self.max_count
+            or -(-(self.payload + size + 2 * _BLOCK) // _RECORD) * _RECORD > self.max_bytes
+        ):
+            self.finish()
+        if self.writer is None:
+            self.name = f"shard-{len(self.shards):06d}.tar"
+            self.file = open(self._tmp(self.name), "wb")
+            self.writer = wds.TarWriter(self.file, encoder=False, mtime=0, user="dinosae",
+                                        group="dinosae", mode=0o444)
+            self.count, self.payload, self.first = 0, 0, index
+        self.writer.write({"__key__": f"{index:08d}", self.ext: data, "cls": cls})
+        self.count += 1
+        self.payload += size
+
+    def finish(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        final = self.out / self.name
+        os.replace(self._tmp(self.name), final)
+        self.shards.append({"name": self.name, "count": self.count, "first_index": self.first,
+                            "bytes": final.stat().st_size, "sha256": _sha256(final)})
+        self.writer = self.file = None
+
+    def abort(self) -> None:
+        """Remove everything this sink wrote (used when the job fails)."""
+        if self.file is not None:
+            self.file.close()
+            self._tmp(self.name).unlink(missing_ok=True)
+        for s in self.shards:
+            (self.out / s["name"]).unlink(missing_ok=True)
+        self.writer = self.file = None
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove a previous run's manifest (first: the split is no longer complete), shards and
+    temporary files. Only names this module writes are touched."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if (p.name.startswith("shard-") and p.name.endswith(".tar")) or (
+                p.name.startswith((".shard-", f".{MANIFEST}.tmp"))):
+            p.unlink()
+
+
+# ------------------------------------------------------------------------------------ the job
+
+def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
+    """Shard `data.root/<split>` into `out` (config section: data). Returns the manifest.
+
+    Unreadable files are skipped and listed in the manifest with their reason; no images, or a
+    fraction of unreadable image files above `data.max_bad_fraction`, is a ValueError (and no
+    manifest). The class list of val is the train folder's when there is one, so both splits
+    share class indices.
+    """
+    d = cfg["data"]
+    root = Path(d["root"])
+    size, fmt, quality = d["image_size"], d["format"], d["quality"]
+    ignored: list[tuple[str, str]] = []
+    items, classes = scan_imagenet_folder(root, split, d.get("val_labels"), ignored=ignored)
+    if split != "train" and (root / "train").is_dir():
+        train_classes = class_dirs(root / "train")
+        unknown = sorted({w for _, w in items} - set(train_classes))
+        if unknown:
+            raise ValueError(f"{root / split}: classes not in {root / 'train'}: {unknown[:5]}")
+        classes = train_classes
+    if not items:
+        raise ValueError(f"{root / split}: no image files found")
+    class_index = {w: i for i, w in enumerate(classes)}
+    max_bad = int(d["max_bad_fraction"] * len(items))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    sink = _ShardSink(out, EXT[fmt], d["shard_max_bytes"], d["shard_max_count"])
+    skipped = [{"path": os.path.relpath(p, root), "reason": r} for p, r in ignored]
+    class_counts = dict.fromkeys(classes, 0)
+    work = functools.partial(prepare, size=size, fmt=fmt, quality=quality)
+    paths = [p for p, _ in items]
+    workers = min(d["workers"], len(items))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    results = (pool.imap(work, paths, chunksize=max(1, min(32, len(paths) // (8 * workers))))
+               if pool else map(work, paths))
+
+    from dinosae.train.common import Progress, atomic_write_text  # torch: after the fork
+
+    progress = Progress(len(items), desc=f"shard {split}", unit="img")
+    index = bad = 0
+    try:
+        for (path, wnid), (data, reason) in zip(items, results, strict=True):
+            progress.update()
+            if data is None:
+                bad += 1
+                skipped.append({"path": os.path.relpath(path, root), "reason": reason})
+                log.warning("skipped %s: %s", path, reason)
+                if bad > max_bad:
+                    first = skipped[len(ignored)]
+                    raise ValueError(
+                        f"{root / split}: more than {d['max_bad_fraction']:.1%} of "
+                        f"{len(items)} image files are unreadable (data.max_bad_fraction); "
+                        f"first: {first['path']}: {first['reason']}")
+                continue
+            sink.write(index, class_index[wnid], data)
+            class_counts[wnid] += 1
+            index += 1
+        if index == 0:
+            raise ValueError(f"{root / split}: none of {len(items)} image files could be read")
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+
+    manifest = {
+        "format": FORMAT, "version": VERSION, "split": split, "count": index,
+        "classes": classes, "class_counts": class_counts, "shards": sink.shards,
+        "preprocess": {"image_size": size, "format": fmt, "quality": quality,
+                       "resize": "adm-center-crop"},
+        "skipped": skipped, "source": str(root),
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    log.info("%s: %d images in %d shards, %d skipped (%d unreadable)", split, index,
+             len(sink.shards), len(skipped), bad)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------- reading
+
+def read_manifest(shards_dir: str | Path, verify: bool = False) -> dict:
+    """Load and check `shards_dir/manifest.json`: format, counts, every tar present with its
+    recorded size (and sha256 when `verify`). Raises FileNotFoundError / ValueError."""
+    shards_dir = Path(shards_dir)
+    path = shards_dir / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the shards in {shards_dir} are "
+                                "incomplete or were never written (run `dinosae shard`)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ValueError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+    missing = {"split", "count", "classes", "class_counts", "shards", "preprocess"} - set(m)
+    if missing:
+        raise ValueError(f"{path}: missing {sorted(missing)}")
+    if sum(s["count"] for s in m["shards"]) != m["count"]:
+        raise ValueError(f"{path}: shard counts do not add up to count={m['count']}")
+    for s in m["shards"]:
+        tar = shards_dir / s["name"]
+        if not tar.is_file() or tar.stat().st_size != s["bytes"]:
+            raise ValueError(f"{tar}: missing or not the size recorded in {path}")
+        if verify and _sha256(tar) != s["sha256"]:
+            raise ValueError(f"{tar}: sha256 differs from {path}")
+    return m
+
+
+def shard_paths(shards_dir: str | Path) -> list[Path]:
+    """The tar files of a complete shard folder, in manifest order."""
+    return [Path(shards_dir) / s["name"] for s in read_manifest(shards_dir)["shards"]]
+
+
+def iter_shard(tar_path: str | Path) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(index, image uint8 (H, W, 3), label) for each sample of one tar, in stored order."""
+    sample: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.partition(".")
+            if key is not None and k != key:
+                yield _decode_sample(key, sample, tar_path)
+                sample = {}
+            key = k
+            sample[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield _decode_sample(key, sample, tar_path)
+
+
+def _decode_sample(key: str, sample: dict[str, bytes], tar_path) -> tuple[int, np.ndarray, int]:
+    data = sample.get("jpg", sample.get("png"))
+    if data is None or "cls" not in sample:
+        raise ValueError(f"{tar_path}: sample {key} lacks an image or a .cls member")
+    with Image.open(io.BytesIO(data)) as im:
+        image = np.asarray(im.convert("RGB"))
+    return int(key), image, int(sample["cls"])

@@ -1,0 +1,218 @@
+"""Class-balanced samples from the RFM DiT, decoded by the AE decoder, into one HDF5 file.
+
+    samples.h5   images uint8 (N, H, W, 3), labels int64 (N,), seeds int64 (N,); attributes:
+                 checkpoints used (with sha256), steps, cfg_scale, guidance_interval, s_vae, ...
+    samples.png  a grid: a few classes (rows) x a few samples
+    samples.npz  optional ADM-style export (arr_0 uint8 NHWC, arr_1 labels), sample.export_npz
+
+Sample i is label i mod K (K = the cache's classes, so every prefix is balanced) and starts from
+noise drawn with its own generator, torch.Generator().manual_seed(seeds[i]) on the CPU: its image
+depends only on its seed, whatever else shares its batch. The file is written one batch at a
+time under a temporary name (`<out>.partial`) with a `done` counter; a killed job rerun with the
+same settings continues after the last finished batch, and the file is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinosae.train.common import Progress, StopFlag, pick_device, save_grid
+
+log = logging.getLogger("dinosae.generate")
+
+FORMAT = "dinosae-samples"
+VERSION = 1
+SEED_STRIDE = 1 << 32  # seeds[i] = seed * 2^32 + i: distinct across config seeds and samples
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+    """Label i = i mod K: class counts differ by at most one, in every prefix too."""
+    return (np.arange(n, dtype=np.int64) % num_classes).astype(np.int64)
+
+
+def sample_seeds(n: int, seed: int) -> np.ndarray:
+    return np.int64(seed) * np.int64(SEED_STRIDE) + np.arange(n, dtype=np.int64)
+
+
+def start_noise(seeds: np.ndarray, shape: tuple[int, int], r: float, path: str) -> torch.Tensor:
+    """z1 for a batch: sample i's noise from its own CPU generator seeded with seeds[i]."""
+    from dinosae import rfm
+
+    out = []
+    for s in seeds.tolist():
+        g = torch.Generator().manual_seed(int(s))
+        out.append(rfm.noise((1, *shape), r, path, generator=g))
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) ≈[0, 1] -> uint8 (B, H, W, 3)."""
+    x = (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _decode_radius(cfg_s_vae: float | None, cache_attrs: dict) -> float:
+    if cfg_s_vae is not None:
+        return float(cfg_s_vae)
+    if "mean_norm" not in cache_attrs:
+        raise ValueError("sample.s_vae is null and the latent cache has no 'mean_norm' attribute")
+    return float(cache_attrs["mean_norm"])
+
+
+def _open_partial(tmp: Path, settings: dict[str, Any], n: int, hw: tuple[int, int],
+                  labels: np.ndarray, seeds: np.ndarray) -> Any:
+    """The temporary h5py.File, continued when its settings match, else started anew."""
+    import h5py
+
+    if tmp.exists():
+        try:
+            f = h5py.File(tmp, "r+")
+            same = all(_attr_equal(f.attrs.get(k), v) for k, v in settings.items())
+            if same and f["images"].shape == (n, *hw, 3):
+                log.info("resuming %s at %d/%d samples", tmp, int(f.attrs["done"]), n)
+                return f
+            f.close()
+            log.warning("%s was written with other settings: starting again", tmp)
+        except (OSError, KeyError) as e:  # a kill during a write can leave it unreadable
+            log.warning("cannot continue %s (%s): starting again", tmp, e)
+        tmp.unlink()
+    f = h5py.File(tmp, "w")
+    f.create_dataset("images", shape=(n, *hw, 3), dtype=np.uint8, chunks=(1, *hw, 3))
+    f.create_dataset("labels", data=labels)
+    f.create_dataset("seeds", data=seeds)
+    for k, v in settings.items():
+        f.attrs[k] = v
+    f.attrs["done"] = 0
+    f.flush()
+    return f
+
+
+def _attr_equal(a: Any, b: Any) -> bool:
+    if a is None:
+        return False
+    if isinstance(a, bytes):
+        a = a.decode()
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
+    """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
+    sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample."""
+    from dinosae import sphere
+    from dinosae.latents import open_cache
+    from dinosae.models.autoencoder import load_autoencoder
+    from dinosae.rfm import sample
+    from dinosae.train.dit import load_generator
+
+    sc = cfg["sample"]
+    out = Path(out)
+    device = pick_device(cfg.get("device", "auto"))
+    model, meta = load_generator(dit, device=str(device))
+    autoencoder = load_autoencoder(ae, device=str(device))
+    cache_attrs = dict(open_cache(cache).attrs)
+    num_classes = int(cache_attrs["num_classes"])
+    classes = [str(c) for c in cache_attrs.get("classes", range(num_classes))]
+    s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
+    n, bs = int(sc["num_samples"]), int(sc["batch_size"])
+    if n % num_classes:
+        log.warning("sample.num_samples=%d is not a multiple of %d classes: counts differ by one",
+                    n, num_classes)
+    labels = balanced_labels(n, num_classes)
+    seeds = sample_seeds(n, int(cfg.get("seed", 0)))
+    shape = (int(meta["tokens"]), int(meta["channels"]))
+    r, alpha, path = float(meta["radius"]), float(meta["alpha"]), meta["dit"]["path"]
+    settings = {
+        "format": FORMAT, "version": VERSION, "num_samples": n, "num_classes": num_classes,
+        "classes": classes, "batch_size": bs, "seed": int(cfg.get("seed", 0)),
+        "steps": int(sc["steps"]), "cfg_scale": float(sc["cfg_scale"]),
+        "guidance_interval": [float(v) for v in sc["guidance_interval"]],
+        "s_vae": s_vae, "radius": r, "alpha": alpha, "flow_path": path,
+        "dit_checkpoint": str(dit), "dit_sha256": _sha256(dit),
+        "ae_checkpoint": str(ae), "ae_sha256": _sha256(ae),
+        "cache": str(cache), "device_type": device.type,
+        "seeding": "sample i: rfm.noise from torch.Generator().manual_seed(seeds[i]) (cpu)",
+    }
+
+    def generate(lo: int, hi: int) -> np.ndarray:
+        z1 = start_noise(seeds[lo:hi], shape, r, path)
+        y = torch.from_numpy(labels[lo:hi]).to(device)
+        z = sample(model, y, int(sc["steps"]), float(sc["cfg_scale"]), r, alpha, shape=shape,
+                   guidance_interval=tuple(sc["guidance_interval"]), path=path, z1=z1,
+                   amp=device.type == "cuda")
+        with torch.no_grad():
+            images = autoencoder.decode(sphere.project(z, s_vae))  # to the decode radius s_vae
+        return to_uint8(images)
+
+    with torch.no_grad():  # the decoder's output size, from one token grid
+        probe = sphere.project(torch.ones(1, *shape, device=device), s_vae)
+        hw = tuple(autoencoder.decode(probe).shape[-2:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    f = _open_partial(tmp, settings, n, hw, labels, seeds)
+    stop = StopFlag()
+    try:
+        done = int(f.attrs["done"])
+        progress = Progress(n, start=done, desc="sample", unit="img")
+        while done < n:
+            hi = min(done + bs, n)
+            f["images"][done:hi] = generate(done, hi)
+            f.attrs["done"] = hi
+            f.flush()
+            progress.update(hi - done)
+            done = hi
+            if stop.stop and done < n:
+                raise SystemExit(f"stopped by signal at {done}/{n} samples; rerun to continue")
+        progress.close()
+        f.attrs["complete"] = True
+    finally:
+        f.close()
+        stop.restore()
+    os.replace(tmp, out)
+    write_grid(out, out.with_suffix(".png"))
+    if sc.get("export_npz", False):
+        export_npz(out, out.with_suffix(".npz"))
+    log.info("%d samples (%d classes, %d steps, cfg %.2f, s_vae %.3f) -> %s", n, num_classes,
+             sc["steps"], sc["cfg_scale"], s_vae, out)
+
+
+def write_grid(samples: str | Path, png: str | Path, classes: int = 8, per_class: int = 8) -> None:
+    """PNG grid: one row per class (the first `classes` classes), its first `per_class` samples."""
+    import h5py
+
+    with h5py.File(samples, "r") as f:
+        labels = f["labels"][:]
+        rows = []
+        for c in np.unique(labels)[:classes]:
+            idx = np.flatnonzero(labels == c)[:per_class]
+            rows.append(f["images"][np.sort(idx)])
+    ncol = min(len(r) for r in rows)
+    grid = np.concatenate([r[:ncol] for r in rows])
+    save_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255.0, png, nrow=ncol)
+
+
+def export_npz(samples: str | Path, npz: str | Path) -> None:
+    """ADM-style sample batch: arr_0 uint8 (N, H, W, 3), arr_1 int64 labels (atomic)."""
+    import h5py
+
+    npz = Path(npz)
+    with h5py.File(samples, "r") as f:
+        images, labels = f["images"][:], f["labels"][:]
+    tmp = npz.with_name(f".{npz.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=images, arr_1=labels)
+    os.replace(tmp, npz)

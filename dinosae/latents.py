@@ -1,0 +1,680 @@
+"""The latent cache: every image of a shard folder encoded once into a zarr v3 store of unit-norm
+tokens (scatter/gather), validated, then read back by training code, or by anyone with plain zarr.
+
+Store (`results/latents/<split>.zarr`); row i is image i of the shard manifest:
+
+    tokens       float16 [N, T, C]   unit-norm (along C) encoder tokens of image i
+    labels       int64   [N]         class index of image i (attribute `classes` names them)
+    norms        float32 [N, T]      the encoder's raw token norms (before normalising)
+    tokens_flip  float16 [N, T, C]   the same for image i flipped left-right   (only when flip)
+    norms_flip   float32 [N, T]                                             (only when flip)
+    written      uint8   [U]         bookkeeping: written[u] = 1 once unit u is written
+
+Units. Every array is cut along N into units of S = chunk_rows × shard_chunks rows. A unit is
+exactly one zarr shard of each array (tokens: inner chunks of chunk_rows rows, so one sample or a
+contiguous batch is one or a few reads), and it is written whole, in one call, by exactly one
+job. Two jobs therefore never touch the same zarr object (writing part of a shard is a
+read-modify-write that would race). A unit is also the grain of batching (so the values never
+depend on how the work is split) and of resume (`written[u]`, set after the unit's data).
+
+Regions. Part k of K takes the webdataset shards [k·M/K, (k+1)·M/K) of the M in the manifest and
+writes the units that begin among their images. Tars hold arbitrary counts, so the unit that
+straddles a part boundary is written whole by the part where it begins, which reads the first
+few (at most S − 1) images of the next part's first tar; the next part skips them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+
+from dinosae.train.common import Progress, atomic_write_text, pick_device
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "dinosae-latents", 1
+NORM_TOL = 1e-3  # |‖token‖ − 1| allowed in the stored (fp16) tokens
+CHUNK_BYTES = 1 << 20  # chunk_rows: null -> about 1 MiB of tokens per chunk
+SHARD_CHUNKS = 16  # shard_chunks default
+DESCRIPTION = (
+    "Row i of tokens/labels/norms is image i of the source shard manifest. tokens: float16 "
+    "[N, T, C] unit-norm along C (T = grid[0]*grid[1], row-major); norms: the raw token norms; "
+    "tokens_flip/norms_flip (when flip): the same for image i flipped left-right. "
+    "Use only when complete is true.")
+
+
+class CacheError(ValueError):
+    """A latent cache that must not be used (incomplete, stale, or not a cache)."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def compressors(name: str) -> tuple:
+    """Codec chain for cfg latents.compression (see bench/latents.py for the measurements)."""
+    if name == "none":
+        return ()
+    if name == "zstd":
+        return (ZstdCodec(level=3),)
+    if name == "blosc":
+        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+    raise ValueError(f"latents.compression: unknown codec {name!r} (none | zstd | blosc)")
+
+
+def chunking(lcfg: dict, row_bytes: int) -> tuple[int, int]:
+    """(chunk_rows, unit_rows): chunk_rows null -> about CHUNK_BYTES per chunk."""
+    chunk = lcfg.get("chunk_rows") or max(1, CHUNK_BYTES // row_bytes)
+    return chunk, chunk * lcfg.get("shard_chunks", SHARD_CHUNKS)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_manifest(m: dict, where: str) -> None:
+    expect = 0
+    for s in m["shards"]:
+        if s["first_index"] != expect:
+            raise ValueError(f"{where}: shard {s['name']} starts at sample {s['first_index']}, "
+                             f"expected {expect} (shards must be contiguous in manifest order)")
+        expect += s["count"]
+
+
+def plan_regions(manifest: dict, unit_rows: int, parts: int) -> list[dict]:
+    """The K regions: a pure function of (manifest, unit_rows, parts); see the module doc."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    shards, n = manifest["shards"], manifest["count"]
+    m = len(shards)
+    regions = []
+    for k in range(parts):
+        lo, hi = k * m // parts, (k + 1) * m // parts
+        first = shards[lo]["first_index"] if lo < m else n
+        end = shards[hi]["first_index"] if hi < m else n
+        u0, u1 = _ceil_div(first, unit_rows), _ceil_div(end, unit_rows)
+        regions.append({
+            "part": k, "shards": [lo, hi],
+            "shard_names": [shards[lo]["name"], shards[hi - 1]["name"]] if hi > lo else [],
+            "units": [u0, u1], "rows": [min(u0 * unit_rows, n), min(u1 * unit_rows, n)]})
+    return regions
+
+
+def describe_region(r: dict, parts: int) -> str:
+    names = "..".join(r["shard_names"]) or "no shards"
+    a, b = r["rows"]
+    rows = f"rows {a}..{b - 1}" if b > a else "no rows"
+    return f"region {r['part']} (encode-part --index {r['part']} --parts {parts}: {names}, {rows})"
+
+
+def _region_of_unit(u: int, layout: dict) -> dict:
+    return next(r for r in layout["regions"] if r["units"][0] <= u < r["units"][1])
+
+
+def _background(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate `items` in a thread, `depth` ahead; exceptions are re-raised here; stopping early
+    (break, close) stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------- encoder and images
+
+def _load_encoder(checkpoint: str | Path, device: str | torch.device) -> Any:
+    """The stage checkpoint's EMA autoencoder (eval mode): `.grid`, `.channels`, `.encode(x)`."""
+    from dinosae.models.autoencoder import load_autoencoder
+
+    return load_autoencoder(checkpoint, device=device)
+
+
+@torch.no_grad()
+def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_size: int,
+                  flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, H, W, 3) -> (unit-norm tokens float16 (n, T, C), raw norms float32 (n, T)).
+    Normalised in fp32, then cast."""
+    tokens, norms = [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        if flip:
+            x = x.flip(-1)
+        z = model.encode(x).float()  # (B, T, C)
+        n = z.norm(dim=-1)  # (B, T)
+        tokens.append((z / n.clamp_min(1e-12).unsqueeze(-1)).half().cpu().numpy())
+        norms.append(n.cpu().numpy())
+    return np.concatenate(tokens), np.concatenate(norms)
+
+
+def iter_images(shards: str | Path, manifest: dict, start: int, stop: int
+                ) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(index, image, label) for images start..stop-1 in manifest order, opening only the tars
+    that hold them; checks that the tars hold what the manifest says."""
+    from dinosae.data.shard import iter_shard
+
+    for s in manifest["shards"]:
+        a, b = s["first_index"], s["first_index"] + s["count"]
+        if b <= start or a >= stop:
+            continue
+        expect = a
+        for index, image, label in iter_shard(Path(shards) / s["name"]):
+            if index != expect:
+                raise ValueError(f"{s['name']}: sample {index} where the manifest puts {expect}")
+            expect += 1
+            if index >= start:
+                yield index, image, label
+            if expect >= stop:
+                break
+        if expect < min(b, stop):
+            raise ValueError(f"{s['name']}: holds {expect - a} samples, manifest says {s['count']}")
+
+
+def _runs(units: list[int]) -> list[tuple[int, int]]:
+    """Sorted unit numbers -> contiguous [start, stop) runs."""
+    runs: list[tuple[int, int]] = []
+    for u in units:
+        if runs and runs[-1][1] == u:
+            runs[-1] = (runs[-1][0], u + 1)
+        else:
+            runs.append((u, u + 1))
+    return runs
+
+
+def iter_units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(unit, images uint8 (n, H, W, 3), labels int64 (n,)) for each listed unit, streaming each
+    contiguous run of units through the tars once."""
+    n = manifest["count"]
+    for u0, u1 in _runs(units):
+        images, labels, u = [], [], u0
+        for index, image, label in iter_images(shards, manifest, u0 * unit_rows,
+                                               min(u1 * unit_rows, n)):
+            images.append(image)
+            labels.append(label)
+            if index + 1 == min((u + 1) * unit_rows, n):
+                yield u, np.stack(images), np.asarray(labels, dtype=np.int64)
+                images, labels, u = [], [], u + 1
+
+
+# ---------------------------------------------------------------- scatter / gather
+
+def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str | Path) -> Path:
+    """Create the cache's arrays (all unwritten) and attributes. Config section: latents."""
+    from dinosae.data.shard import MANIFEST, read_manifest
+
+    lcfg, out = cfg.get("latents", {}), Path(out)
+    manifest = read_manifest(shards)
+    manifest_path = Path(shards) / MANIFEST
+    _check_manifest(manifest, str(manifest_path))
+    size = int(manifest["preprocess"]["image_size"])
+    model = _load_encoder(checkpoint, "cpu")
+    with torch.no_grad():  # the token shape this encoder gives at this image size
+        _, T, C = model.encode(torch.zeros(1, 3, size, size)).shape
+    grid = [int(g) for g in model.grid]
+    if grid[0] * grid[1] != T or int(model.channels) != C:
+        raise ValueError(f"encoder gives {T}x{C} tokens at {size} px, but declares grid {grid} "
+                         f"and {model.channels} channels")
+    n, flip = int(manifest["count"]), bool(lcfg.get("flip", False))
+    chunk, unit = chunking(lcfg, T * C * 2)
+    units = _ceil_div(n, unit)
+    parts = int(lcfg.get("parts", 1))
+    codec = lcfg.get("compression", "zstd")
+    attrs = {
+        "format": FORMAT, "version": VERSION, "description": DESCRIPTION,
+        "count": n, "rows": n * (2 if flip else 1), "grid": grid, "tokens": int(T),
+        "channels": int(C), "radius": 1.0, "image_size": size, "flip": flip,
+        "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
+        "encoder": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "source": {"path": str(manifest_path), "sha256": sha256_file(manifest_path),
+                   "split": manifest["split"], "count": n},
+        "chunk_rows": chunk, "unit_rows": unit, "units": units, "compression": codec,
+        "batch_size": int(lcfg.get("batch_size", 64)),
+        "parts_layout": {"parts": parts, "regions": plan_regions(manifest, unit, parts)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False, "mean_norm": None,
+    }
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w")
+    comp = compressors(codec)
+    for suffix in ("", "_flip") if flip else ("",):
+        group.create_array(f"tokens{suffix}", shape=(n, T, C), dtype="float16",
+                           chunks=(chunk, T, C), shards=(unit, T, C), compressors=comp,
+                           fill_value=np.nan)
+        group.create_array(f"norms{suffix}", shape=(n, T), dtype="float32", chunks=(unit, T),
+                           compressors=comp, fill_value=np.nan)
+    group.create_array("labels", shape=(n,), dtype="int64", chunks=(unit,), compressors=comp,
+                       fill_value=-1)
+    group.create_array("written", shape=(units,), dtype="uint8", chunks=(1,), compressors=(),
+                       fill_value=0)
+    group.attrs.update(attrs)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, flip=%s",
+             out, n, units, unit, chunk, parts, codec, flip)
+    return out
+
+
+def _open_for_write(cache: str | Path) -> tuple[zarr.Group, dict]:
+    cache = Path(cache)
+    if not (cache / "zarr.json").is_file():
+        raise CacheError(f"{cache}: no latent cache here (run `dinosae encode-init` first)")
+    group = zarr.open_group(cache, mode="r+")
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{cache}: not a {FORMAT} store (format {attrs.get('format')!r})")
+    return group, attrs
+
+
+def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: str | Path,
+                index: int, parts: int, done: str | Path) -> dict:
+    """Encode region `index` of `parts`, skipping units already written; write `done` (a JSON
+    summary) at the end. Config sections: device, latents (batch_size)."""
+    from dinosae.data.shard import MANIFEST, read_manifest
+
+    group, attrs = _open_for_write(cache)
+    if not 0 <= index < parts:
+        raise ValueError(f"encode-part: index {index} is not in 0..{parts - 1}")
+    manifest = read_manifest(shards)
+    if sha256_file(Path(shards) / MANIFEST) != attrs["source"]["sha256"]:
+        raise CacheError(f"{cache}: {Path(shards) / MANIFEST} differs from the manifest the cache "
+                         f"was created for ({attrs['source']['path']}); rerun encode-init")
+    if sha256_file(checkpoint) != attrs["encoder"]["sha256"]:
+        raise CacheError(f"{cache}: encoder {checkpoint} is not the checkpoint the cache was "
+                         f"created for ({attrs['encoder']['path']}); rerun encode-init")
+    unit, flip, size = attrs["unit_rows"], attrs["flip"], attrs["image_size"]
+    region = plan_regions(manifest, unit, parts)[index]
+    u0, u1 = region["units"]
+    written = group["written"][u0:u1]
+    todo = [u for u in range(u0, u1) if not written[u - u0]]
+    n_todo = sum(min((u + 1) * unit, attrs["count"]) - u * unit for u in todo)
+    log.info("%s: %d of %d units to encode (%d images)", describe_region(region, parts),
+             len(todo), u1 - u0, n_todo)
+
+    t0 = time.time()
+    if todo:
+        device = pick_device(cfg.get("device", "auto"))
+        torch.backends.cudnn.benchmark = False  # same kernels every run: values reproducible
+        torch.backends.cudnn.deterministic = True
+        model = _load_encoder(checkpoint, device)
+        t0 = time.time()  # the rate below is decoding + encoding + writing
+        batch_size = int(cfg.get("latents", {}).get("batch_size", attrs["batch_size"]))
+        arrays = {name: group[name] for name in group.array_keys()}
+        progress = Progress(n_todo, desc=f"encode part {index}", unit="img")
+        units = _background(iter_units(shards, manifest, todo, unit))  # decoding in a thread
+        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress)
+        progress.close()
+    seconds = time.time() - t0
+    summary = {"part": index, "parts": parts, "units": [u0, u1], "rows": region["rows"],
+               "encoded_units": len(todo), "encoded_images": n_todo, "seconds": round(seconds, 3),
+               "images_per_s": round(n_todo / seconds, 2) if n_todo and seconds > 0 else None}
+    atomic_write_text(done, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
+                arrays: dict, device: torch.device, batch_size: int, flip: bool, size: int,
+                unit_rows: int, progress: Progress | None = None) -> None:
+    """Encode each (unit, images, labels) and write it, one unit's write in flight while the
+    next is encoded. Leaving (also on an error) waits for that write, so a unit is either fully
+    written and marked, or not marked."""
+    with ThreadPoolExecutor(1) as writer:
+        pending = None
+        for u, images, labels in units:
+            if images.shape[1:] != (size, size, 3):
+                raise ValueError(f"unit {u}: images of shape {images.shape[1:]}, the cache "
+                                 f"expects {size}x{size}x3")
+            data = {"labels": labels}
+            data["tokens"], data["norms"] = encode_images(model, images, device, batch_size)
+            if flip:
+                data["tokens_flip"], data["norms_flip"] = encode_images(
+                    model, images, device, batch_size, flip=True)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_unit, arrays, u, unit_rows, data)
+            if progress is not None:
+                progress.update(len(labels))
+        if pending is not None:
+            pending.result()
+
+
+def _write_unit(arrays: dict, u: int, unit_rows: int, data: dict) -> None:
+    """Write unit u (one whole zarr shard per array), then mark it written."""
+    a = u * unit_rows
+    for name, values in data.items():
+        arrays[name][a:a + len(values)] = values
+    arrays["written"][u] = 1
+
+
+def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
+    """Check every unit; returns summary statistics or raises CacheError naming the first bad
+    region: every unit written, shapes = manifest count, labels in range, every stored token
+    norm within NORM_TOL of 1, no NaN/Inf in tokens or norms."""
+    n, unit, units, T, C = (attrs[k] for k in ("count", "unit_rows", "units", "tokens",
+                                                  "channels"))
+    layout, k = attrs["parts_layout"], attrs["num_classes"]
+    parts = layout["parts"]
+    names = ["tokens", "tokens_flip"] if attrs["flip"] else ["tokens"]
+    if n != attrs["source"]["count"]:
+        raise CacheError(f"{where}: count {n} differs from the manifest's "
+                         f"{attrs['source']['count']}")
+    for name, shape in [(t, (n, T, C)) for t in names] + [
+            (t.replace("tokens", "norms"), (n, T)) for t in names] + [
+            ("labels", (n,)), ("written", (units,))]:
+        if name not in group or tuple(group[name].shape) != shape:
+            got = tuple(group[name].shape) if name in group else "missing"
+            raise CacheError(f"{where}: array {name} is {got}, expected {shape} (manifest count)")
+    source = Path(attrs["source"]["path"])
+    if source.is_file() and sha256_file(source) != attrs["source"]["sha256"]:
+        raise CacheError(f"{where}: the shard manifest {source} changed since the cache was "
+                         "created; rerun encode-init")
+    if units != _ceil_div(n, unit) or layout["regions"][-1]["units"][1] != units:
+        raise CacheError(f"{where}: the region layout does not cover {units} units")
+
+    written = group["written"][:]
+    missing = np.flatnonzero(written == 0)
+    if len(missing):
+        r = _region_of_unit(int(missing[0]), layout)
+        todo = [int(u) for u in missing if r["units"][0] <= u < r["units"][1]]
+        raise CacheError(f"{where}: {describe_region(r, parts)} is not written: {len(todo)} of "
+                         f"{r['units'][1] - r['units'][0]} units missing (first: unit {todo[0]})")
+
+    def read(u: int) -> tuple[int, dict]:
+        a, b = u * unit, min((u + 1) * unit, n)
+        return u, {name: group[name][a:b] for name in
+                   names + [t.replace("tokens", "norms") for t in names] + ["labels"]}
+
+    stats = {"norm_sum": 0.0, "norm_min": np.inf, "norm_max": -np.inf, "unit_norm_error": 0.0}
+    for u, data in _background(read(u) for u in range(units)):
+        a = u * unit
+        bad = _check_unit(data, names, k, a)
+        if bad:
+            raise CacheError(f"{where}: {describe_region(_region_of_unit(u, layout), parts)}: "
+                             f"{bad}")
+        for name in names:
+            err = np.abs(np.linalg.norm(data[name].astype(np.float32), axis=-1) - 1.0).max()
+            stats["unit_norm_error"] = max(stats["unit_norm_error"], float(err))
+        raw = data["norms"].astype(np.float64)
+        stats["norm_sum"] += float(raw.sum())
+        stats["norm_min"] = min(stats["norm_min"], float(raw.min()))
+        stats["norm_max"] = max(stats["norm_max"], float(raw.max()))
+    return {"count": n, "rows": attrs["rows"], "units": units,
+            "mean_norm": stats["norm_sum"] / (n * T), "min_norm": stats["norm_min"],
+            "max_norm": stats["norm_max"], "max_unit_norm_error": stats["unit_norm_error"]}
+
+
+def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int) -> str | None:
+    """The first problem in one unit's arrays, or None."""
+    labels = data["labels"]
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        return (f"label {labels[bad[0]]} at row {first_row + bad[0]} is outside "
+                f"0..{num_classes - 1}")
+    for name in names:
+        t = data[name].astype(np.float32)
+        finite = np.isfinite(t).all(axis=(1, 2))
+        if not finite.all():
+            return f"{name} row {first_row + np.flatnonzero(~finite)[0]} has NaN/Inf"
+        err = np.abs(np.linalg.norm(t, axis=-1) - 1.0).max(axis=1)
+        bad = np.flatnonzero(err > NORM_TOL)
+        if len(bad):
+            return (f"{name} row {first_row + bad[0]}: a token norm is off 1 by "
+                    f"{err[bad[0]]:.3g} (> {NORM_TOL})")
+        norms = data[name.replace("tokens", "norms")]
+        ok = np.isfinite(norms).all(axis=1) & (norms > 0).all(axis=1)
+        if not ok.all():
+            row = first_row + np.flatnonzero(~ok)[0]
+            return f"{name.replace('tokens', 'norms')} row {row} is not finite and positive"
+    return None
+
+
+def _update_attrs(group: zarr.Group, cache: str | Path, values: dict) -> None:
+    """Update group attributes, keeping the store folder's mtime: Snakemake dates a directory
+    output by it, and the encode-part jobs (which take the store as input) must not look
+    outdated because the gather step rewrote zarr.json."""
+    st = os.stat(cache)
+    group.attrs.update(values)
+    os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
+    """Validate every region; only then set `complete: true` and `mean_norm`; write a JSON report
+    to `out`. A failure raises CacheError naming the first bad region and leaves complete
+    false. Config: none needed."""
+    group, attrs = _open_for_write(cache)
+    t0 = time.time()
+    try:
+        report = validate_cache(group, attrs, where=f"latent cache {cache}")
+    except Exception:
+        _update_attrs(group, cache, {"complete": False})
+        raise
+    _update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
+    report = {"cache": str(cache), "complete": True, **report,
+              "encoder": attrs["encoder"], "source": attrs["source"],
+              "seconds": round(time.time() - t0, 3)}
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    log.info("%s: complete: %d images, mean raw token norm %.4g", cache, report["count"],
+             report["mean_norm"])
+    return report
+
+
+# ---------------------------------------------------------------- reading
+
+def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> LatentCache:
+    """Open a complete cache for reading; CacheError if it is incomplete, not a cache, or was
+    encoded by another encoder than `expect_encoder_sha`."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path}: no latent cache here (run the `encode` rule)")
+    group = zarr.open_group(path, mode="r")
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r})")
+    if attrs.get("version") != VERSION:
+        raise CacheError(f"{path}: cache version {attrs.get('version')}, this reader reads "
+                         f"{VERSION}")
+    if attrs.get("complete") is not True:
+        raise CacheError(f"{path}: the latent cache is incomplete (attribute complete is not "
+                         "true): a region was never written or failed validation; run "
+                         "`dinosae encode-gather` (Snakemake rule `encode`)")
+    have = attrs["encoder"]["sha256"]
+    if expect_encoder_sha is not None and have != expect_encoder_sha:
+        raise CacheError(f"{path}: encoded with {attrs['encoder']['path']} (sha256 {have[:16]}…), "
+                         f"not the expected encoder (sha256 {expect_encoder_sha[:16]}…): the "
+                         "cache is stale; re-encode it")
+    return LatentCache(path, group, attrs)
+
+
+class LatentCache:
+    """A complete latent cache. Row r < N is image r; with flip, row N + i is image i flipped.
+
+    `cache[r]` -> (tokens float32 (T, C) as stored, label); `batches(...)` is the fast path.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, attrs: dict) -> None:
+        self.path, self.group, self.attrs = path, group, attrs
+        self.tokens = group["tokens"]
+        self.labels = group["labels"][:]
+        self.count, self.chunk_rows = int(attrs["count"]), int(attrs["chunk_rows"])
+        self.unit_rows = int(attrs["unit_rows"])
+        self._arrays = [group["tokens"]] + ([group["tokens_flip"]] if attrs["flip"] else [])
+        self._chunk: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.count * len(self._arrays)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for a cache of {len(self)} rows")
+        a, r = divmod(i, self.count)
+        key = (a, r // self.chunk_rows)  # keep the last chunk: sequential access reads it once
+        if self._chunk is None or self._chunk[0] != key:
+            start = key[1] * self.chunk_rows
+            self._chunk = (key, self._arrays[a][start:start + self.chunk_rows])
+        row = self._chunk[1][r - key[1] * self.chunk_rows]
+        return torch.from_numpy(row.astype(np.float32)), int(self.labels[r])
+
+    def order(self, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0,
+              world_size: int = 1) -> np.ndarray:
+        """The rows this rank reads in one epoch, in reading order. Shuffled: whole units (zarr
+        shards, the cheap thing to read) in a random order that is the same on every rank for a
+        given (seed, epoch); each rank takes its own contiguous slice of it. With world_size > 1
+        every rank gets len // world_size rows, so all ranks take the same number of steps."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        total, s = len(self), self.unit_rows
+        if shuffle:
+            starts = np.concatenate([a * self.count + np.arange(0, self.count, s)
+                                     for a in range(len(self._arrays))])
+            stops = np.minimum(starts + s, (starts // self.count + 1) * self.count)
+            perm = np.random.default_rng([seed, epoch]).permutation(len(starts))
+            rows = starts[perm][:, None] + np.arange(s)[None, :]
+            rows = rows[rows < stops[perm][:, None]]
+        else:
+            rows = np.arange(total)
+        if world_size == 1:
+            return rows
+        per = total // world_size
+        return rows[rank * per:(rank + 1) * per]
+
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored tokens float16 (n, T, C) and labels (n,) of the given rows, in that order. Each
+        contiguous run of rows is one slice read (whole zarr shards where the run covers them)."""
+        buf = np.empty((len(rows), *self.tokens.shape[1:]), dtype=np.float16)
+        sort = np.argsort(rows, kind="stable")
+        srt = rows[sort]
+        breaks = np.flatnonzero((np.diff(srt) != 1) | (srt[1:] % self.count == 0)) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(srt)], strict=True):
+            a, first = divmod(int(srt[lo]), self.count)
+            into = default_buffer_prototype().nd_buffer.from_numpy_array(buf[lo:hi])
+            self._arrays[a].get_basic_selection(slice(first, first + hi - lo), out=into)
+        if np.array_equal(sort, np.arange(len(rows))):
+            return buf, self.labels[rows % self.count]
+        out = np.empty_like(buf)
+        out[sort] = buf
+        return out, self.labels[rows % self.count]
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, radius: float = 1.0, drop_last: bool = True,
+                window: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(tokens float32 (B, T, C) on the sphere of `radius`, labels int64 (B,)) for one epoch.
+
+        Reads `window` rows at a time in a background thread (default: 8 batches, at least 8
+        units); shuffled, the rows of a window (whole units picked at random) are shuffled among
+        themselves, so a batch mixes rows from many units (rows within a unit are neighbours in
+        manifest order, mostly one class). A larger window mixes more and holds more memory."""
+        rows = self.order(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                          world_size=world_size)
+        if drop_last:
+            rows = rows[:len(rows) // batch_size * batch_size]
+        window = _ceil_div(window or max(8 * batch_size, 8 * self.unit_rows), batch_size)
+        window *= batch_size  # whole batches per window
+        rng = np.random.default_rng([seed, epoch, rank, 1])
+
+        def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for w in range(0, len(rows), window):
+                r = rows[w:w + window]
+                yield self.read_rows(rng.permutation(r) if shuffle else r)
+
+        for tokens, labels in _background(windows()):
+            for i in range(0, len(labels), batch_size):
+                z = torch.from_numpy(tokens[i:i + batch_size]).float()
+                z.mul_(radius / z.norm(dim=-1, keepdim=True))  # exact radius after fp16
+                yield z, torch.from_numpy(labels[i:i + batch_size])
+
+
+# ---------------------------------------------------------------- export
+
+def _h5_attr(value: Any) -> Any:
+    """Attribute value HDF5 can hold: scalars and flat lists as they are, the rest as JSON."""
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and
+                                                 not isinstance(v, bool) for v in value):
+        return np.asarray(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return json.dumps(value)
+
+
+def export_hdf5(cfg: dict, cache: str | Path, out: str | Path) -> Path:
+    """Write a complete cache's arrays (tokens, labels, norms, and the flipped ones) and
+    attributes to one HDF5 file; `attrs_json` holds all attributes exactly. Config: none."""
+    import h5py
+
+    lc, out = open_cache(cache), Path(out)
+    group, unit = lc.group, lc.attrs["unit_rows"]
+    names = [k for k in ("tokens", "labels", "norms", "tokens_flip", "norms_flip") if k in group]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        for name in names:
+            src = group[name]
+            chunks = (min(lc.chunk_rows if name.startswith("tokens") else unit, lc.count),
+                      *src.shape[1:])
+            dst = f.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
+            for a in range(0, lc.count, unit):
+                dst[a:a + unit] = src[a:a + unit]
+        for key, value in lc.attrs.items():
+            if value is not None:
+                f.attrs[key] = _h5_attr(value)
+        f.attrs["attrs_json"] = json.dumps(lc.attrs)
+    os.replace(tmp, out)
+    log.info("exported %s -> %s", cache, out)
+    return out

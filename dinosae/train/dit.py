@@ -1,0 +1,339 @@
+"""Train the flow-matching DiT on the latent cache (rule `train_dit` → results/dit/checkpoint.pt).
+
+One loop, nanoGPT style: read a batch of data tokens at radius R = √C, draw noise / times / label
+dropout from a generator seeded by (seed, rank, step), run the network (bf16 autocast on CUDA),
+compute the flow loss in fp32, clip, AdamW step, EMA. Every `ckpt_every` steps (and on SIGTERM)
+the full state goes to out/last.pt, from which a rerun resumes exactly (the data position and
+the per-step seeds make a killed-and-resumed run equal to an uninterrupted one on CPU). The final
+checkpoint, out/checkpoint.pt, is written only at the end. DDP under torchrun: dit.batch_size is
+the global batch, split evenly over the ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dinosae import rfm, sphere
+from dinosae.config import ConfigError
+from dinosae.models.dit import build_dit
+from dinosae.train.common import (
+    MetricsCSV,
+    Progress,
+    StopFlag,
+    barrier,
+    cleanup_ddp,
+    ema_update,
+    is_main,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    save_grid,
+    setup_ddp,
+    unwrap,
+)
+
+log = logging.getLogger("dinosae.dit")
+
+KIND = "dinosae-dit"
+GRID_SAMPLES = 16  # images in the periodic sample grid
+MAX_BAD_STEPS = 5  # default for dit.max_bad_steps
+
+
+# ---------------------------------------------------------------- one training step
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A well-mixed 63-bit seed for the random draws of one (rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def draw_inputs(z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *, r: float,
+                alpha: float, path: str, label_dropout: float,
+                null_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z1 noise, t, y with label dropout to the null class) for a batch of data tokens z0."""
+    b = z0.shape[0]
+    z1 = rfm.noise(z0.shape, r, path, generator, device=z0.device)
+    t = rfm.sample_time(b, alpha, generator, device=z0.device)
+    drop = torch.rand(b, generator=generator, device=generator.device).to(z0.device)
+    y = torch.where(drop < label_dropout, torch.full_like(y, null_class), y)
+    return z1, t, y
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Tensor,
+               z1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: float, path: str,
+               lambda_rad: float, grad_clip: float, amp: bool = False) -> dict[str, float]:
+    """Forward (network under bf16 autocast when `amp`), fp32 flow loss, backward, clip and
+    AdamW step. Under DDP the reported losses are averages over ranks, and a non-finite loss or
+    gradient norm skips the update on every rank alike. Returns loss parts, grad_norm, ok."""
+    zt = rfm.interpolate(z0, z1, t, r, path)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        out = model(zt, t, y)
+    loss, parts = rfm.flow_loss(out, z0, z1, t, r, path, lambda_rad)
+    loss.backward()
+    stats = torch.stack([loss.detach(), *parts.values()]).float()
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+        stats /= dist.get_world_size()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    values = stats.tolist()
+    ok = all(math.isfinite(v) for v in values) and math.isfinite(float(grad_norm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    result = {"loss": values[0], "grad_norm": float(grad_norm), "ok": ok}
+    result.update(zip(parts.keys(), values[1:], strict=True))
+    return result
+
+
+# ---------------------------------------------------------------- data
+
+def _epochs(cache: Any, batch_size: int, *, seed: int, rank: int, world: int, radius: float,
+            epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Endless (epoch, index in epoch, tokens, labels), starting at batch `skip` of `epoch`."""
+    while True:
+        n = 0
+        for k, (x, y) in enumerate(cache.batches(batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                                 rank=rank, world_size=world, radius=radius,
+                                                 drop_last=True)):
+            n += 1
+            if k >= skip:
+                yield epoch, k, x, y
+        if n == 0:
+            raise ValueError(f"the latent cache ({len(cache)} samples) holds less than one batch "
+                             f"of {batch_size} per rank × {world} ranks")
+        epoch, skip = epoch + 1, 0
+
+
+def _attrs_meta(cache: Any) -> dict:
+    a = dict(cache.attrs)
+    missing = [k for k in ("grid", "channels", "num_classes") if k not in a]
+    if missing:
+        raise ValueError(f"latent cache attributes lack {missing}")
+    grid = [int(v) for v in a["grid"]]
+    return {"grid": grid, "tokens": grid[0] * grid[1], "channels": int(a["channels"]),
+            "num_classes": int(a["num_classes"]),
+            "mean_norm": float(a["mean_norm"]) if a.get("mean_norm") is not None else None}
+
+
+# ---------------------------------------------------------------- sample grid
+
+def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, path: str,
+                 device: torch.device, out: Path, step: int) -> None:
+    """GRID_SAMPLES class-cycling samples from the EMA model, decoded at radius s_vae."""
+    labels = torch.arange(GRID_SAMPLES, device=device) % meta["num_classes"]
+    gen = torch.Generator(device=device).manual_seed(0)  # same noise every time: comparable grids
+    z = rfm.sample(ema, labels, sample_cfg.get("steps", 20), sample_cfg.get("cfg_scale", 1.0),
+                   meta["radius"], meta["alpha"], gen,
+                   shape=(meta["tokens"], meta["channels"]),
+                   guidance_interval=tuple(sample_cfg.get("guidance_interval", (0.0, 1.0))),
+                   path=path, amp=device.type == "cuda")
+    if ae is None:
+        return
+    s_vae = sample_cfg.get("s_vae") or meta.get("mean_norm")
+    if s_vae is None:
+        raise ValueError("sample.s_vae is null and the cache records no mean_norm")
+    with torch.no_grad():
+        images = ae.decode(sphere.project(z, s_vae))
+    save_grid(images, out / f"samples_{step:06d}.png", nrow=8)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path) -> Path:
+    """Train the DiT on a latent cache; returns out/checkpoint.pt.
+
+    Config sections: seed, device, dit, sample (grid sampling: steps, cfg_scale,
+    guidance_interval, s_vae). `cache` is a cache path (read with dinosae.latents.open_cache)
+    or an already open cache-like object (`.attrs`, `len`, `.batches(...)`); `ae` the
+    autoencoder checkpoint used to decode the sample grids (None: grids are sampled, not saved).
+    """
+    rank, world, device = setup_ddp(cfg.get("device", "auto"))
+    try:
+        return _train(cfg, cache, ae, Path(out), rank, world, device)
+    finally:
+        cleanup_ddp()
+
+
+def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
+           device: torch.device) -> Path:
+    dc, sample_cfg = cfg["dit"], cfg.get("sample", {})
+    seed = int(cfg.get("seed", 0))
+    if isinstance(cache, (str, Path)):
+        from dinosae.latents import open_cache
+
+        cache_path, data = str(cache), open_cache(cache)
+    else:
+        cache_path, data = str(getattr(cache, "path", "<in-memory>")), cache
+    meta = _attrs_meta(data)
+    T, C, K = meta["tokens"], meta["channels"], meta["num_classes"]
+    meta["radius"], meta["alpha"] = math.sqrt(C), rfm.alpha_for(T, C)
+    R, alpha, path = meta["radius"], meta["alpha"], dc["path"]
+    if dc["batch_size"] % world:
+        raise ConfigError(f"config: 'dit.batch_size' ({dc['batch_size']}) is not divisible by "
+                          f"the {world} DDP ranks")
+    local_batch = dc["batch_size"] // world
+    max_bad = int(dc.get("max_bad_steps", MAX_BAD_STEPS))
+    amp = device.type == "cuda"
+
+    # model, EMA, optimiser
+    torch.manual_seed(seed)
+    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
+                            weight_decay=dc["weight_decay"], fused=device.type == "cuda")
+    config = {"dit": dc, "tokens": T, "channels": C, "num_classes": K, "grid": meta["grid"],
+              "radius": R, "alpha": alpha, "mean_norm": meta["mean_norm"], "seed": seed}
+
+    # resume from out/last.pt
+    step, epoch, skip, bad_total = 0, 0, 0, 0
+    last, final = out / "last.pt", out / "checkpoint.pt"
+    if last.exists():
+        ck = load_checkpoint(last, map_location=device)
+        _check_resume(ck, config, last)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step, bad_total = int(ck["step"]), int(ck.get("bad_steps", 0))
+        epoch, skip = int(ck["data"]["epoch"]), int(ck["data"]["batch"])
+        log.info("resuming from %s at step %d", last, step)
+
+    def state() -> dict:
+        return {"kind": KIND, "step": step, "config": config,
+                "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "ae": str(ae) if ae else None,
+                "cache": cache_path, "data": {"epoch": epoch, "batch": skip},
+                "bad_steps": bad_total, "world_size": world}
+
+    net = torch.compile(model) if dc["compile"] else model
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    autoencoder = None
+    if ae and is_main():
+        from dinosae.models.autoencoder import load_autoencoder
+
+        autoencoder = load_autoencoder(ae, device)
+    metrics = MetricsCSV(out / "metrics.csv", resume_step=step) if is_main() else None
+    progress = Progress(dc["steps"], start=step, desc="dit")
+    stop = StopFlag()
+    gen = torch.Generator(device=device)
+    batches = _epochs(data, local_batch, seed=seed, rank=rank, world=world, radius=R,
+                      epoch=epoch, skip=skip)
+    window: list[dict] = []
+    loss_keys = ["loss", "grad_norm"] + (["loss_tan", "loss_rad"] if path == "rfm" else [])
+    bad_run, n_window, t_window = 0, 0, time.time()
+    try:
+        while step < dc["steps"]:
+            e, k, x, y = next(batches)
+            z0, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+            gen.manual_seed(step_seed(seed, rank, step))
+            z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
+                                   label_dropout=dc["label_dropout"], null_class=K)
+            lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant")
+            for group in opt.param_groups:
+                group["lr"] = lr
+            res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
+                             lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp)
+            step, epoch, skip, n_window = step + 1, e, k + 1, n_window + 1
+            if res["ok"]:
+                ema_update(ema, model, dc["ema"])
+                bad_run = 0
+                window.append(res)
+            else:
+                bad_total, bad_run = bad_total + 1, bad_run + 1
+                log.warning("step %d: non-finite loss %.4g / grad norm %.4g; update skipped "
+                            "(%d in a row)", step, res["loss"], res["grad_norm"], bad_run)
+                if bad_run >= max_bad:
+                    raise FloatingPointError(f"{bad_run} non-finite DiT steps in a row (step "
+                                             f"{step}); see dit.max_bad_steps")
+            progress.update(1, loss=res["loss"])
+            if metrics is not None and (step % dc["log_every"] == 0 or step == dc["steps"]):
+                now = time.time()
+                row = {"step": step, "lr": lr, "bad_steps": bad_total,
+                       "img_per_s": n_window * dc["batch_size"] / max(now - t_window, 1e-9)}
+                for key in loss_keys:  # means over the window's good steps
+                    row[key] = float(np.mean([w[key] for w in window])) if window else math.nan
+                metrics.log(row)
+                window, n_window, t_window = [], 0, now
+            if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
+                _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
+            stopping = _stop_requested(stop.stop, device)
+            if stopping or step % dc["ckpt_every"] == 0:
+                if is_main():
+                    save_checkpoint(last, state())
+                barrier()
+            if stopping:
+                log.warning("stopped at step %d; rerun to resume from %s", step, last)
+                raise SystemExit(143)
+        if is_main():
+            save_checkpoint(final, state())
+            _link_or_copy(final, last)
+            log.info("wrote %s (step %d, %d skipped steps)", final, step, bad_total)
+        barrier()
+    finally:
+        progress.close()
+        stop.restore()
+    return final
+
+
+def _stop_requested(flag: bool, device: torch.device) -> bool:
+    """The stop flag agreed over all ranks (any rank stopping stops all)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _check_resume(ck: dict, config: dict, path: Path) -> None:
+    if ck.get("kind") != KIND:
+        raise ValueError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+    old = ck["config"]
+    for key in ("tokens", "channels", "num_classes", "grid"):
+        if old[key] != config[key]:
+            raise ValueError(f"{path}: {key} {old[key]} differs from the cache's {config[key]}; "
+                             "remove it to start over")
+    for key in ("model", "head", "path"):
+        if old["dit"][key] != config["dit"][key]:
+            raise ConfigError(f"config: 'dit.{key}' ({config['dit'][key]!r}) differs from the "
+                              f"one {path} was trained with ({old['dit'][key]!r})")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (hard link, atomically replacing dst)."""
+    tmp = dst.with_name(f".{dst.name}.link{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        save_checkpoint(dst, load_checkpoint(src))
+        return
+    os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[torch.nn.Module, dict]:
+    """(EMA DiT in eval mode without grads, meta) from a DiT checkpoint. meta = the checkpoint's
+    config (dit, tokens, channels, num_classes, grid, radius, alpha, mean_norm) plus step, ae,
+    cache and path."""
+    ck = load_checkpoint(path, map_location="cpu")
+    if ck.get("kind") != KIND:
+        raise ValueError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+    c = ck["config"]
+    model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
+                      c["dit"]["head"])
+    model.load_state_dict(ck["ema"])
+    model.to(device).eval().requires_grad_(False)
+    meta = dict(c, step=ck["step"], ae=ck.get("ae"), cache=ck.get("cache"), path=str(path))
+    return model, meta

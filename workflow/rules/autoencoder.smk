@@ -1,0 +1,37 @@
+# The four autoencoder stages (rules ae_stage1 ... ae_stage4), each from the previous stage's
+# checkpoint; then reconstruction metrics on the val split.
+
+for k in (1, 2, 3, 4):
+
+    rule:
+        name:
+            f"ae_stage{k}"
+        input:
+            shards=f"{SHARDS}/train/manifest.json",
+            init=[f"results/ae/stage{k - 1}/checkpoint.pt"] if k > 1 else [],
+        output:
+            f"results/ae/stage{k}/checkpoint.pt",
+        log:
+            f"{LOGS}/ae_stage{k}.log",
+        params:
+            cfg=cfg("seed", "device", "data", "autoencoder", "ae_train"),
+            stage=k,
+            init=f"--init results/ae/stage{k - 1}/checkpoint.pt" if k > 1 else "",
+        shell:
+            "dinosae ae-train --cfg {params.cfg} --stage {params.stage} --shards {SHARDS}/train"
+            " {params.init} --out results/ae/stage{params.stage} > {log} 2>&1"
+
+
+rule eval_recon:
+    input:
+        ae="results/ae/stage4/checkpoint.pt",
+        shards=f"{SHARDS}/val/manifest.json",
+    output:
+        "results/recon.txt",
+    log:
+        f"{LOGS}/eval_recon.log",
+    params:
+        cfg=cfg("seed", "device", "autoencoder", "eval"),
+    shell:
+        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae} --shards {SHARDS}/val"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,31 @@
+# Images in, webdataset shards out.
+
+
+if config["data"]["source"] == "mini":
+
+    rule mini_dataset:
+        output:
+            directory(config["data"]["root"]),
+        log:
+            f"{LOGS}/mini_dataset.log",
+        params:
+            cfg=cfg("seed", "data"),
+        shell:
+            "dinosae mini-dataset --cfg {params.cfg} --out {output} > {log} 2>&1"
+
+
+rule shard:
+    input:
+        dataset_root(),
+    output:
+        f"{SHARDS}/{{split}}/manifest.json",
+    log:
+        f"{LOGS}/shard_{{split}}.log",
+    wildcard_constraints:
+        split="train|val",
+    threads: config["data"]["workers"]
+    params:
+        cfg=cfg("data"),
+        out=f"{SHARDS}/{{split}}",
+    shell:
+        "dinosae shard --cfg {params.cfg} --split {wildcards.split} --out {params.out} > {log} 2>&1"

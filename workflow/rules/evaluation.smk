@@ -1,0 +1,33 @@
+# Reference statistics of real images, then FID/IS (or FD in the configured extractor).
+
+
+rule fid_reference:
+    input:
+        shards=f"{SHARDS}/{config['eval']['reference']}/manifest.json",
+        ae="results/ae/stage1/checkpoint.pt",
+    output:
+        f"results/fid/reference_{config['eval']['reference']}.npz",
+    log:
+        f"{LOGS}/fid_reference.log",
+    params:
+        cfg=cfg("device", "autoencoder", "eval"),
+        shards=f"{SHARDS}/{config['eval']['reference']}",
+    shell:
+        "dinosae fid-reference --cfg {params.cfg} --shards {params.shards} --ae {input.ae}"
+        " --out {output} > {log} 2>&1"
+
+
+rule fid:
+    input:
+        samples="results/samples/samples.h5",
+        reference=rules.fid_reference.output,
+        ae="results/ae/stage1/checkpoint.pt",
+    output:
+        "results/gfid.txt",
+    log:
+        f"{LOGS}/fid.log",
+    params:
+        cfg=cfg("device", "autoencoder", "eval"),
+    shell:
+        "dinosae fid --cfg {params.cfg} --samples {input.samples} --reference {input.reference}"
+        " --ae {input.ae} --out {output} > {log} 2>&1"

@@ -1,0 +1,33 @@
+# RFM DiT on the latent cache; class-balanced samples decoded by the stage-4 decoder.
+
+
+rule train_dit:
+    input:
+        cache=f"results/latents/{config['latents']['split']}.zarr",
+        report=f"results/latents/{config['latents']['split']}.report.json",
+        ae="results/ae/stage4/checkpoint.pt",
+    output:
+        "results/dit/checkpoint.pt",
+    log:
+        f"{LOGS}/train_dit.log",
+    params:
+        cfg=cfg("seed", "device", "dit", "sample"),
+    shell:
+        "dinosae train-dit --cfg {params.cfg} --cache {input.cache} --ae {input.ae}"
+        " --out results/dit > {log} 2>&1"
+
+
+rule sample:
+    input:
+        dit="results/dit/checkpoint.pt",
+        ae="results/ae/stage4/checkpoint.pt",
+        cache=f"results/latents/{config['latents']['split']}.zarr",
+    output:
+        "results/samples/samples.h5",
+    log:
+        f"{LOGS}/sample.log",
+    params:
+        cfg=cfg("seed", "device", "sample"),
+    shell:
+        "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
+        " --cache {input.cache} --out {output} > {log} 2>&1"
