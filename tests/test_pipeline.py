@@ -92,7 +92,7 @@ def test_every_artifact_exists_and_parses(run_dir: Path):
 def test_forcerun_one_stage_reruns_only_it(run_dir: Path):
     ck = {k: run_dir / f"results/ae/stage{k}/checkpoint.pt" for k in (1, 2, 3, 4)}
     before = {k: p.stat().st_mtime_ns for k, p in ck.items()}
-    r = snakemake(run_dir, "--forcerun", "ae_stage3", str(ck[3].relative_to(run_dir)))
+    r = snakemake(run_dir, str(ck[3].relative_to(run_dir)), "--forcerun", "ae_stage3")
     assert "ae_stage3" in r.stderr + r.stdout
     after = {k: p.stat().st_mtime_ns for k, p in ck.items()}
     assert after[1] == before[1] and after[2] == before[2] and after[4] == before[4]
