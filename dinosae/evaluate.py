@@ -49,7 +49,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from dinosae.config import ConfigError
-from dinosae.train.common import pick_device, save_grid, write_kv
+from dinosae.train.common import pick_device, save_grid, sha256_file, write_kv
 
 log = logging.getLogger("dinosae.evaluate")
 
@@ -175,13 +175,6 @@ def inception_weights_path(local: str | None) -> str:
     )
 
 
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's state dict (names, shapes, bytes): which weights made the features."""
@@ -220,7 +213,7 @@ def build_extractor(cfg: dict, layers: list[str], device: torch.device,
         fe = create_feature_extractor(INCEPTION, layers, cuda=cuda, verbose=False,
                                       feature_extractor_weights_path=weights)
         info = {"extractor": INCEPTION, "metric": "FID",
-                "extractor_id": f"{INCEPTION}:{_sha256_file(weights)[:16]}", "weights": weights}
+                "extractor_id": f"{INCEPTION}:{sha256_file(weights)[:16]}", "weights": weights}
     else:
         if teacher is None:
             raise ValueError("the teacher extractor needs the teacher module")

@@ -14,7 +14,6 @@ same settings continues after the last finished batch, and the file is renamed w
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinosae.train.common import Progress, StopFlag, pick_device, save_grid
+from dinosae.train.common import Progress, StopFlag, pick_device, save_grid, sha256_file
 
 log = logging.getLogger("dinosae.generate")
 
@@ -31,13 +30,6 @@ FORMAT = "dinosae-samples"
 VERSION = 1
 SEED_STRIDE = 1 << 32  # seeds[i] = seed * 2^32 + i: distinct across config seeds and samples
 
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
@@ -142,8 +134,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
         "steps": int(sc["steps"]), "cfg_scale": float(sc["cfg_scale"]),
         "guidance_interval": [float(v) for v in sc["guidance_interval"]],
         "s_vae": s_vae, "radius": r, "alpha": alpha, "flow_path": path,
-        "dit_checkpoint": str(dit), "dit_sha256": _sha256(dit),
-        "ae_checkpoint": str(ae), "ae_sha256": _sha256(ae),
+        "dit_checkpoint": str(dit), "dit_sha256": sha256_file(dit),
+        "ae_checkpoint": str(ae), "ae_sha256": sha256_file(ae),
         "cache": str(cache), "device_type": device.type,
         "seeding": "sample i: rfm.noise from torch.Generator().manual_seed(seeds[i]) (cpu)",
     }

@@ -26,7 +26,6 @@ few (at most S − 1) images of the next part's first tar; the next part skips t
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
-from dinosae.train.common import Progress, atomic_write_text, pick_device
+from dinosae.train.common import Progress, atomic_write_text, pick_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +64,6 @@ class CacheError(ValueError):
 
 
 # ---------------------------------------------------------------- small helpers
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compressors(name: str) -> tuple:

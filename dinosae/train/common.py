@@ -4,6 +4,7 @@ metrics.csv, image grids and progress lines. Small functions; the loops stay lin
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import os
@@ -49,6 +50,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in blocks (checkpoints, manifests, weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_kv(path: str | Path, items: Mapping[str, Any]) -> None:
