@@ -42,3 +42,20 @@ def tiny_config(tmp: Path | None = None) -> dict:
     cfg["sample"].update(num_samples=12, batch_size=6, steps=4)
     cfg["eval"].update(recon_samples=12, batch_size=6)
     return validate(cfg, check_paths=False)
+
+
+def workflow_copy(dest: Path, config: dict | None = None) -> Path:
+    """The workflow (Snakefile, workflow/, envs/, slurm/, the profiles link) copied into `dest`,
+    laid out as the repo root is; `config` replaces config.yaml when given."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "Snakefile", dest / "Snakefile")
+    for folder in ("workflow", "envs", "slurm"):
+        shutil.copytree(ROOT / folder, dest / folder)
+    (dest / "profiles").symlink_to("workflow/profiles")
+    if config is None:
+        shutil.copy(ROOT / "config.yaml", dest / "config.yaml")
+    else:
+        (dest / "config.yaml").write_text(yaml.safe_dump(config))
+    return dest

@@ -4,7 +4,6 @@ stage reruns only that stage."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from helpers import ROOT, tiny_config
+from helpers import tiny_config, workflow_copy
 
 pytestmark = pytest.mark.integration
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -36,11 +35,7 @@ def snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("pipeline")
-    shutil.copy(ROOT / "Snakefile", work / "Snakefile")
-    shutil.copytree(ROOT / "workflow", work / "workflow")
-    (work / "profiles").symlink_to("workflow/profiles")
-    (work / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    work = workflow_copy(tmp_path_factory.mktemp("pipeline"), tiny_config())
     snakemake(work)
     return work
 
@@ -87,6 +82,39 @@ def test_every_artifact_exists_and_parses(run_dir: Path):
                  (run_dir / "results/recon.txt").read_text().splitlines())
     assert 0 < float(recon["PSNR"]) < 100
     assert list(run_dir.glob("results/**/*.png"))
+
+
+def dry_jobs(run_dir: Path, *args: str) -> set[str]:
+    r = subprocess.run([SNAKEMAKE, "-n", "--cores", "2", *args], cwd=run_dir,
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    if "Job stats:" not in r.stdout:
+        return set()
+    table = r.stdout.split("Job stats:")[1].split("\n\n")[0]
+    return {line.split()[0] for line in table.splitlines()[2:] if line.split()
+            and line.split()[0] not in ("total",)}
+
+
+def test_rerun_semantics_and_cache_reuse(run_dir: Path):
+    assert dry_jobs(run_dir) == set()  # a finished run is up to date
+    # -R reruns a stage and everything downstream of it, nothing upstream
+    downstream = dry_jobs(run_dir, "-R", "ae_stage3")
+    assert {"ae_stage3", "ae_stage4", "encode_init", "encode_part", "encode", "train_dit",
+            "sample", "fid", "eval_recon"} <= downstream
+    assert not downstream & {"mini_dataset", "shard", "ae_stage1", "ae_stage2"}
+    # a second experiment that changes only the DiT and sampling reuses shards, AE and cache
+    cfg = tiny_config()
+    cfg["dit"]["lr"] = cfg["dit"]["lr"] / 2
+    cfg["sample"]["cfg_scale"] = 2.0
+    (run_dir / "exp2.yaml").write_text(yaml.safe_dump({"dit": cfg["dit"],
+                                                       "sample": cfg["sample"]}))
+    assert dry_jobs(run_dir, "--configfile", "exp2.yaml") == {"train_dit", "sample", "fid",
+                                                              "all"}
+    # a changed evaluation value reruns only the evaluation rules
+    (run_dir / "exp3.yaml").write_text(yaml.safe_dump({"eval": {**cfg["eval"],
+                                                                "batch_size": 4}}))
+    assert dry_jobs(run_dir, "--configfile", "exp3.yaml") == {"eval_recon", "fid_reference",
+                                                              "fid", "all"}
 
 
 def test_forcerun_one_stage_reruns_only_it(run_dir: Path):

@@ -1,12 +1,11 @@
 """The Snakemake DAG: dry runs on the default config (no job executes)."""
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, workflow_copy
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -24,13 +23,7 @@ def job_counts(stdout: str) -> dict[str, int]:
 
 def test_default_dag_from_nothing_to_gfid(tmp_path):
     # a copy of the workflow in an empty folder: nothing is built yet
-    for name in ("Snakefile", "config.yaml", "workflow"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        else:
-            shutil.copy(src, tmp_path / name)
-    (tmp_path / "profiles").symlink_to("workflow/profiles")
+    workflow_copy(tmp_path)
     r = dry_run(cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     counts = job_counts(r.stdout)
@@ -56,3 +49,15 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert r.returncode != 0
     out = r.stderr + r.stdout
     assert "'dit.lr'" in out and "Job stats" not in out
+
+
+def test_multi_gpu_training_rules_launch_torchrun():
+    r = dry_run("-p", "--set-resources", "train_dit:gpu=4", "ae_stage2:gpu=2")
+    assert r.returncode == 0, r.stderr
+    cmds = [line for line in r.stdout.splitlines() if "dinosae" in line and "--cfg" in line]
+    dit = [c for c in cmds if "train-dit" in c]
+    stage2 = [c for c in cmds if "--stage 2" in c]
+    stage1 = [c for c in cmds if "--stage 1" in c]
+    assert dit and "torchrun --standalone --nproc_per_node=4 -m dinosae train-dit" in dit[0]
+    assert stage2 and "torchrun --standalone --nproc_per_node=2 -m dinosae ae-train" in stage2[0]
+    assert stage1 and "torchrun" not in stage1[0]  # one GPU: a plain process

@@ -13,12 +13,16 @@ for k in (1, 2, 3, 4):
             f"results/ae/stage{k}/checkpoint.pt",
         log:
             f"{LOGS}/ae_stage{k}.log",
+        conda:
+            "../../envs/dinosae.yaml"
         params:
             cfg=cfg("seed", "device", "data", "autoencoder", "ae_train"),
             stage=k,
+            launch=launch,
+            shards=shard_folder,
             init=f"--init results/ae/stage{k - 1}/checkpoint.pt" if k > 1 else "",
         shell:
-            "dinosae ae-train --cfg {params.cfg} --stage {params.stage} --shards {SHARDS}/train"
+            "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage} --shards {params.shards}"
             " {params.init} --out results/ae/stage{params.stage} > {log} 2>&1"
 
 
@@ -30,8 +34,11 @@ rule eval_recon:
         "results/recon.txt",
     log:
         f"{LOGS}/eval_recon.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "autoencoder", "eval"),
+        shards=shard_folder,
     shell:
-        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae} --shards {SHARDS}/val"
+        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae} --shards {params.shards}"
         " --out {output} > {log} 2>&1"

@@ -8,6 +8,8 @@ if config["data"]["source"] == "mini":
             directory(config["data"]["root"]),
         log:
             f"{LOGS}/mini_dataset.log",
+        conda:
+            "../../envs/dinosae.yaml"
         params:
             cfg=cfg("seed", "data"),
         shell:
@@ -23,6 +25,8 @@ rule shard:
         f"{LOGS}/shard_{{split}}.log",
     wildcard_constraints:
         split="train|val",
+    conda:
+        "../../envs/dinosae.yaml"
     threads: config["data"]["workers"]
     params:
         cfg=cfg("data"),

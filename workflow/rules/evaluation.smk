@@ -9,9 +9,11 @@ rule fid_reference:
         f"results/fid/reference_{config['eval']['reference']}.npz",
     log:
         f"{LOGS}/fid_reference.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("device", "autoencoder", "eval"),
-        shards=f"{SHARDS}/{config['eval']['reference']}",
+        shards=shard_folder,
     shell:
         "dinosae fid-reference --cfg {params.cfg} --shards {params.shards} --ae {input.ae}"
         " --out {output} > {log} 2>&1"
@@ -26,6 +28,8 @@ rule fid:
         "results/gfid.txt",
     log:
         f"{LOGS}/fid.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("device", "autoencoder", "eval"),
     shell:

@@ -10,10 +10,13 @@ rule train_dit:
         "results/dit/checkpoint.pt",
     log:
         f"{LOGS}/train_dit.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "dit", "sample"),
+        launch=launch,
     shell:
-        "dinosae train-dit --cfg {params.cfg} --cache {input.cache} --ae {input.ae}"
+        "{params.launch} train-dit --cfg {params.cfg} --cache {input.cache} --ae {input.ae}"
         " --out results/dit > {log} 2>&1"
 
 
@@ -26,6 +29,8 @@ rule sample:
         "results/samples/samples.h5",
     log:
         f"{LOGS}/sample.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "sample"),
     shell:

@@ -10,10 +10,13 @@ rule encode_init:
         directory("results/latents/{split}.zarr"),
     log:
         f"{LOGS}/encode_init_{{split}}.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("device", "latents"),
+        shards=shard_folder,
     shell:
-        "dinosae encode-init --cfg {params.cfg} --shards {SHARDS}/{wildcards.split}"
+        "dinosae encode-init --cfg {params.cfg} --shards {params.shards}"
         " --checkpoint {input.ae} --out {output} > {log} 2>&1"
 
 
@@ -21,16 +24,20 @@ rule encode_part:
     input:
         cache="results/latents/{split}.zarr",
         ae="results/ae/stage4/checkpoint.pt",
+        shards=f"{SHARDS}/{{split}}/manifest.json",
     output:
         "results/latents/{split}.parts/{i}.done",
     log:
         f"{LOGS}/encode_part_{{split}}_{{i}}.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("device", "latents"),
         parts=config["latents"]["parts"],
+        shards=shard_folder,
     shell:
         "dinosae encode-part --cfg {params.cfg} --cache {input.cache}"
-        " --shards {SHARDS}/{wildcards.split} --checkpoint {input.ae} --index {wildcards.i}"
+        " --shards {params.shards} --checkpoint {input.ae} --index {wildcards.i}"
         " --parts {params.parts} --done {output} > {log} 2>&1"
 
 
@@ -42,6 +49,8 @@ rule encode:
         "results/latents/{split}.report.json",
     log:
         f"{LOGS}/encode_{{split}}.log",
+    conda:
+        "../../envs/dinosae.yaml"
     params:
         cfg=cfg("latents"),
     shell:
