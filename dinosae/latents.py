@@ -301,15 +301,20 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
     return out
 
 
-def _open_for_write(cache: str | Path) -> tuple[zarr.Group, dict]:
-    cache = Path(cache)
-    if not (cache / "zarr.json").is_file():
-        raise CacheError(f"{cache}: no latent cache here (run `dinosae encode-init` first)")
-    group = zarr.open_group(cache, mode="r+")
+def _open_group(path: str | Path, mode: str, missing_hint: str) -> tuple[zarr.Group, dict]:
+    """The store's group and attributes; CacheError if there is no store or not ours."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path}: no latent cache here ({missing_hint})")
+    group = zarr.open_group(path, mode=mode)
     attrs = group.attrs.asdict()
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{cache}: not a {FORMAT} store (format {attrs.get('format')!r})")
+        raise CacheError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r})")
     return group, attrs
+
+
+def _open_for_write(cache: str | Path) -> tuple[zarr.Group, dict]:
+    return _open_group(cache, "r+", "run `dinosae encode-init` first")
 
 
 def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: str | Path,
@@ -510,12 +515,7 @@ def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> Laten
     """Open a complete cache for reading; CacheError if it is incomplete, not a cache, or was
     encoded by another encoder than `expect_encoder_sha`."""
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise CacheError(f"{path}: no latent cache here (run the `encode` rule)")
-    group = zarr.open_group(path, mode="r")
-    attrs = group.attrs.asdict()
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r})")
+    group, attrs = _open_group(path, "r", "run the `encode` rule")
     if attrs.get("version") != VERSION:
         raise CacheError(f"{path}: cache version {attrs.get('version')}, this reader reads "
                          f"{VERSION}")

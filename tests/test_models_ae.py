@@ -32,14 +32,7 @@ from dinosae.models.stem import CNNStem, RMSNorm2d
 from dinosae.train.ae import alignment_loss
 from dinosae.train.common import save_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: one thread per process is much faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

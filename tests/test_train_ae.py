@@ -26,12 +26,7 @@ from dinosae.train.common import load_checkpoint
 N_IMAGES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config() -> dict:
