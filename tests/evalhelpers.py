@@ -3,14 +3,12 @@ the contracts (tarfile, h5py), uint8 datasets for torch-fidelity, a tiny random 
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import socket
 import tarfile
 from pathlib import Path
 
 import h5py
+import helpers
 import numpy as np
 import pytest
 import timm
@@ -20,32 +18,10 @@ from torch.utils.data import Dataset
 
 
 def write_shards(folder: Path, images: np.ndarray, labels: list[int], per_shard: int = 4) -> None:
-    """A shard folder per the data contract, with plain tarfile: PNG members (lossless)."""
-    folder.mkdir(parents=True)
-    shards = []
-    for first in range(0, len(images), per_shard):
-        name = f"shard-{first // per_shard:06d}.tar"
-        with tarfile.open(folder / name, "w") as tar:
-            for i in range(first, min(first + per_shard, len(images))):
-                buf = io.BytesIO()
-                Image.fromarray(images[i]).save(buf, format="PNG")
-                for ext, data in (("png", buf.getvalue()), ("cls", str(labels[i]).encode())):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        data = (folder / name).read_bytes()
-        shards.append({"name": name, "count": min(per_shard, len(images) - first),
-                       "first_index": first, "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
-    classes = [f"n{c:08d}" for c in range(max(labels) + 1)]
-    manifest = {"format": "dinosae-shards", "version": 1, "split": "val", "count": len(images),
-                "classes": classes,
-                "class_counts": {w: labels.count(c) for c, w in enumerate(classes)},
-                "shards": shards,
-                "preprocess": {"image_size": images.shape[1], "format": "png", "quality": 95,
-                               "resize": "adm-center-crop"},
-                "skipped": [], "source": "test"}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    """A val shard folder per the data contract, `per_shard` images a tar (plain tarfile)."""
+    n = len(images)
+    counts = [min(per_shard, n - first) for first in range(0, n, per_shard)]
+    helpers.write_shards(folder, images, labels, counts, split="val")
 
 
 def write_samples(path: Path, images: np.ndarray, labels: np.ndarray) -> None:

@@ -8,12 +8,10 @@ plain zarr in a subprocess that never imports dinosae, and the export with plain
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import h5py
@@ -21,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import tiny_config
-from PIL import Image
+from helpers import tiny_config, write_shards
 
 from dinosae import latents
 from dinosae.cli import main as cli
@@ -39,30 +36,8 @@ def _sha(path: Path) -> str:
 
 
 def _write_shards(out: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Tars + manifest.json in the data contract's format, by hand."""
-    out.mkdir(parents=True)
-    shards, index = [], 0
-    for s, count in enumerate(COUNTS):
-        name = f"shard-{s:06d}.tar"
-        with tarfile.open(out / name, "w") as tar:
-            for i in range(index, index + count):
-                buf = io.BytesIO()
-                Image.fromarray(images[i]).save(buf, format="PNG")
-                for ext, data in (("png", buf.getvalue()), ("cls", str(labels[i]).encode())):
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append({"name": name, "count": count, "first_index": index,
-                       "bytes": (out / name).stat().st_size, "sha256": _sha(out / name)})
-        index += count
-    manifest = {"format": "dinosae-shards", "version": 1, "split": "train", "count": index,
-                "classes": CLASSES,
-                "class_counts": {w: int((labels == k).sum()) for k, w in enumerate(CLASSES)},
-                "shards": shards,
-                "preprocess": {"image_size": SIZE, "format": "png", "quality": 95,
-                               "resize": "adm-center-crop"},
-                "skipped": [], "source": "test"}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    """Tars (COUNTS images each) + manifest.json in the data contract's format, by hand."""
+    write_shards(out, images, labels, COUNTS, classes=CLASSES)
 
 
 @pytest.fixture(scope="module")
