@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinosae.train.common import Progress, StopFlag, pick_device, save_grid, sha256_file
+from dinosae.faults import fault_point
+from dinosae.train.common import (
+    CheckpointError,
+    NumericsError,
+    Progress,
+    StopFlag,
+    pick_device,
+    save_grid,
+    sha256_file,
+)
 
 log = logging.getLogger("dinosae.generate")
 
@@ -64,6 +73,17 @@ def _decode_radius(cfg_s_vae: float | None, cache_attrs: dict) -> float:
     if "mean_norm" not in cache_attrs:
         raise ValueError("sample.s_vae is null and the latent cache has no 'mean_norm' attribute")
     return float(cache_attrs["mean_norm"])
+
+
+def _check_generator_fits(meta: dict, cache_attrs: dict, dit: str, cache: str) -> None:
+    """The DiT must have been trained on latents shaped like this cache's (same classes)."""
+    have = {"tokens": int(cache_attrs["grid"][0]) * int(cache_attrs["grid"][1]),
+            "channels": int(cache_attrs["channels"]),
+            "num_classes": int(cache_attrs["num_classes"])}
+    wrong = [f"{k} {meta[k]} vs {v}" for k, v in have.items() if int(meta[k]) != v]
+    if wrong:
+        raise CheckpointError(f"DiT {dit} does not fit the latent cache {cache} "
+                              f"({', '.join(wrong)}): it was trained on another cache")
 
 
 def _open_partial(tmp: Path, settings: dict[str, Any], n: int, hw: tuple[int, int],
@@ -116,7 +136,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
     device = pick_device(cfg.get("device", "auto"))
     model, meta = load_generator(dit, device=str(device))
     autoencoder = load_autoencoder(ae, device=str(device))
-    cache_attrs = dict(open_cache(cache).attrs)
+    cache_attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
+    _check_generator_fits(meta, cache_attrs, dit, cache)
     num_classes = int(cache_attrs["num_classes"])
     classes = [str(c) for c in cache_attrs.get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
@@ -148,6 +169,9 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
                    amp=device.type == "cuda")
         with torch.no_grad():
             images = autoencoder.decode(sphere.project(z, s_vae))  # to the decode radius s_vae
+        if not torch.isfinite(images).all():
+            raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "
+                                f"{ae}); nothing of them was written")
         return to_uint8(images)
 
     with torch.no_grad():  # the decoder's output size, from one token grid
@@ -165,6 +189,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
             f["images"][done:hi] = generate(done, hi)
             f.attrs["done"] = hi
             f.flush()
+            fault_point("sample", hi)
             progress.update(hi - done)
             done = hi
             if stop.stop and done < n:

@@ -44,6 +44,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
+from dinosae.config import DinosaeError
+from dinosae.faults import fault_point
 from dinosae.train.common import Progress, atomic_write_text, pick_device, sha256_file
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ DESCRIPTION = (
     "Use only when complete is true.")
 
 
-class CacheError(ValueError):
+class CacheError(DinosaeError, ValueError):
     """A latent cache that must not be used (incomplete, stale, or not a cache)."""
 
 
@@ -353,7 +355,7 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
         arrays = {name: group[name] for name in group.array_keys()}
         progress = Progress(n_todo, desc=f"encode part {index}", unit="img")
         units = _background(iter_units(shards, manifest, todo, unit))  # decoding in a thread
-        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress)
+        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress, index)
         progress.close()
     seconds = time.time() - t0
     summary = {"part": index, "parts": parts, "units": [u0, u1], "rows": region["rows"],
@@ -365,10 +367,18 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
 
 def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
                 arrays: dict, device: torch.device, batch_size: int, flip: bool, size: int,
-                unit_rows: int, progress: Progress | None = None) -> None:
+                unit_rows: int, progress: Progress | None = None, part: int = 0) -> None:
     """Encode each (unit, images, labels) and write it, one unit's write in flight while the
     next is encoded. Leaving (also on an error) waits for that write, so a unit is either fully
     written and marked, or not marked."""
+    written = 0
+
+    def wait(job: Any) -> None:
+        nonlocal written
+        job.result()
+        written += 1
+        fault_point(f"encode-part{part}", written)
+
     with ThreadPoolExecutor(1) as writer:
         pending = None
         for u, images, labels in units:
@@ -381,12 +391,12 @@ def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
                 data["tokens_flip"], data["norms_flip"] = encode_images(
                     model, images, device, batch_size, flip=True)
             if pending is not None:
-                pending.result()
+                wait(pending)
             pending = writer.submit(_write_unit, arrays, u, unit_rows, data)
             if progress is not None:
                 progress.update(len(labels))
         if pending is not None:
-            pending.result()
+            wait(pending)
 
 
 def _write_unit(arrays: dict, u: int, unit_rows: int, data: dict) -> None:

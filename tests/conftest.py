@@ -15,6 +15,17 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Path:
+    """The whole tiny pipeline, run once per session by Snakemake (the reference for the
+    fault-injection tests, and what the pipeline tests inspect)."""
+    from helpers import run_snakemake, tiny_config, workflow_copy
+
+    work = workflow_copy(tmp_path_factory.mktemp("pipeline"), tiny_config())
+    run_snakemake(work)
+    return work
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: on a shared 2-core machine, two threads per process are

@@ -305,8 +305,12 @@ def test_read_manifest_refuses_a_damaged_folder(tmp_path):
     _make_folder(tmp_path / "in", classes=("a",), per_class=(3,))
     shard_split(_config(tmp_path, tmp_path / "in"), "train", tmp_path / "s")
     tar = next((tmp_path / "s").glob("*.tar"))
-    tar.write_bytes(tar.read_bytes()[:-512])
-    with pytest.raises(ValueError, match="size"):
+    full = tar.read_bytes()
+    tar.write_bytes(full[:-512])
+    with pytest.raises(ValueError, match=f"{len(full) - 512} bytes.*records {len(full)} .trunc"):
+        read_manifest(tmp_path / "s")
+    tar.unlink()
+    with pytest.raises(ValueError, match=f"{tar.name}: missing"):
         read_manifest(tmp_path / "s")
 
 

@@ -21,7 +21,7 @@ from helpers import tiny_config
 from dinosae.config import ConfigError
 from dinosae.models.autoencoder import build_autoencoder
 from dinosae.train.ae import noise_tau, train_stage
-from dinosae.train.common import load_checkpoint
+from dinosae.train.common import NumericsError, load_checkpoint
 
 N_IMAGES = 12
 
@@ -220,7 +220,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop(tmp_path):
     assert [r["skipped"] for r in log] == ["0", "1", "1", "1"]
     assert log[1]["loss"] == "nan" and log[2]["loss"] != "nan"
 
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+    with pytest.raises(NumericsError, match="3 non-finite steps in a row"):
         train_stage(cfg, 1, None, out=str(tmp_path / "b"),
                     batches=make_batches(torch.full_like(data, float("nan")), 4))
     assert not (tmp_path / "b" / "checkpoint.pt").exists()

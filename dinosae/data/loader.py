@@ -12,10 +12,13 @@ may get different numbers of batches (whole shards): use `infinite_batches` in D
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import itertools
+import multiprocessing.util  # before the atexit hook below: hooks run last-in first-out
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from dinosae.data.shard import read_manifest
+from dinosae.data.shard import DataError, member_key, read_manifest
 
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)
@@ -105,14 +108,15 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
         url, sample = item["url"], None
         with open(url, "rb", buffering=1 << 20) as f:
             while len(header := f.read(_BLOCK)) == _BLOCK and header != _ZEROS:
-                if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
-                    raise ValueError(f"{url}: unexpected tar member (not written by dinosae)")
+                if (header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0")
+                        or header[345:500].strip(b"\0")):  # a path prefix: not ours
+                    raise DataError(f"{url}: unexpected tar member (not written by dinosae)")
                 size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
                 data = f.read(size)
                 if len(data) != size:
-                    raise ValueError(f"{url}: truncated tar")
+                    raise DataError(f"{url}: truncated tar")
                 f.seek(-size % _BLOCK, io.SEEK_CUR)
-                key, _, ext = header[:100].rstrip(b"\0").decode().partition(".")
+                key, ext = member_key(header[:100].rstrip(b"\0").decode(errors="replace"), url)
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
@@ -167,6 +171,23 @@ def _pipeline(plan: _Plan, batch_size: int, partial: bool) -> wds.DataPipeline:
     )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process. Slurm signals every process of a job
+    at its time limit; a worker that died of it would crash the loop before it checkpoints."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM, which is how multiprocessing stops daemon children at exit: when
+    the main process dies of an exception while a loader is open (its traceback keeps the
+    loader alive until after the exit hooks), kill them instead (they hold no state)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 # --------------------------------------------------------------------------------- public API
 
 class ShardLoader:
@@ -179,7 +200,7 @@ class ShardLoader:
         self.loader = DataLoader(
             _pipeline(plan, batch_size, partial=not drop_last and not plan.infinite),
             batch_size=None, num_workers=workers, pin_memory=pin_memory,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=_ignore_stop_signals if workers else None,
         )
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from dinosae.config import DinosaeError
 from dinosae.data.folder import class_dirs, scan_imagenet_folder
+from dinosae.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,18 @@ FORMAT, VERSION = "dinosae-shards", 1
 MANIFEST = "manifest.json"
 EXT = {"jpeg": "jpg", "png": "png"}
 _BLOCK, _RECORD = 512, 10240  # tar block and record sizes (bytes)
+
+
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
+MEMBER_NAME = re.compile(r"(\d{8})\.(jpg|png|cls)")
+
+
+class DataError(DinosaeError, ValueError):
+    """Input images or shards that cannot be used; the message names the file."""
+
+
+class MissingShards(DataError, FileNotFoundError):
+    """A shard folder without its manifest (never written, or still being written)."""
 
 
 # ---------------------------------------------------------------- preprocessing (in the workers)
@@ -106,25 +121,27 @@ def _sha256(path: Path) -> str:
 
 
 class _ShardSink:
-    """Writes samples to shard-NNNNNN.tar files, rolling over by size and count."""
+    """Writes samples to shard-NNNNNN.tar files; the caller rolls over with `full` + `finish`."""
 
-    def __init__(self, out: Path, ext: str, max_bytes: int, max_count: int) -> None:
+    def __init__(self, out: Path, ext: str, max_bytes: int, max_count: int,
+                 shards: list[dict] | None = None) -> None:
         self.out, self.ext, self.max_bytes, self.max_count = out, ext, max_bytes, max_count
-        self.shards: list[dict] = []
+        self.shards: list[dict] = list(shards or [])  # finished tars (kept when resuming)
         self.file = self.writer = None
         self.count = self.payload = self.first = 0
 
     def _tmp(self, name: str) -> Path:
         return self.out / f".{name}.tmp{os.getpid()}"
 
+    def full(self, nbytes: int) -> bool:
+        """Whether the open tar must be finished before a sample of `nbytes` image bytes."""
+        size = _member_bytes(nbytes) + _member_bytes(_CLS_BYTES)
+        return self.writer is not None and (
+            self.count >= self.max_count
+            or -(-(self.payload + size + 2 * _BLOCK) // _RECORD) * _RECORD > self.max_bytes)
+
     def write(self, index: int, label: int, data: bytes) -> None:
         cls = str(label).encode()
-        size = _member_bytes(len(data)) + _member_bytes(len(cls))
-        if self.writer is not None and (
-            self.count >= self.max_count
-            or -(-(self.payload + size + 2 * _BLOCK) // _RECORD) * _RECORD > self.max_bytes
-        ):
-            self.finish()
         if self.writer is None:
             self.name = f"shard-{len(self.shards):06d}.tar"
             self.file = open(self._tmp(self.name), "wb")
@@ -133,7 +150,7 @@ class _ShardSink:
             self.count, self.payload, self.first = 0, 0, index
         self.writer.write({"__key__": f"{index:08d}", self.ext: data, "cls": cls})
         self.count += 1
-        self.payload += size
+        self.payload += _member_bytes(len(data)) + _member_bytes(len(cls))
 
     def finish(self) -> None:
         if self.writer is None:
@@ -149,21 +166,67 @@ class _ShardSink:
         self.writer = self.file = None
 
     def abort(self) -> None:
-        """Remove everything this sink wrote (used when the job fails)."""
+        """Remove the tar being written; finished tars stay for a resume (see _Journal)."""
         if self.file is not None:
             self.file.close()
             self._tmp(self.name).unlink(missing_ok=True)
-        for s in self.shards:
-            (self.out / s["name"]).unlink(missing_ok=True)
         self.writer = self.file = None
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove a previous run's manifest (first: the split is no longer complete), shards and
-    temporary files. Only names this module writes are touched."""
+_CLS_BYTES = 4  # room for a class index's decimal text when planning a roll-over
+
+
+class _Journal:
+    """`out/.progress.json`: the finished tars and where to restart, rewritten (atomically) after
+    every finished tar. A rerun with the same inputs and settings continues from it; anything
+    else starts over. Removed when the manifest is written."""
+
+    NAME = ".progress.json"
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = out / self.NAME, fingerprint
+
+    def load(self) -> dict | None:
+        """The saved state if it belongs to this run and its tars are intact, else None."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("%s: written for other inputs or settings; starting over", self.path)
+            return None
+        for s in state["shards"]:
+            tar = self.path.parent / s["name"]
+            if not tar.is_file() or tar.stat().st_size != s["bytes"]:
+                log.warning("%s: missing or changed; starting over", tar)
+                return None
+        return state
+
+    def save(self, **state: object) -> None:
+        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, **state}))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _fingerprint(d: dict, split: str, items: list[tuple[str, str]], classes: list[str]) -> str:
+    """What fixes the tars' content: the settings and the listed files (path, class, size)."""
+    keys = ("image_size", "format", "quality", "shard_max_bytes", "shard_max_count",
+            "max_bad_fraction")
+    h = hashlib.sha256(json.dumps([split, classes, {k: d[k] for k in keys}]).encode())
+    for path, wnid in items:
+        h.update(f"{path}\0{wnid}\0{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _clear_previous(out: Path, keep: set[str] = frozenset()) -> None:
+    """Remove a previous run's manifest (first: the split is no longer complete), shards other
+    than `keep` and temporary files. Only names this module writes are touched."""
     (out / MANIFEST).unlink(missing_ok=True)
     for p in out.iterdir():
-        if (p.name.startswith("shard-") and p.name.endswith(".tar")) or (
+        if (p.name.startswith("shard-") and p.name.endswith(".tar") and p.name not in keep) or (
                 p.name.startswith((".shard-", f".{MANIFEST}.tmp"))):
             p.unlink()
 
@@ -174,9 +237,10 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
     """Shard `data.root/<split>` into `out` (config section: data). Returns the manifest.
 
     Unreadable files are skipped and listed in the manifest with their reason; no images, or a
-    fraction of unreadable image files above `data.max_bad_fraction`, is a ValueError (and no
+    fraction of unreadable image files above `data.max_bad_fraction`, is a DataError (and no
     manifest). The class list of val is the train folder's when there is one, so both splits
-    share class indices.
+    share class indices. A rerun after a kill keeps the finished tars and continues after them
+    (out/.progress.json); the result is byte-identical to an uninterrupted run.
     """
     d = cfg["data"]
     root = Path(d["root"])
@@ -187,49 +251,60 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
         train_classes = class_dirs(root / "train")
         unknown = sorted({w for _, w in items} - set(train_classes))
         if unknown:
-            raise ValueError(f"{root / split}: classes not in {root / 'train'}: {unknown[:5]}")
+            raise DataError(f"{root / split}: classes not in {root / 'train'}: {unknown[:5]}")
         classes = train_classes
     if not items:
-        raise ValueError(f"{root / split}: no image files found")
+        raise DataError(f"{root / split}: no image files found")
     class_index = {w: i for i, w in enumerate(classes)}
     max_bad = int(d["max_bad_fraction"] * len(items))
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
-    sink = _ShardSink(out, EXT[fmt], d["shard_max_bytes"], d["shard_max_count"])
-    skipped = [{"path": os.path.relpath(p, root), "reason": r} for p, r in ignored]
-    class_counts = dict.fromkeys(classes, 0)
+    journal = _Journal(out, _fingerprint(d, split, items, classes))
+    state = journal.load() or {"shards": [], "pos": 0, "index": 0, "bad": [],
+                               "class_counts": dict.fromkeys(classes, 0)}
+    _clear_previous(out, keep={s["name"] for s in state["shards"]})
+    if state["pos"]:
+        log.info("%s: resuming after %d finished tars (%d of %d files done)", split,
+                 len(state["shards"]), state["pos"], len(items))
+    sink = _ShardSink(out, EXT[fmt], d["shard_max_bytes"], d["shard_max_count"], state["shards"])
+    bad_skipped, class_counts = state["bad"], state["class_counts"]
+    index, start = state["index"], state["pos"]
     work = functools.partial(prepare, size=size, fmt=fmt, quality=quality)
-    paths = [p for p, _ in items]
-    workers = min(d["workers"], len(items))
+    paths = [p for p, _ in items[start:]]
+    workers = min(d["workers"], len(paths))
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     results = (pool.imap(work, paths, chunksize=max(1, min(32, len(paths) // (8 * workers))))
                if pool else map(work, paths))
 
-    from dinosae.train.common import Progress, atomic_write_text  # torch: after the fork
+    from dinosae.faults import fault_point  # torch: after the fork
+    from dinosae.train.common import Progress
 
-    progress = Progress(len(items), desc=f"shard {split}", unit="img")
-    index = bad = 0
+    progress = Progress(len(items), start=start, desc=f"shard {split}", unit="img")
     try:
-        for (path, wnid), (data, reason) in zip(items, results, strict=True):
+        for pos, ((path, wnid), (data, reason)) in enumerate(
+                zip(items[start:], results, strict=True), start=start):
             progress.update()
             if data is None:
-                bad += 1
-                skipped.append({"path": os.path.relpath(path, root), "reason": reason})
+                bad_skipped.append({"path": os.path.relpath(path, root), "reason": reason})
                 log.warning("skipped %s: %s", path, reason)
-                if bad > max_bad:
-                    first = skipped[len(ignored)]
-                    raise ValueError(
+                if len(bad_skipped) > max_bad:
+                    first = bad_skipped[0]
+                    raise DataError(
                         f"{root / split}: more than {d['max_bad_fraction']:.1%} of "
                         f"{len(items)} image files are unreadable (data.max_bad_fraction); "
                         f"first: {first['path']}: {first['reason']}")
                 continue
+            if sink.full(len(data)):  # this sample starts the next tar: a restart point
+                sink.finish()
+                journal.save(shards=sink.shards, pos=pos, index=index, bad=bad_skipped,
+                             class_counts=class_counts)
+                fault_point(f"shard-{split}", len(sink.shards))
             sink.write(index, class_index[wnid], data)
             class_counts[wnid] += 1
             index += 1
         if index == 0:
-            raise ValueError(f"{root / split}: none of {len(items)} image files could be read")
+            raise DataError(f"{root / split}: none of {len(items)} image files could be read")
         sink.finish()
     except BaseException:
         sink.abort()
@@ -239,6 +314,7 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
         if pool is not None:
             pool.terminate()
 
+    skipped = [{"path": os.path.relpath(p, root), "reason": r} for p, r in ignored] + bad_skipped
     manifest = {
         "format": FORMAT, "version": VERSION, "split": split, "count": index,
         "classes": classes, "class_counts": class_counts, "shards": sink.shards,
@@ -247,8 +323,9 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
         "skipped": skipped, "source": str(root),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    journal.remove()
     log.info("%s: %d images in %d shards, %d skipped (%d unreadable)", split, index,
-             len(sink.shards), len(skipped), bad)
+             len(sink.shards), len(skipped), len(bad_skipped))
     return manifest
 
 
@@ -260,25 +337,31 @@ def read_manifest(shards_dir: str | Path, verify: bool = False) -> dict:
     shards_dir = Path(shards_dir)
     path = shards_dir / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the shards in {shards_dir} are "
+        raise MissingShards(f"{path} does not exist: the shards in {shards_dir} are "
                                 "incomplete or were never written (run `dinosae shard`)")
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+        raise DataError(f"{path}: not a {FORMAT} v{VERSION} manifest")
     missing = {"split", "count", "classes", "class_counts", "shards", "preprocess"} - set(m)
     if missing:
-        raise ValueError(f"{path}: missing {sorted(missing)}")
+        raise DataError(f"{path}: missing {sorted(missing)}")
     if sum(s["count"] for s in m["shards"]) != m["count"]:
-        raise ValueError(f"{path}: shard counts do not add up to count={m['count']}")
+        raise DataError(f"{path}: shard counts do not add up to count={m['count']}")
     for s in m["shards"]:
+        if not SHARD_NAME.fullmatch(str(s["name"])):
+            raise DataError(f"{path}: shard name {s['name']!r} is not shard-NNNNNN.tar (a "
+                            "manifest names files inside its own folder only)")
         tar = shards_dir / s["name"]
-        if not tar.is_file() or tar.stat().st_size != s["bytes"]:
-            raise ValueError(f"{tar}: missing or not the size recorded in {path}")
+        if not tar.is_file():
+            raise DataError(f"{tar}: missing (listed in {path}); rerun the shard rule")
+        if tar.stat().st_size != s["bytes"]:
+            raise DataError(f"{tar}: {tar.stat().st_size} bytes, {path} records {s['bytes']} "
+                            "(truncated or replaced); rerun the shard rule")
         if verify and _sha256(tar) != s["sha256"]:
-            raise ValueError(f"{tar}: sha256 differs from {path}")
+            raise DataError(f"{tar}: sha256 differs from {path}")
     return m
 
 
@@ -291,16 +374,20 @@ def iter_shard(tar_path: str | Path) -> Iterator[tuple[int, np.ndarray, int]]:
     """(index, image uint8 (H, W, 3), label) for each sample of one tar, in stored order."""
     sample: dict[str, bytes] = {}
     key = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.partition(".")
-            if key is not None and k != key:
-                yield _decode_sample(key, sample, tar_path)
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise DataError(f"{tar_path}: member {member.name!r} is not a regular file "
+                                    "(not written by dinosae)")
+                k, ext = member_key(member.name, tar_path)
+                if key is not None and k != key:
+                    yield _decode_sample(key, sample, tar_path)
+                    sample = {}
+                key = k
+                sample[ext] = tar.extractfile(member).read()
+    except tarfile.TarError as e:
+        raise DataError(f"{tar_path}: unreadable tar ({e}); rerun the shard rule") from None
     if key is not None:
         yield _decode_sample(key, sample, tar_path)
 
@@ -308,7 +395,18 @@ def iter_shard(tar_path: str | Path) -> Iterator[tuple[int, np.ndarray, int]]:
 def _decode_sample(key: str, sample: dict[str, bytes], tar_path) -> tuple[int, np.ndarray, int]:
     data = sample.get("jpg", sample.get("png"))
     if data is None or "cls" not in sample:
-        raise ValueError(f"{tar_path}: sample {key} lacks an image or a .cls member")
+        raise DataError(f"{tar_path}: sample {key} lacks an image or a .cls member")
     with Image.open(io.BytesIO(data)) as im:
         image = np.asarray(im.convert("RGB"))
     return int(key), image, int(sample["cls"])
+
+
+def member_key(name: str, tar_path: str | Path) -> tuple[str, str]:
+    """(key, extension) of a tar member named like `00000042.jpg`. Anything else (absolute
+    paths, `..`, folders, other extensions) is a DataError: members are only ever read into
+    memory, never extracted, and a name that is not ours means the tar is not ours."""
+    m = MEMBER_NAME.fullmatch(name)
+    if m is None:
+        raise DataError(f"{tar_path}: unexpected member name {name!r} (expected NNNNNNNN.jpg, "
+                        ".png or .cls; not written by dinosae)")
+    return m.group(1), m.group(2)

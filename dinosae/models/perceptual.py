@@ -20,6 +20,8 @@ import lpips
 import torch
 import torch.nn as nn
 
+from dinosae.config import DinosaeError
+
 LPIPS_SEED = 0
 
 # net -> torchvision weights enum name (its URL gives the hub-cache file name)
@@ -27,7 +29,7 @@ _TV_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights",
                "squeeze": "SqueezeNet1_1_Weights"}
 
 
-class LPIPSWeightsError(RuntimeError):
+class LPIPSWeightsError(DinosaeError, RuntimeError):
     """The LPIPS backbone weights cannot be had without a download."""
 
 

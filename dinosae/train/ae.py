@@ -18,7 +18,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dinosae.config import ConfigError
+from dinosae.faults import fault_point
 from dinosae.models.autoencoder import AE_KIND, AutoEncoder, ae_config, build_autoencoder
 from dinosae.models.discriminator import (
     Discriminator,
@@ -41,6 +42,7 @@ from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
 from dinosae.train.common import (
     MetricsCSV,
+    NumericsError,
     Progress,
     StopFlag,
     barrier,
@@ -170,11 +172,17 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
         raise ConfigError("stage 1 starts from the teacher; --init is for stages 2-4")
     if stage > 1 and init is None:
         raise ConfigError(f"stage {stage} needs --init (stage {stage - 1}'s checkpoint)")
+    if batches is None:  # a missing or truncated shard stops here, before any model is built
+        from dinosae.data.shard import read_manifest
+
+        read_manifest(shards)
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
     stop = StopFlag()
     try:
-        return _train(cfg, stage, shards, init, Path(out), batches, rank, world, device, stop)
+        with ExitStack() as loaders:  # closed however _train ends: loader workers stop cleanly
+            return _train(cfg, stage, shards, init, Path(out), batches, rank, world, device,
+                          stop, loaders)
     finally:
         stop.restore()
         if own_group:
@@ -183,7 +191,7 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
 
 def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Path,
            batches: EpochFn | None, rank: int, world: int, device: torch.device,
-           stop: StopFlag) -> AutoEncoder:
+           stop: StopFlag, loaders: ExitStack) -> AutoEncoder:
     tcfg, acfg = cfg["ae_train"], cfg["autoencoder"]
     seed = int(cfg.get("seed", 0))
     steps = tcfg["stage_steps"][stage - 1]
@@ -276,7 +284,7 @@ def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Pat
             return make_loader(shards, local_batch, train=True, flip=True, workers=workers,
                                rank=rank, world_size=world, seed=seed, epoch=epoch)
 
-    data = data_stream(batches, *positions[rank])
+    data = loaders.enter_context(closing(data_stream(batches, *positions[rank])))
 
     def state(step: int) -> dict:
         s = {"kind": AE_KIND, "stage": stage, "step": step, **meta,
@@ -398,7 +406,7 @@ def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Pat
                 log.warning("ae stage %d step %d: non-finite loss or gradient, step skipped "
                             "(%d in a row)", stage, done, bad_in_row)
             if bad_in_row >= max_bad:
-                raise SystemExit(
+                raise NumericsError(
                     f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step {done}; "
                     "stopping (lower ae_train.lr, check the data, or raise "
                     "ae_train.max_bad_steps)")
@@ -414,6 +422,7 @@ def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Pat
             pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
             save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
         progress.update(1, loss=float(loss.detach()), skipped=skipped)
+        fault_point(f"ae-stage{stage}", done)
         stopping = not _all_true(not stop.stop, device)
         if (done % tcfg["ckpt_every"] == 0 and done < steps) or (stopping and done < steps):
             if main:

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -18,38 +19,62 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dinosae.config import DinosaeError
+from dinosae.files import atomic_path, atomic_write_text, read_kv, write_kv  # noqa: F401
+
 log = logging.getLogger("dinosae")
 
 
 # ---------------------------------------------------------------- files (atomic writes)
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class CheckpointError(DinosaeError, ValueError):
+    """A checkpoint that must not be used: not ours, the wrong kind or stage, unsafe to load."""
+
+
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist."""
+
+
+class NumericsError(DinosaeError, FloatingPointError):
+    """Too many non-finite steps in a row: training stops rather than silently diverging."""
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """torch.save to a temporary name, fsync, rename. `state` must hold only tensors, plain
     containers, strings and numbers, so that it loads with weights_only=True."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(dict(state), f)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(dict(state), f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) so
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint without unpickling code (weights_only=True)."""
+    """Load a checkpoint without unpickling code (weights_only=True); a file that holds anything
+    but tensors, plain containers, strings and numbers is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise MissingCheckpoint(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        if not what:  # not a pickle of something else: not a torch file at all
+            raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (not a torch "
+                                  "file of tensors)") from None
+        raise CheckpointError(f"refusing to load {str(path)!r}: it holds pickled objects other "
+                              "than tensors and plain containers"
+                              + (f" ({what[0]})" if what else "")) from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (truncated or not a "
+                              f"torch file): {e}") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{str(path)!r} is not a dinosae checkpoint (a {type(ck).__name__})")
+    return ck
 
 
 def sha256_file(path: str | Path) -> str:
@@ -59,20 +84,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_kv(path: str | Path, items: Mapping[str, Any]) -> None:
-    """A small `key: value` results file (results/gfid.txt, results/recon.txt)."""
-    atomic_write_text(path, "".join(f"{k}: {v}\n" for k, v in items.items()))
-
-
-def read_kv(path: str | Path) -> dict[str, str]:
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        if ":" in line:
-            k, v = line.split(":", 1)
-            out[k.strip()] = v.strip()
-    return out
 
 
 # ---------------------------------------------------------------- device and DDP
@@ -253,8 +264,5 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     """Save images in [0, 1] (B, 3, H, W) as one PNG grid (atomic)."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    save_image(images.detach().float().clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        save_image(images.detach().float().clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2)

@@ -27,9 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dinosae import rfm, sphere
 from dinosae.config import ConfigError
+from dinosae.faults import fault_point
 from dinosae.models.dit import build_dit
 from dinosae.train.common import (
+    CheckpointError,
     MetricsCSV,
+    NumericsError,
     Progress,
     StopFlag,
     barrier,
@@ -41,6 +44,7 @@ from dinosae.train.common import (
     save_checkpoint,
     save_grid,
     setup_ddp,
+    sha256_file,
     unwrap,
 )
 
@@ -172,7 +176,9 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     if isinstance(cache, (str, Path)):
         from dinosae.latents import open_cache
 
-        cache_path, data = str(cache), open_cache(cache)
+        # the decoder that draws the grids must be the encoder the cache was made with
+        cache_path = str(cache)
+        data = open_cache(cache, expect_encoder_sha=sha256_file(ae) if ae else None)
     else:
         cache_path, data = str(getattr(cache, "path", "<in-memory>")), cache
     meta = _attrs_meta(data)
@@ -253,11 +259,9 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                 bad_total, bad_run = bad_total + 1, bad_run + 1
                 log.warning("step %d: non-finite loss %.4g / grad norm %.4g; update skipped "
                             "(%d in a row)", step, res["loss"], res["grad_norm"], bad_run)
-                if bad_run >= max_bad:
-                    raise FloatingPointError(f"{bad_run} non-finite DiT steps in a row (step "
-                                             f"{step}); see dit.max_bad_steps")
             progress.update(1, loss=res["loss"])
-            if metrics is not None and (step % dc["log_every"] == 0 or step == dc["steps"]):
+            if metrics is not None and (step % dc["log_every"] == 0 or step == dc["steps"]
+                                        or bad_run >= max_bad):
                 now = time.time()
                 row = {"step": step, "lr": lr, "bad_steps": bad_total,
                        "img_per_s": n_window * dc["batch_size"] / max(now - t_window, 1e-9)}
@@ -265,8 +269,12 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                     row[key] = float(np.mean([w[key] for w in window])) if window else math.nan
                 metrics.log(row)
                 window, n_window, t_window = [], 0, now
+            if bad_run >= max_bad:  # (after the metrics row that counts it)
+                raise NumericsError(f"{bad_run} non-finite DiT steps in a row (step {step}); "
+                                    "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
                 _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
+            fault_point("train-dit", step)
             stopping = _stop_requested(stop.stop, device)
             if stopping or step % dc["ckpt_every"] == 0:
                 if is_main():
@@ -297,12 +305,12 @@ def _stop_requested(flag: bool, device: torch.device) -> bool:
 
 def _check_resume(ck: dict, config: dict, path: Path) -> None:
     if ck.get("kind") != KIND:
-        raise ValueError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+        raise CheckpointError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
     old = ck["config"]
     for key in ("tokens", "channels", "num_classes", "grid"):
         if old[key] != config[key]:
-            raise ValueError(f"{path}: {key} {old[key]} differs from the cache's {config[key]}; "
-                             "remove it to start over")
+            raise CheckpointError(f"{path}: {key} {old[key]} differs from the cache's "
+                                  f"{config[key]}; remove it to start over")
     for key in ("model", "head", "path"):
         if old["dit"][key] != config["dit"][key]:
             raise ConfigError(f"config: 'dit.{key}' ({config['dit'][key]!r}) differs from the "
@@ -329,7 +337,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
     cache and path."""
     ck = load_checkpoint(path, map_location="cpu")
     if ck.get("kind") != KIND:
-        raise ValueError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+        raise CheckpointError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
     c = ck["config"]
     model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
                       c["dit"]["head"])

@@ -1,0 +1,45 @@
+"""Small files written atomically (temp name, then rename) and read back; no torch, so light
+jobs (plots, tables, status) start fast. dinosae.train.common re-exports these."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed over `path` when the block succeeds
+    and removed when it fails (a full disk, a kill signal handled as an exception), so `path`
+    is never partly written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+
+def write_kv(path: str | Path, items: Mapping[str, Any]) -> None:
+    """A small `key: value` results file (results/gfid.txt, results/recon.txt)."""
+    atomic_write_text(path, "".join(f"{k}: {v}\n" for k, v in items.items()))
+
+
+def read_kv(path: str | Path) -> dict[str, str]:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k.strip()] = v.strip()
+    return out
