@@ -20,7 +20,12 @@ import yaml
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
-class ConfigError(ValueError):
+class DinosaeError(Exception):
+    """An error whose message tells the whole story (bad input, config, checkpoint or cache):
+    the CLI prints it as one line and exits with status 2, no traceback."""
+
+
+class ConfigError(DinosaeError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -85,6 +90,10 @@ def _check_paths(cfg: dict) -> None:
     lp = cfg.get("autoencoder", {}).get("lpips", {}).get("weights")
     if lp and lp not in ("random", "imagenet"):
         checks.append(("autoencoder.lpips.weights", lp))
+    for section in ("autoencoder", "dit"):  # released weights to import: a file, or the hub
+        pre = (cfg.get(section) or {}).get("pretrained")
+        if pre and not pre.startswith("hf-hub:"):
+            checks.append((f"{section}.pretrained", pre))
     for key, value in checks:
         if value is not None and not Path(value).exists():
             raise ConfigError(f"config: '{key}': file {value!r} does not exist")

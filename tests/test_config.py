@@ -83,3 +83,23 @@ def test_cli_reports_config_error_with_exit_2():
     )
     assert r.returncode == 2
     assert "'latents.parts'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_released_weights_config_and_pretrained_paths(tmp_path):
+    released = yaml.safe_load(
+        (ROOT / "workflow/configs/imagenet256_released.yaml").read_text())
+    validate(released, check_paths=False)
+    assert released["autoencoder"]["pretrained"].startswith("hf-hub:")  # not a path to check
+    cfg = default_config()
+    cfg["autoencoder"]["pretrained"] = str(tmp_path / "dino_sae.pth")
+    with pytest.raises(ConfigError, match=r"'autoencoder\.pretrained'.*does not exist"):
+        validate(cfg)
+    cfg = default_config()
+    cfg["dit"]["pretrained"] = str(tmp_path / "dit_export")
+    with pytest.raises(ConfigError, match=r"'dit\.pretrained'.*does not exist"):
+        validate(cfg)
+    cfg["dit"]["pretrained"] = "hf-hub:someone/dit"
+    validate(cfg)
+    cfg["autoencoder"]["decoder"]["norm"] = "layer"
+    with pytest.raises(ConfigError, match=r"'autoencoder\.decoder\.norm'"):
+        validate(cfg)

@@ -78,7 +78,9 @@ def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> AutoEncod
         stem = CNNStem(acfg["stem_widths"], vit.embed_dim)
     grid = (image_size // 16, image_size // 16)
     d = acfg["decoder"]
-    decoder = Decoder(vit.embed_dim, grid, d["widths"], d["depths"], d["blocks"])
+    decoder = Decoder(vit.embed_dim, grid, d["widths"], d["depths"], d["blocks"],
+                      norm=d.get("norm", "channel"), attn_scales=d.get("attn_scales", (5,)),
+                      evit_norm=d.get("evit_norm", True), upsample=d.get("upsample", "interpolate"))
     return AutoEncoder(Encoder(stem, vit), decoder)
 
 
@@ -89,11 +91,11 @@ def ae_config(cfg: dict) -> dict:
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> AutoEncoder:
     """The EMA autoencoder of a stage checkpoint, in eval mode, with requires_grad False."""
-    from dinosae.train.common import load_checkpoint
+    from dinosae.train.common import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != AE_KIND:
-        raise ValueError(f"{str(path)!r} is not an autoencoder checkpoint "
+        raise CheckpointError(f"{str(path)!r} is not an autoencoder checkpoint "
                          f"(kind {ckpt.get('kind')!r}, expected {AE_KIND!r})")
     ae = build_autoencoder(ckpt["config"], load_teacher_weights=False)
     ae.load_state_dict(ckpt["ema"])

@@ -9,6 +9,15 @@ blocks (lite multi-scale ReLU linear attention + GLU MBConv) or ResBlocks. Chann
 
 Widths / depths / block kinds are listed highest resolution first, like DC-AE's configs:
 widths[4] runs at the token grid, widths[0] at full image resolution.
+
+Options that reproduce the authors' released decoder (wkdgnsgo/dino-sae, src/model.py, whose
+weights dinosae.importers maps onto this module) where it departs from the defaults:
+norm="sample" (their "trms2d" is an RMS norm of each sample over (C, H, W) with a per-channel
+weight and no bias, the stem's RMSNorm2d), attn_scales=() (their EViT blocks are built with
+scales=(): no multi-scale aggregation), evit_norm=False (the norm they hand to EfficientViTBlock
+is a module instance, which upstream efficientvit's build_norm turns into None), and
+upsample="pixel_shuffle" for DC-AE's ConvPixelShuffle upsampling (conv to 4x channels, then
+pixel shuffle) instead of nearest interpolation + conv.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dinosae.models.stem import RMSNorm2d
+
+NORMS = ("channel", "sample")
+UPSAMPLES = ("interpolate", "pixel_shuffle")
 
 class ChannelRMSNorm(nn.Module):
     """RMS norm over channels at every pixel of (B, C, H, W), with weight and bias."""
@@ -34,6 +47,16 @@ class ChannelRMSNorm(nn.Module):
         ms = x.float().pow(2).mean(dim=1, keepdim=True)
         x = (x.float() * torch.rsqrt(ms + self.eps)).to(x.dtype)
         return x * self.weight.to(x.dtype)[:, None, None] + self.bias.to(x.dtype)[:, None, None]
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """"channel": ChannelRMSNorm (per pixel over C, weight and bias); "sample": RMSNorm2d (per
+    sample over C, H, W, weight only)."""
+    if kind == "channel":
+        return ChannelRMSNorm(channels)
+    if kind == "sample":
+        return RMSNorm2d(channels)
+    raise ValueError(f"decoder norm {kind!r}: expected one of {NORMS}")
 
 
 def resize_channels(x: torch.Tensor, c_out: int) -> torch.Tensor:
@@ -53,12 +76,12 @@ def resize_channels(x: torch.Tensor, c_out: int) -> torch.Tensor:
 class ResBlock(nn.Module):
     """x + norm(conv3x3(silu(conv3x3(x))))."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str = "channel") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.act = nn.SiLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.norm = ChannelRMSNorm(channels)
+        self.norm = make_norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.norm(self.conv2(self.act(self.conv1(x))))
@@ -69,7 +92,7 @@ class LiteMLA(nn.Module):
     with q/k/v also aggregated by a depthwise 5x5 conv to add a local scale; x + norm(proj(.))."""
 
     def __init__(self, channels: int, head_dim: int = 32, scales: tuple[int, ...] = (5,),
-                 eps: float = 1e-15) -> None:
+                 eps: float = 1e-15, norm: str | None = "channel") -> None:
         super().__init__()
         self.head_dim = min(head_dim, channels)
         self.heads = channels // self.head_dim
@@ -84,7 +107,7 @@ class LiteMLA(nn.Module):
             for k in scales
         ])
         self.proj = nn.Conv2d(inner * (1 + len(scales)), channels, 1, bias=False)
-        self.norm = ChannelRMSNorm(channels)
+        self.norm = make_norm(norm, channels) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -104,14 +127,14 @@ class LiteMLA(nn.Module):
 class GLUMBConv(nn.Module):
     """x + norm(pw(value * silu(gate))), [value, gate] = dw3x3(silu(pw_expand(x)))."""
 
-    def __init__(self, channels: int, expand: int = 4) -> None:
+    def __init__(self, channels: int, expand: int = 4, norm: str | None = "channel") -> None:
         super().__init__()
         hidden = expand * channels
         self.inverted = nn.Conv2d(channels, 2 * hidden, 1)
         self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.point = nn.Conv2d(hidden, channels, 1, bias=False)
         self.act = nn.SiLU()
-        self.norm = ChannelRMSNorm(channels)
+        self.norm = make_norm(norm, channels) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.depthwise(self.act(self.inverted(x)))
@@ -122,37 +145,56 @@ class GLUMBConv(nn.Module):
 class EfficientViTBlock(nn.Module):
     """Context (lite multi-scale linear attention) then local (GLU MBConv) mixing."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str | None = "channel",
+                 scales: tuple[int, ...] = (5,)) -> None:
         super().__init__()
-        self.attn = LiteMLA(channels)
-        self.mlp = GLUMBConv(channels)
+        self.attn = LiteMLA(channels, scales=tuple(scales), norm=norm)
+        self.mlp = GLUMBConv(channels, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))
 
 
 class UpSample(nn.Module):
-    """x2 nearest interpolation + 3x3 conv, plus a channel-duplicating pixel-shuffle shortcut."""
+    """x2 nearest interpolation + 3x3 conv (or, with mode="pixel_shuffle", a 3x3 conv to 4x the
+    channels + pixel shuffle), plus a channel-duplicating pixel-shuffle shortcut."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, mode: str = "interpolate") -> None:
         super().__init__()
-        self.c_out = c_out
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        if mode not in UPSAMPLES:
+            raise ValueError(f"decoder upsample {mode!r}: expected one of {UPSAMPLES}")
+        self.c_out, self.mode = c_out, mode
+        factor = 4 if mode == "pixel_shuffle" else 1
+        self.conv = nn.Conv2d(c_in, factor * c_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if self.mode == "pixel_shuffle":
+            y = F.pixel_shuffle(self.conv(x), 2)
+        else:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         shortcut = F.pixel_shuffle(resize_channels(x, 4 * self.c_out), 2)
         return y + shortcut
 
 
-BLOCKS = {"res": ResBlock, "evit": EfficientViTBlock}
+BLOCKS = ("res", "evit")
+
+
+def make_block(kind: str, channels: int, norm: str, attn_scales: tuple[int, ...],
+               evit_norm: bool) -> nn.Module:
+    if kind == "res":
+        return ResBlock(channels, norm)
+    if kind == "evit":
+        return EfficientViTBlock(channels, norm if evit_norm else None, attn_scales)
+    raise ValueError(f"decoder block {kind!r}: expected one of {BLOCKS}")
 
 
 class Decoder(nn.Module):
     """(B, T, C) tokens on an (h, w) grid -> (B, 3, 16h, 16w) image in about [0, 1]."""
 
     def __init__(self, channels: int, grid: tuple[int, int], widths: list[int],
-                 depths: list[int], blocks: list[str]) -> None:
+                 depths: list[int], blocks: list[str], norm: str = "channel",
+                 attn_scales: tuple[int, ...] | list[int] = (5,), evit_norm: bool = True,
+                 upsample: str = "interpolate") -> None:
         super().__init__()
         if not len(widths) == len(depths) == len(blocks) == 5:
             raise ValueError("decoder: widths, depths and blocks need five entries each")
@@ -161,11 +203,12 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(channels, widths[-1], 3, padding=1)
         stages = []
         for i in reversed(range(5)):  # lowest resolution (i = 4) first
-            layers = [] if i == 4 else [UpSample(widths[i + 1], widths[i])]
-            layers += [BLOCKS[blocks[i]](widths[i]) for _ in range(depths[i])]
+            layers = [] if i == 4 else [UpSample(widths[i + 1], widths[i], upsample)]
+            layers += [make_block(blocks[i], widths[i], norm, tuple(attn_scales), evit_norm)
+                       for _ in range(depths[i])]
             stages.append(nn.ModuleList(layers))
         self.stages = nn.ModuleList(stages)
-        self.norm_out = ChannelRMSNorm(widths[0])
+        self.norm_out = make_norm(norm, widths[0])
         self.act_out = nn.ReLU()
         self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from dinosae.config import DinosaeError
+
 log = logging.getLogger("dinosae")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,7 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_SEED = 0  # "random" teacher weights: always the same network
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(DinosaeError, RuntimeError):
     """The configured teacher weights cannot be had."""
 
 
@@ -50,27 +52,25 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_teacher_file(model: nn.Module, path: str | Path) -> None:
-    """Load a local .pth/.safetensors state dict (timm or original DINOv3 keys) into `model`."""
-    from timm.models.eva import checkpoint_filter_fn
+    """Load a local .pth/.safetensors state dict (timm or Meta's original DINOv3 keys, converted
+    by timm's own converter) into `model`; a mismatch lists every wrong key."""
+    from dinosae.models.keymap import WeightsMismatchError, dinov3_to_timm, mismatches
 
     path = Path(path)
     if not path.is_file():
         raise TeacherWeightsError(f"teacher weights file {str(path)!r} does not exist")
-    sd = checkpoint_filter_fn(_read_state_dict(path), model)
-    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    what = (f"teacher weights {str(path)!r} do not fit the configured architecture "
+            f"({arch_name(model)} with the configured overrides)")
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        lines = [ln.strip() for ln in str(e).splitlines()[1:4]]
-        raise TeacherWeightsError(
-            f"teacher weights {str(path)!r} do not fit the configured architecture "
-            f"({arch_name(model)} with the configured overrides): {' '.join(lines)} ...") from e
-    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
-    if missing or unexpected:
-        raise TeacherWeightsError(
-            f"teacher weights {str(path)!r} do not fit the configured architecture: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        sd = dinov3_to_timm(_read_state_dict(path), model)
+    except WeightsMismatchError as e:
+        raise TeacherWeightsError(f"{what}: {e}") from None
+    expected = {k: v for k, v in model.state_dict().items()
+                if not k.startswith(("head.", "fc_norm."))}
+    problems = mismatches(expected, sd)
+    if problems:
+        raise TeacherWeightsError(f"{what}: {'; '.join(problems)}")
+    model.load_state_dict(sd, strict=False)
 
 
 def arch_name(model: nn.Module) -> str:

@@ -42,3 +42,31 @@ rule eval_recon:
     shell:
         "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae} --shards {params.shards}"
         " --out {output} > {log} 2>&1"
+
+
+# Released weights instead of training (autoencoder.pretrained, e.g. the authors' DINO-SAE): one
+# import job writes the stage-4 checkpoint and no training stage runs.
+PRETRAINED_AE = config["autoencoder"].get("pretrained")
+# FD_teacher's extractor, the frozen teacher, is the same in every stage: stage 1 when training
+# (ready early), else the imported checkpoint
+TEACHER_AE = f"results/ae/stage{4 if PRETRAINED_AE else 1}/checkpoint.pt"
+
+if PRETRAINED_AE:
+
+    rule import_autoencoder:
+        input:
+            [] if PRETRAINED_AE.startswith("hf-hub:") else [PRETRAINED_AE],
+        output:
+            "results/ae/stage4/checkpoint.pt",
+        log:
+            f"{LOGS}/import_autoencoder.log",
+        conda:
+            "../../envs/dinosae.yaml"
+        params:
+            cfg=cfg("data", "autoencoder"),
+            source=lambda w, input: shlex.quote(input[0] if input else PRETRAINED_AE),
+        shell:
+            "dinosae import-ae --cfg {params.cfg} --source {params.source} --out {output}"
+            " > {log} 2>&1"
+
+    ruleorder: import_autoencoder > ae_stage4

@@ -4,7 +4,7 @@
 rule fid_reference:
     input:
         shards=f"{SHARDS}/{config['eval']['reference']}/manifest.json",
-        ae="results/ae/stage1/checkpoint.pt",
+        ae=TEACHER_AE,
     output:
         f"results/fid/reference_{config['eval']['reference']}.npz",
     log:
@@ -23,7 +23,7 @@ rule fid:
     input:
         samples="results/samples/samples.h5",
         reference=rules.fid_reference.output,
-        ae="results/ae/stage1/checkpoint.pt",
+        ae=TEACHER_AE,
     output:
         "results/gfid.txt",
     log:

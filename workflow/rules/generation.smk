@@ -36,3 +36,27 @@ rule sample:
     shell:
         "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
         " --cache {input.cache} --out {output} > {log} 2>&1"
+
+
+# A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export).
+PRETRAINED_DIT = config["dit"].get("pretrained")
+
+if PRETRAINED_DIT:
+
+    rule import_dit:
+        input:
+            [] if PRETRAINED_DIT.startswith("hf-hub:") else [PRETRAINED_DIT],
+        output:
+            "results/dit/checkpoint.pt",
+        log:
+            f"{LOGS}/import_dit.log",
+        conda:
+            "../../envs/dinosae.yaml"
+        params:
+            cfg=cfg("dit"),
+            source=lambda w, input: shlex.quote(input[0] if input else PRETRAINED_DIT),
+        shell:
+            "dinosae import-dit --cfg {params.cfg} --source {params.source} --out {output}"
+            " > {log} 2>&1"
+
+    ruleorder: import_dit > train_dit

@@ -1,0 +1,320 @@
+"""Use a trained DINO-SAE outside the pipeline: encode images, decode latents, sample a DiT.
+
+    import dinosae, torch
+    ae = dinosae.load_autoencoder("exports/ae", device="cuda", dtype=torch.bfloat16)
+    enc = ae.encode(images)             # (B, 3, H, W) floats in [0, 1], or uint8 (B, H, W, 3)
+    enc.tokens, enc.norms               # (B, T, C) unit-norm tokens, (B, T) their raw norms
+    x = ae.decode(enc.tokens, radius=14.0)      # (B, 3, H, W) in [0, 1]; radius=enc.norms: exact
+    gen = dinosae.load_generator("exports/dit")
+    x = gen.sample([207, 360], steps=50, cfg_scale=1.5,
+                   generator=torch.Generator().manual_seed(0))
+
+A path is an export folder (`dinosae export-model`), a dinosae checkpoint (.pt, loaded with
+weights_only=True), or `hf-hub:<owner>/<name>[/<folder>]` holding an export. Models load in eval
+mode, without gradients, on the device and in the dtype asked for; inputs may live on any device
+and are processed in batches; outputs are float32 on the input's device (CPU for numpy input).
+Encoding is the latent cache's (dinosae.latents.encode_images) and decoding the sampler's
+(dinosae.generate): tokens are rescaled to `radius` along C, then decoded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinosae.config import ConfigError
+
+__all__ = ["Autoencoder", "Encoded", "Generator", "load_autoencoder", "load_generator"]
+
+
+class Encoded(NamedTuple):
+    tokens: Tensor  # (B, T, C) float32, unit norm along C
+    norms: Tensor  # (B, T) float32, the encoder's raw token norms
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    from dinosae.train.common import pick_device
+
+    return torch.device(device) if device is not None else pick_device("auto")
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (e.g. torch.float32, 'bfloat16')")
+    return value
+
+
+def _out_device(x: Any) -> torch.device:
+    return x.device if isinstance(x, Tensor) else torch.device("cpu")
+
+
+def _resolve(path: str | Path, kind: str) -> Path:
+    from dinosae.importers import resolve_source
+
+    return resolve_source(path, kind)
+
+
+# ---------------------------------------------------------------- autoencoder
+
+class Autoencoder:
+    """A trained DINO-SAE: `encode` images to unit-norm tokens, `decode` tokens to images."""
+
+    def __init__(self, model: torch.nn.Module, config: dict, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.model, self.config, self.device, self.dtype = model, config, device, dtype
+        self.grid: tuple[int, int] = tuple(model.grid)
+        self.channels: int = int(model.channels)
+        self.image_size: int = int(config["data"]["image_size"])
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def __repr__(self) -> str:
+        return (f"Autoencoder({self.image_size}px -> {self.grid[0]}x{self.grid[1]} tokens x "
+                f"{self.channels}, {self.device}, {self.dtype})")
+
+    def _images(self, images: Any) -> Tensor:
+        """(B, 3, H, W) floats in [0, 1] (or uint8 0..255), or uint8/float (B, H, W, 3)."""
+        x = torch.as_tensor(images) if not isinstance(images, Tensor) else images
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4:
+            raise ValueError(f"images: expected (B, 3, H, W) or (B, H, W, 3), got {tuple(x.shape)}")
+        if x.shape[1] != 3 and x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        if x.shape[1] != 3:
+            raise ValueError(f"images: no RGB channel axis in shape {tuple(x.shape)}")
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"images: height and width must be multiples of 16 (the stem's "
+                             f"patch), got {tuple(x.shape[-2:])}")
+        return x
+
+    @torch.no_grad()
+    def encode(self, images: Any, batch_size: int = 64) -> Encoded:
+        """Images -> Encoded(tokens (B, T, C) unit-norm, norms (B, T)), row-major token grid."""
+        x = self._images(images)
+        out = _out_device(images)
+        tokens, norms = [], []
+        for i in range(0, len(x), batch_size):
+            b = x[i:i + batch_size].to(self.device)
+            b = b.float().div_(255.0) if b.dtype == torch.uint8 else b.float()
+            z = self.model.encode(b.to(self.dtype)).float()  # (B, T, C)
+            n = z.norm(dim=-1)
+            tokens.append((z / n.clamp_min(1e-12).unsqueeze(-1)).to(out))
+            norms.append(n.to(out))
+        return Encoded(torch.cat(tokens), torch.cat(norms))
+
+    @torch.no_grad()
+    def decode(self, tokens: Any, radius: float | Tensor | None, batch_size: int = 64,
+               clamp: bool = True) -> Tensor:
+        """Tokens (B, T, C) or (B, h, w, C) -> images (B, 3, H, W) float32, in [0, 1] with
+        `clamp`. `radius`: each token is rescaled to this norm first -- a number (the decode
+        radius s_vae, paper: 14), per-token norms (B, T) (e.g. Encoded.norms: the exact
+        encoder output), or None to decode the tokens as they are."""
+        from dinosae import sphere
+
+        z = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
+        out = _out_device(tokens)
+        if z.ndim == 4:
+            z = z.flatten(1, 2)
+        if z.ndim != 3 or z.shape[1:] != (self.tokens, self.channels):
+            raise ValueError(f"tokens: expected (B, {self.tokens}, {self.channels}) (a "
+                             f"{self.grid[0]}x{self.grid[1]} grid), got {tuple(z.shape)}")
+        r = radius
+        if isinstance(r, (Tensor, np.ndarray)):
+            r = torch.as_tensor(r, dtype=torch.float32)
+            if r.ndim == 2:
+                r = r.unsqueeze(-1)  # (B, T, 1)
+        images = []
+        for i in range(0, len(z), batch_size):
+            b = z[i:i + batch_size].to(self.device).float()
+            if r is not None:
+                rb = r[i:i + batch_size].to(self.device) if isinstance(r, Tensor) and r.ndim \
+                    else float(r)
+                b = sphere.project(b, rb)
+            x = self.model.decode(b.to(self.dtype)).float()
+            images.append((x.clamp(0, 1) if clamp else x).to(out))
+        return torch.cat(images)
+
+
+def _ae_from_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    from dinosae.train.common import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if ck.get("kind") != "dinosae-ae":
+        raise ConfigError(f"{path}: not a dinosae autoencoder checkpoint or export (kind "
+                          f"{ck.get('kind')!r}); released weights go through `dinosae import-ae` "
+                          "first")
+    return ck["config"], ck["ema"]
+
+
+def _build_autoencoder(config: dict, state: dict[str, Tensor], where: str) -> torch.nn.Module:
+    from dinosae.models.autoencoder import build_autoencoder
+    from dinosae.models.keymap import check, mismatches
+
+    model = build_autoencoder(config, load_teacher_weights=False)
+    check(f"{where} does not fit its own config", mismatches(model.state_dict(), state))
+    model.load_state_dict(state)
+    return model
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
+                     dtype: torch.dtype | str = torch.float32) -> Autoencoder:
+    """A trained autoencoder from an export folder, a dinosae AE checkpoint or an hf-hub export,
+    in eval mode without gradients, on `device` (default: CUDA if available) in `dtype`."""
+    from dinosae.export import AE_KIND, is_export, read_export
+
+    path = _resolve(path, "ae")
+    if is_export(path):
+        doc, state = read_export(path)
+        if doc["kind"] != AE_KIND:
+            raise ConfigError(f"{path}: an exported {doc['kind']}, not an autoencoder")
+        config = doc["config"]
+    else:
+        config, state = _ae_from_checkpoint(path)
+    device, dtype = _device(device), _dtype(dtype)
+    model = _build_autoencoder(config, state, str(path))
+    model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return Autoencoder(model, config, device, dtype)
+
+
+# ---------------------------------------------------------------- generator
+
+class Generator:
+    """A trained RFM DiT plus the autoencoder that decodes its samples."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, autoencoder: Autoencoder | None,
+                 device: torch.device, dtype: torch.dtype,
+                 decode_radius: float | None = None) -> None:
+        self.model, self.meta, self.autoencoder = model, meta, autoencoder
+        self.device, self.dtype = device, dtype
+        self.num_classes: int = int(meta["num_classes"])
+        self.tokens: int = int(meta["tokens"])
+        self.channels: int = int(meta["channels"])
+        self.grid = tuple(meta["grid"])
+        self.radius: float = float(meta["radius"])  # where the flow runs (sqrt(C))
+        self.alpha: float = float(meta["alpha"])
+        self.path: str = meta["dit"]["path"]
+        self.decode_radius = decode_radius if decode_radius is not None else meta.get("mean_norm")
+
+    def __repr__(self) -> str:
+        return (f"Generator({self.meta['dit']['model']}, {self.num_classes} classes, "
+                f"{self.tokens} tokens x {self.channels}, {self.device}, {self.dtype})")
+
+    def _net(self, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        if self.dtype == torch.float32:
+            return self.model(z, t, y).float()
+        with warnings.catch_warnings():  # fp32 qk-norm input, low-precision weight: intended
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            return self.model(z.to(self.dtype), t, y).float()
+
+    @torch.no_grad()
+    def sample_tokens(self, labels: Any, steps: int = 50, cfg_scale: float = 1.0,
+                      generator: torch.Generator | None = None, *, seeds: Any = None,
+                      guidance_interval: tuple[float, float] = (0.0, 1.0),
+                      batch_size: int | None = None) -> Tensor:
+        """Class-conditional samples as tokens (B, T, C) float32 on the flow's radius sqrt(C).
+        Noise from `generator`, or with `seeds` per sample exactly as `dinosae sample` draws it
+        (sample i from torch.Generator().manual_seed(seeds[i]))."""
+        from dinosae import rfm
+        from dinosae.generate import start_noise
+
+        y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        shape = (self.tokens, self.channels)
+        if seeds is not None:
+            seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+            if len(seeds) != len(y):
+                raise ValueError(f"{len(seeds)} seeds for {len(y)} labels")
+        bs = batch_size or max(1, len(y))
+        out = []
+        for i in range(0, len(y), bs):
+            yb = y[i:i + bs].to(self.device)
+            z1 = None if seeds is None else start_noise(seeds[i:i + bs], shape, self.radius,
+                                                       self.path)
+            out.append(rfm.sample(_Wrapped(self), yb, steps, cfg_scale, self.radius,
+                                  self.alpha, generator, shape=shape, path=self.path, z1=z1,
+                                  guidance_interval=tuple(guidance_interval)))
+        return torch.cat(out).cpu() if out else torch.empty(0, *shape)
+
+    @torch.no_grad()
+    def sample(self, labels: Any, steps: int = 50, cfg_scale: float = 1.0,
+               generator: torch.Generator | None = None, *, seeds: Any = None,
+               guidance_interval: tuple[float, float] = (0.0, 1.0), radius: float | None = None,
+               batch_size: int | None = None, clamp: bool = True) -> Tensor:
+        """Class-conditional images (B, 3, H, W) float32 on the CPU, in [0, 1] with `clamp`:
+        sample_tokens, then decoded at `radius` (default: the decode radius recorded with the
+        generator, i.e. the latent cache's mean token norm, or give s_vae, paper: 14)."""
+        if self.autoencoder is None:
+            raise ConfigError("this generator has no autoencoder to decode with: pass "
+                              "autoencoder= to load_generator, or use sample_tokens()")
+        r = radius if radius is not None else self.decode_radius
+        if r is None:
+            raise ValueError("no decode radius recorded with this generator: give radius=")
+        z = self.sample_tokens(labels, steps, cfg_scale, generator, seeds=seeds,
+                               guidance_interval=guidance_interval, batch_size=batch_size)
+        return self.autoencoder.decode(z, radius=float(r), clamp=clamp,
+                                       batch_size=batch_size or 64)
+
+
+class _Wrapped:
+    """The DiT as rfm.sample calls it: fp32 tokens in, fp32 velocity out, whatever the model's
+    dtype; exposes num_classes (the null class) for guidance."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen, self.num_classes = gen, gen.num_classes
+
+    def __call__(self, z: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.gen._net(z, t, y)
+
+
+def load_generator(path: str | Path, device: str | torch.device | None = None,
+                   dtype: torch.dtype | str = torch.float32,
+                   autoencoder: Autoencoder | str | Path | None = None) -> Generator:
+    """A trained DiT from an export folder, a dinosae DiT checkpoint or an hf-hub export, in
+    eval mode without gradients, on `device` in `dtype`. Its decoder: `autoencoder` (a loaded
+    Autoencoder or a path), else the export's bundled autoencoder/, else the AE checkpoint the
+    DiT was trained with (if that file exists), else none (sample_tokens only)."""
+    from dinosae.export import AE_DIR, DIT_KIND, is_export, read_export
+    from dinosae.models.dit import build_dit
+    from dinosae.models.keymap import check, mismatches
+
+    path = _resolve(path, "dit")
+    decode_radius = None
+    if is_export(path):
+        doc, state = read_export(path)
+        if doc["kind"] != DIT_KIND:
+            raise ConfigError(f"{path}: an exported {doc['kind']}, not a generator")
+        meta, decode_radius = doc["config"], doc.get("decode_radius")
+        bundled = path / doc["autoencoder"] if doc.get("autoencoder") else None
+    else:
+        from dinosae.train.common import load_checkpoint
+
+        ck = load_checkpoint(path)
+        if ck.get("kind") != DIT_KIND:
+            raise ConfigError(f"{path}: not a DiT checkpoint (kind {ck.get('kind')!r})")
+        meta, state = ck["config"], ck["ema"]
+        bundled = Path(ck["ae"]) if ck.get("ae") and Path(ck["ae"]).is_file() else None
+    if bundled is None and is_export(path) and is_export(path / AE_DIR):
+        bundled = path / AE_DIR
+    device, dtype = _device(device), _dtype(dtype)
+    model = build_dit(meta["dit"]["model"], meta["tokens"], meta["channels"],
+                      meta["num_classes"], meta["grid"], meta["dit"]["head"])
+    check(f"{path} does not fit its own config", mismatches(model.state_dict(), state))
+    model.load_state_dict(state)
+    model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if autoencoder is None and bundled is not None:
+        autoencoder = bundled
+    if autoencoder is not None and not isinstance(autoencoder, Autoencoder):
+        autoencoder = load_autoencoder(autoencoder, device=device, dtype=dtype)
+    return Generator(model, meta, autoencoder, device, dtype, decode_radius)
