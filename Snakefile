@@ -1,6 +1,7 @@
 # dinosae: DINO-SAE autoencoder -> latent cache -> RFM DiT -> samples -> gFID.
 #   scripts/venv snakemake --cores 2                     # embedded default (config.yaml)
 #   snakemake --profile slurm --configfile workflow/configs/imagenet256.yaml results/gfid.txt
+#   snakemake --report results/report.html             # plots, grids, tables, runtimes
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -9,12 +10,16 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/autoencoder.smk"
 include: "workflow/rules/latents.smk"
 include: "workflow/rules/generation.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -22,3 +27,4 @@ rule all:
     input:
         "results/gfid.txt",
         "results/recon.txt",
+        REPORT_FILES,

@@ -9,12 +9,14 @@ Snakemake rules call these with explicit paths and the config sections the step 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
-from dinosae.config import ConfigError, load_config
+from dinosae.config import ConfigError, DinosaeError, load_config
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"
 
 # name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
@@ -84,7 +86,56 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--out", dict(required=True)),
          ("--ae", dict(default=None, help=AE_HELP))],
     ),
+    "export-model": (
+        "dinosae.export", "export_model",
+        "an AE or DiT checkpoint -> a portable folder (config.json + model.safetensors, EMA)",
+        [("--checkpoint", dict(required=True)),
+         ("--out", dict(required=True, help="output folder")),
+         ("--ae", dict(default=None, help="DiT only: the AE to bundle (default: its own)"))],
+    ),
+    "import-ae": (
+        "dinosae.importers", "import_autoencoder",
+        "released (official DINO-SAE) or exported AE weights -> a stage-4 checkpoint",
+        [("--source", dict(default=None, help="file, folder or hf-hub:<owner>/<name>[/<file>]; "
+                                              "default autoencoder.pretrained")),
+         ("--out", dict(required=True))],
+    ),
+    "import-dit": (
+        "dinosae.importers", "import_generator",
+        "an exported or dinosae DiT -> results/dit/checkpoint.pt",
+        [("--source", dict(default=None, help="file, folder or hf-hub:...; default "
+                                              "dit.pretrained")),
+         ("--out", dict(required=True))],
+    ),
+    "status": (
+        "dinosae.status", "status",
+        "which stages of a results folder are done, their key metrics and the checkpoint each used",
+        [("--results", dict(default="results", help="the results folder (default: results)"))],
+    ),
+    "stage-figures": (
+        "dinosae.report", "stage_figures",
+        "report figures of a training run: loss curves (metrics.csv), its last image grid",
+        [("--checkpoint", dict(required=True, help="the run's checkpoint.pt (files beside it)")),
+         ("--title", dict(required=True)), ("--loss", dict(required=True, help="PNG")),
+         ("--grid", dict(default=None, help="PNG: an AE stage's last input | recon grid"))],
+    ),
+    "sample-grids": (
+        "dinosae.report", "sample_grids", "one sample grid per class, for the report",
+        [("--samples", dict(required=True, help="samples.h5")),
+         ("--out", dict(required=True, nargs="+", help="one PNG per class shown"))],
+    ),
+    "metrics-table": (
+        "dinosae.report", "metrics_table", "a key: value results file -> an HTML table",
+        [("--results", dict(required=True)), ("--title", dict(required=True)),
+         ("--out", dict(required=True))],
+    ),
+    "config-page": (
+        "dinosae.report", "config_page", "the config used -> an HTML page (for the report)",
+        [("--out", dict(required=True))],
+    ),
 }
+# commands that need no config (the checkpoint or the results files carry it)
+NO_CONFIG = {"export-model", "status", "stage-figures", "sample-grids", "metrics-table"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dinosae: {e}", file=sys.stderr)
         return 2
-    if args.config is None and args.cfg is None:
+    if args.config is None and args.cfg is None and args.command not in NO_CONFIG:
         print("dinosae: give --config FILE or --cfg JSON", file=sys.stderr)
         return 2
     kwargs = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_"))
@@ -119,9 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     fn = getattr(importlib.import_module(module), function)
     try:
         fn(cfg, **kwargs)
-    except ConfigError as e:
-        print(f"dinosae: {e}", file=sys.stderr)
+    except DinosaeError as e:  # bad input, config, checkpoint or cache: the message says it all
+        print(f"dinosae {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"dinosae {args.command}: no space left for writing: {e}; nothing partial was "
+              "kept, free some space and rerun", file=sys.stderr)
+        return 1
     return 0
 
 

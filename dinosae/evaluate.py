@@ -49,7 +49,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from dinosae.config import ConfigError
-from dinosae.train.common import pick_device, save_grid, sha256_file, write_kv
+from dinosae.train.common import Progress, pick_device, save_grid, sha256_file, write_kv
 
 log = logging.getLogger("dinosae.evaluate")
 
@@ -233,14 +233,17 @@ def _layers(cfg: dict, *, inception_extras: bool) -> dict[str, str]:
 
 @torch.no_grad()
 def extract_features(extractor: FeatureExtractorBase, batches: Iterable[torch.Tensor],
-                     device: torch.device) -> dict[str, torch.Tensor]:
+                     device: torch.device, progress: Progress | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Run uint8 (B, 3, H, W) batches through a torch-fidelity extractor; features on the CPU
-    (the loop of torch_fidelity.utils.get_featuresdict_from_dataset)."""
+    (the loop of torch_fidelity.utils.get_featuresdict_from_dataset). `progress` counts images."""
     out: dict[str, list[torch.Tensor]] = defaultdict(list)
     for x in batches:
         feats = extractor.convert_features_tuple_to_dict(extractor(x.to(device)))
         for k, v in feats.items():
             out[k].append(v.cpu())
+        if progress is not None:
+            progress.update(len(x))
     if not out:
         raise ValueError("no images to extract features from")
     return {k: torch.cat(v) for k, v in out.items()}
@@ -377,13 +380,18 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
                   extractor_id=ref["extractor_id"], count=ref["count"], source=ref["source"])
         log.info("reference: ADM statistics from %s", ev["adm_reference"])
         return
+    from dinosae.data.shard import read_manifest
+
+    count = int(read_manifest(shards)["count"])  # a bad shard stops here, before models load
     device = pick_device(cfg.get("device", "auto"))
     teacher = load_teacher(cfg, ae, device) if ev["extractor"] == "teacher" else None
     layers = _layers(cfg, inception_extras=False)
     extractor, info = build_extractor(cfg, sorted(set(layers.values())), device, teacher)
     images = (image for _, image, _ in iter_shard_images(shards))
     batches = (_nchw(b) for b in batched(images, ev["batch_size"]))
-    feats = extract_features(extractor, batches, device)[layers["fd"]]
+    progress = Progress(count, desc="fid reference", unit="img")
+    feats = extract_features(extractor, batches, device, progress)[layers["fd"]]
+    progress.close()
     mu, sigma = feature_statistics(feats)
     extra = {}
     if ev["extractor"] == "inception":  # a strided subset of real features for precision/recall
@@ -414,8 +422,10 @@ def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None
     _check_reference(ref, info, reference)
     with h5py.File(samples, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        progress = Progress(len(f["images"]), desc="fid", unit="img")
     batches = (_nchw(b) for b in iter_h5_images(samples, ev["batch_size"]))
-    feats = extract_features(extractor, batches, device)
+    feats = extract_features(extractor, batches, device, progress)
+    progress.close()
     mu, sigma = feature_statistics(feats[layers["fd"]])
     value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     metric = info["metric"]
@@ -497,6 +507,7 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     from dinosae.models.perceptual import lpips_distance
 
     ev = cfg["eval"]
+    count = int(read_manifest(shards)["count"])  # bad shards stop here, before any model loads
     device = pick_device(cfg.get("device", "auto"))
     ae = load_autoencoder(checkpoint, device=str(device))
     lpips_model, lpips_name = build_lpips(cfg, device)
@@ -504,7 +515,6 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     extractor, info = build_extractor(cfg, [layers["fd"]], device,
                                       ae.teacher if ev["extractor"] == "teacher" else None)
 
-    count = int(read_manifest(shards)["count"])
     wanted = _recon_indices(count, int(ev["recon_samples"]))
     if len(wanted) < ev["recon_samples"]:
         log.warning("eval.recon_samples=%d but %s holds %d images: using all of them",
@@ -512,6 +522,7 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     images = (image for _, image, _ in iter_shard_images(shards, set(wanted)))
     psnrs, ssims, lpipss, real_feats, fake_feats = [], [], [], [], []
     grid: list[torch.Tensor] = []
+    progress = Progress(len(wanted), desc="eval recon", unit="img")
     for batch in batched(images, ev["batch_size"]):
         x = _nchw(batch).to(device)  # uint8 (B, 3, H, W)
         rec = ae.decode(ae.encode(x.float() / 255.0)).float().clamp(0, 1)
@@ -524,6 +535,8 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
         fake_feats.append(extract_features(extractor, [rec_u8], device)[layers["fd"]])
         if sum(len(g) for g in grid) < 16:
             grid.append(torch.stack([x.cpu(), rec_u8.cpu()], dim=1))  # (B, 2, 3, H, W)
+        progress.update(len(batch))
+    progress.close()
     mu_r, sigma_r = feature_statistics(torch.cat(real_feats))
     mu_f, sigma_f = feature_statistics(torch.cat(fake_feats))
     rfd = frechet_distance(mu_f, sigma_f, mu_r, sigma_r)

@@ -34,9 +34,9 @@ def tiny_config(tmp: Path | None = None) -> dict:
     ae["decoder"].update(widths=[8, 16, 16, 32, 32], depths=[1, 1, 1, 1, 1])
     ae["discriminator"].update(layers=[0, 1], channels=16)
     t = cfg["ae_train"]
-    t.update(batch_size=4, warmup_steps=2, log_every=2, image_every=4, ckpt_every=3,
+    t.update(batch_size=4, warmup_steps=2, log_every=2, image_every=4, ckpt_every=2,
              stage_steps=[6, 4, 3, 3], disc_warmup_steps=2)
-    cfg["latents"].update(parts=2, batch_size=8)
+    cfg["latents"].update(parts=2, batch_size=8, chunk_rows=8, shard_chunks=1)  # 8-row units
     cfg["dit"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, image_every=4,
                       ckpt_every=3)
     cfg["sample"].update(num_samples=12, batch_size=6, steps=4)
@@ -59,6 +59,24 @@ def workflow_copy(dest: Path, config: dict | None = None) -> Path:
     else:
         (dest / "config.yaml").write_text(yaml.safe_dump(config))
     return dest
+
+
+def run_snakemake(cwd: Path, *args: str, env: dict | None = None, check: bool = True):
+    """`snakemake --cores 2 ARGS` in `cwd` with this environment's `dinosae` on PATH. With
+    `check`, a failure raises with the tail of Snakemake's output and of every job log."""
+    import os
+    import subprocess
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, **(env or {}), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run([str(Path(bindir) / "snakemake"), "--cores", "2", *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=1500, env=env)
+    if check and r.returncode != 0:
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}"
+                       for p in sorted((cwd / "results/logs").glob("*.log")))
+        raise AssertionError(f"snakemake {args} failed:\n{r.stderr[-5000:]}{logs}")
+    return r
 
 
 def write_shards(folder: Path, images, labels, counts, classes=None, split: str = "train") -> None:
@@ -98,3 +116,31 @@ def write_shards(folder: Path, images, labels, counts, classes=None, split: str 
                                "quality": 95, "resize": "adm-center-crop"},
                 "skipped": [], "source": "test"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def html_table(page: str) -> dict[str, str]:
+    """The two-column rows (<td>key</td><td>value</td>) of an HTML page, as a dict."""
+    from html.parser import HTMLParser
+
+    rows: list[list[str]] = []
+
+    class Cells(HTMLParser):
+        cell: list[str] | None = None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                rows.append([])
+            elif tag == "td":
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                rows[-1].append("".join(self.cell))
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    Cells().feed(page)
+    return {r[0]: r[1] for r in rows if len(r) == 2}

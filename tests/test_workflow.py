@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, workflow_copy
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -32,6 +33,9 @@ def test_default_dag_from_nothing_to_gfid(tmp_path):
         "mini_dataset": 1, "shard": 2, "ae_stage1": 1, "ae_stage2": 1, "ae_stage3": 1,
         "ae_stage4": 1, "eval_recon": 1, "encode_init": 1, "encode_part": parts, "encode": 1,
         "train_dit": 1, "sample": 1, "fid_reference": 1, "fid": 1, "all": 1,
+        # figures and tables for `snakemake --report`
+        "report_ae_stage": 4, "report_dit": 1, "report_samples": 1, "report_recon": 1,
+        "report_gfid": 1, "report_config": 1,
     }
     # the workflow profile gives GPU rules their resources
     block = r.stdout.split("rule train_dit:")[1].split("\n\n")[0]
@@ -42,13 +46,17 @@ def test_default_dag_from_nothing_to_gfid(tmp_path):
     assert job_counts(r.stdout)["encode_part"] == 3
 
 
-def test_bad_config_stops_before_any_job(tmp_path):
+@pytest.mark.parametrize("text, key", [
+    ("dit:\n  lr: -0.001\n", "'dit.lr'"),
+    ("data:\n  source: folder\n  root: /nonexistent/imagenet\n", "'data.root': folder"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, text, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("dit:\n  lr: -0.001\n")
+    bad.write_text(text)
     r = dry_run("--configfile", str(bad))
     assert r.returncode != 0
     out = r.stderr + r.stdout
-    assert "'dit.lr'" in out and "Job stats" not in out
+    assert key in out and "Job stats" not in out
 
 
 def test_multi_gpu_training_rules_launch_torchrun():
@@ -61,3 +69,31 @@ def test_multi_gpu_training_rules_launch_torchrun():
     assert dit and "torchrun --standalone --nproc_per_node=4 -m dinosae train-dit" in dit[0]
     assert stage2 and "torchrun --standalone --nproc_per_node=2 -m dinosae ae-train" in stage2[0]
     assert stage1 and "torchrun" not in stage1[0]  # one GPU: a plain process
+
+
+def test_released_weights_config_skips_autoencoder_training(tmp_path):
+    # workflow/configs/imagenet256_released.yaml: import the authors' autoencoder, then encode,
+    # train the DiT (or import one), sample and FID; no AE stage, not even stage 1 for FD
+    workflow_copy(tmp_path / "wf")
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    released = ["--configfile", "workflow/configs/imagenet256_released.yaml",
+                "--config", f"data={{root: {tmp_path / 'imagenet'}}}"]
+    r = dry_run("-p", *released, cwd=tmp_path / "wf")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert not [j for j in counts if j.startswith("ae_stage")], counts
+    assert counts.get("report_ae_stage", 0) == 0  # no training curves to draw
+    counts = {j: n for j, n in counts.items() if not j.startswith("report_")}
+    assert counts == {"shard": 2, "import_autoencoder": 1, "eval_recon": 1, "encode_init": 1,
+                      "encode_part": 16, "encode": 1, "train_dit": 1, "sample": 1,
+                      "fid_reference": 1, "fid": 1, "all": 1}
+    cmd = [ln for ln in r.stdout.splitlines() if "dinosae import-ae" in ln][0]
+    assert "--source hf-hub:wkdgnsgo/dino-sae --out results/ae/stage4/checkpoint.pt" in cmd
+    # a generator to import instead of training: a local file becomes an input
+    dit = tmp_path / "dit_export"
+    dit.mkdir()
+    r = dry_run(*released[:3], f"data={{root: {tmp_path / 'imagenet'}}}",
+                f"dit={{pretrained: {dit}}}", cwd=tmp_path / "wf")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert counts["import_dit"] == 1 and "train_dit" not in counts

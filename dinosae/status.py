@@ -1,0 +1,163 @@
+"""`dinosae status`: which stages of a results folder are done, their key metrics and the
+checkpoint (or cache) each used, read back from the files the stages leave behind."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dinosae.files import read_kv
+
+AE_METRICS = ("loss", "l1", "lpips", "align", "g_gan")
+RECON_SKIP = {"num_samples", "extractor", "extractor_id", "lpips_net", "checkpoint", "shards"}
+
+
+@dataclass
+class Stage:
+    name: str
+    state: str  # done | partial | missing
+    metrics: str = ""
+    uses: str = ""
+
+
+def status(cfg: dict, results: str = "results") -> None:
+    """Print the status table of `results` (`cfg` is unused: the files say it all)."""
+    print(format_table(Path(results), collect(Path(results))))
+
+
+def collect(results: Path) -> list[Stage]:
+    return [*(ae_stage(results, k) for k in (1, 2, 3, 4)), recon(results), latents(results),
+            dit(results), samples(results), gfid(results)]
+
+
+def format_table(results: Path, stages: list[Stage]) -> str:
+    rows = [("stage", "state", "key metrics", "uses")]
+    rows += [(s.name, s.state, s.metrics or "-", s.uses or "-") for s in stages]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"results folder: {results}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3]
+              for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- stages
+
+def ae_stage(results: Path, k: int) -> Stage:
+    name, folder = f"ae stage{k}", results / "ae" / f"stage{k}"
+    ck, state = _checkpoint(folder)
+    if ck is None or "imported" in ck:
+        return _imported(name, ck, state)
+    total = ck["train"]["stage_steps"][k - 1]
+    metrics = [f"step {ck['step']}/{total}", *last_metrics(folder / "metrics.csv", AE_METRICS)]
+    uses = ck.get("init") or f"teacher weights: {ck['config']['autoencoder']['teacher']['weights']}"
+    return Stage(name, state, ", ".join(metrics), uses)
+
+
+def dit(results: Path) -> Stage:
+    folder = results / "dit"
+    ck, state = _checkpoint(folder)
+    if ck is None or "imported" in ck:
+        return _imported("dit", ck, state)
+    metrics = [f"step {ck['step']}/{ck['config']['dit']['steps']}",
+               *last_metrics(folder / "metrics.csv", ("loss",))]
+    return Stage("dit", state, ", ".join(metrics), f"{ck['ae']} (cache {ck['cache']})")
+
+
+def latents(results: Path) -> Stage:
+    reports = sorted((results / "latents").glob("*.report.json"))
+    if not reports:
+        partial = sorted((results / "latents").glob("*.zarr"))
+        return Stage("latents", "partial" if partial else "missing",
+                     f"{partial[0].name} not validated yet" if partial else "")
+    r = json.loads(reports[0].read_text())
+    return Stage("latents", "done" if r.get("complete") else "partial",
+                 f"{r['count']} images, mean token norm {r['mean_norm']:.4g}",
+                 r["encoder"]["path"])
+
+
+def samples(results: Path) -> Stage:
+    import h5py
+
+    path = results / "samples" / "samples.h5"
+    partial = path.with_name(path.name + ".partial")
+    if not path.exists():
+        if not partial.exists():
+            return Stage("samples", "missing")
+        with h5py.File(partial, "r") as f:
+            return Stage("samples", "partial",
+                         f"{int(f.attrs['done'])}/{int(f.attrs['num_samples'])} images")
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        metrics = (f"{int(a['num_samples'])} images, {int(a['num_classes'])} classes, "
+                   f"{int(a['steps'])} steps, cfg {float(a['cfg_scale']):g}")
+        return Stage("samples", "done", metrics, f"{_str(a['dit_checkpoint'])} + "
+                                                  f"{_str(a['ae_checkpoint'])}")
+
+
+def recon(results: Path) -> Stage:
+    path = results / "recon.txt"
+    if not path.exists():
+        return Stage("recon", "missing")
+    kv = read_kv(path)
+    metrics = [f"{k} {v}" for k, v in kv.items() if k not in RECON_SKIP]
+    metrics.append(f"{kv.get('num_samples', '?')} images")
+    return Stage("recon", "done", ", ".join(metrics), kv.get("checkpoint", ""))
+
+
+def gfid(results: Path) -> Stage:
+    path = results / "gfid.txt"
+    if not path.exists():
+        return Stage("gfid", "missing")
+    kv = read_kv(path)
+    metric = kv.get("metric", "FID")
+    metrics = [f"{metric} {kv.get(metric, '?')}"]
+    if _is_number(kv.get("IS")):
+        metrics.append(f"IS {kv['IS']}")
+    metrics.append(f"{kv.get('num_samples', '?')} samples")
+    return Stage("gfid", "done", ", ".join(metrics), kv.get("dit_checkpoint", ""))
+
+
+# ---------------------------------------------------------------- reading helpers
+
+def _checkpoint(folder: Path) -> tuple[dict | None, str]:
+    """The finished checkpoint (state done) or the periodic last.pt (partial), memory-mapped so
+    that a large checkpoint is not read whole."""
+    import torch
+
+    for name, state in (("checkpoint.pt", "done"), ("last.pt", "partial")):
+        if (folder / name).is_file():
+            return torch.load(folder / name, map_location="cpu", weights_only=True,
+                              mmap=True), state
+    return None, "missing"
+
+
+def _imported(name: str, ck: dict | None, state: str) -> Stage:
+    """A stage with no checkpoint, or one imported from released or exported weights."""
+    if ck is None:
+        return Stage(name, state)
+    return Stage(name, state, f"imported (step {ck.get('step', '?')})",
+                 f"imported from {ck['imported']['source']}")
+
+
+def last_metrics(path: Path, names: tuple[str, ...]) -> list[str]:
+    """'name value' of the last metrics.csv row, for the named columns that are finite there."""
+    from dinosae.report import read_metrics
+
+    if not path.exists():
+        return []
+    cols = read_metrics(path)
+    return [f"{n} {cols[n][-1]:.4g}" for n in names if n in cols and math.isfinite(cols[n][-1])]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
