@@ -125,12 +125,11 @@ def gfid(results: Path) -> Stage:
 def _checkpoint(folder: Path) -> tuple[dict | None, str]:
     """The finished checkpoint (state done) or the periodic last.pt (partial), memory-mapped so
     that a large checkpoint is not read whole."""
-    import torch
+    from dinosae.train.common import load_checkpoint
 
     for name, state in (("checkpoint.pt", "done"), ("last.pt", "partial")):
         if (folder / name).is_file():
-            return torch.load(folder / name, map_location="cpu", weights_only=True,
-                              mmap=True), state
+            return load_checkpoint(folder / name, mmap=True), state
     return None, "missing"
 
 

@@ -79,6 +79,25 @@ def run_snakemake(cwd: Path, *args: str, env: dict | None = None, check: bool = 
     return r
 
 
+def save_dit_checkpoint(path: Path, cfg: dict, dit, grid: list[int], num_classes: int,
+                        mean_norm: float, ae_path: Path, step: int) -> None:
+    """A DiT checkpoint in the layout dinosae.train.dit writes (model = EMA = `dit`'s weights),
+    for tests that need a generator without training one."""
+    import math
+
+    from dinosae import rfm
+    from dinosae.train.common import save_checkpoint
+
+    T, C = dit.tokens, dit.channels
+    sd = dit.state_dict()
+    save_checkpoint(path, {
+        "kind": "dinosae-dit", "step": step, "model": sd, "ema": sd, "optimizer": {},
+        "config": {"dit": cfg["dit"], "tokens": T, "channels": C, "num_classes": num_classes,
+                   "grid": list(grid), "radius": math.sqrt(C), "alpha": rfm.alpha_for(T, C),
+                   "mean_norm": mean_norm, "seed": 0},
+        "ae": str(ae_path), "cache": "cache.zarr"})
+
+
 def write_shards(folder: Path, images, labels, counts, classes=None, split: str = "train") -> None:
     """A shard folder in the data contract's format, written by hand with plain tarfile (PNG
     members, lossless): tar k holds the next counts[k] images; manifest.json last."""

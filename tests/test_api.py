@@ -5,7 +5,6 @@ pipeline's own code does."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import types
@@ -14,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import save_dit_checkpoint, tiny_config
 
 import dinosae
-from dinosae import export, generate, importers, rfm, sphere
+from dinosae import export, generate, importers, sphere
 from dinosae.config import ConfigError
 from dinosae.latents import encode_images
 from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
@@ -48,14 +47,8 @@ def ckpts(tmp_path):
     with torch.no_grad():
         for p in dit.parameters():
             p.normal_(0, 0.05)
-    dsd = dit.state_dict()
     dit_path = tmp_path / "dit.pt"
-    save_checkpoint(dit_path, {
-        "kind": "dinosae-dit", "step": 6, "model": dsd, "ema": dsd, "optimizer": {},
-        "config": {"dit": cfg["dit"], "tokens": T, "channels": C, "num_classes": NUM_CLASSES,
-                   "grid": grid, "radius": math.sqrt(C), "alpha": rfm.alpha_for(T, C),
-                   "mean_norm": MEAN_NORM, "seed": 0},
-        "ae": str(ae_path), "cache": "cache.zarr"})
+    save_dit_checkpoint(dit_path, cfg, dit, grid, NUM_CLASSES, MEAN_NORM, ae_path, step=6)
     return cfg, ae_path, dit_path
 
 

@@ -4,7 +4,6 @@ as an uninterrupted run, optional ADM npz export."""
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from pathlib import Path
@@ -13,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import save_dit_checkpoint, tiny_config
 from PIL import Image
 
 from dinosae import generate, rfm, sphere
@@ -40,14 +39,8 @@ def setup(tmp_path, monkeypatch):
     grid, C = list(ae.grid), ae.channels
     T = grid[0] * grid[1]
     dit = build_dit(cfg["dit"]["model"], T, C, NUM_CLASSES, grid, cfg["dit"]["head"])
-    dsd = dit.state_dict()
     dit_path = tmp_path / "dit.pt"
-    save_checkpoint(dit_path, {
-        "kind": "dinosae-dit", "step": 0, "model": dsd, "ema": dsd, "optimizer": {},
-        "config": {"dit": cfg["dit"], "tokens": T, "channels": C, "num_classes": NUM_CLASSES,
-                   "grid": grid, "radius": math.sqrt(C), "alpha": rfm.alpha_for(T, C),
-                   "mean_norm": MEAN_NORM, "seed": 0},
-        "ae": str(ae_path), "cache": "cache.zarr"})
+    save_dit_checkpoint(dit_path, cfg, dit, grid, NUM_CLASSES, MEAN_NORM, ae_path, step=0)
     # The sampler reads only the cache's attributes (num_classes, classes, mean_norm) through
     # dinosae.latents.open_cache: a stand-in with that interface (the real cache is exercised by
     # the pipeline's integration test).

@@ -96,7 +96,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != AE_KIND:
         raise CheckpointError(f"{str(path)!r} is not an autoencoder checkpoint "
-                         f"(kind {ckpt.get('kind')!r}, expected {AE_KIND!r})")
+                              f"(kind {ckpt.get('kind')!r}, expected {AE_KIND!r})")
     ae = build_autoencoder(ckpt["config"], load_teacher_weights=False)
     ae.load_state_dict(ckpt["ema"])
     ae.requires_grad_(False)

@@ -42,7 +42,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    from dinosae.train.common import load_checkpoint
+
+    sd = load_checkpoint(path)  # weights_only: a file holding code is refused
     for key in ("model_ema", "model", "state_dict", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

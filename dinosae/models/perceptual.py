@@ -43,7 +43,9 @@ def backbone_cache_file(net: str) -> Path:
 
 def _load_backbone(model: lpips.LPIPS, path: Path) -> None:
     """Copy a torchvision backbone state dict (keys features.<i>.*) into lpips' slices."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    from dinosae.train.common import load_checkpoint
+
+    sd = load_checkpoint(path)  # weights_only: a file holding code is refused
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     feats = {k[len("features."):] if k.startswith("features.") else k: v for k, v in sd.items()}

@@ -53,14 +53,16 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint without unpickling code (weights_only=True); a file that holds anything
-    but tensors, plain containers, strings and numbers is refused."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict:
+    """Load a checkpoint or weights file without unpickling code (weights_only=True); a file
+    that holds anything but tensors, plain containers, strings and numbers is refused. `mmap`
+    maps the tensors instead of reading them (to look at a large file's metadata)."""
     path = Path(path)
     if not path.is_file():
         raise MissingCheckpoint(f"checkpoint {str(path)!r} does not exist")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         what = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
         if not what:  # not a pickle of something else: not a torch file at all
