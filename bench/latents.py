@@ -34,11 +34,12 @@ import torch
 import zarr
 
 from dinosae import latents
+from dinosae.checkpoint import save_checkpoint
 from dinosae.config import load_config
 from dinosae.data.mini import build_mini_dataset
 from dinosae.data.shard import read_manifest, shard_split
+from dinosae.dist import pick_device
 from dinosae.models.autoencoder import ae_config, build_autoencoder
-from dinosae.train.common import pick_device, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dinosae.config import ConfigError
+from dinosae.errors import ConfigError
 
 __all__ = ["Autoencoder", "Encoded", "Generator", "load_autoencoder", "load_generator"]
 
@@ -38,7 +38,7 @@ class Encoded(NamedTuple):
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    from dinosae.train.common import pick_device
+    from dinosae.dist import pick_device
 
     return torch.device(device) if device is not None else pick_device("auto")
 
@@ -147,7 +147,7 @@ class Autoencoder:
 
 
 def _ae_from_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    from dinosae.train.common import load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
     if ck.get("kind") != "dinosae-ae":
@@ -298,7 +298,7 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
         meta, decode_radius = doc["config"], doc.get("decode_radius")
         bundled = path / doc["autoencoder"] if doc.get("autoencoder") else None
     else:
-        from dinosae.train.common import load_checkpoint
+        from dinosae.checkpoint import load_checkpoint
 
         ck = load_checkpoint(path)
         if ck.get("kind") != DIT_KIND:

@@ -14,7 +14,8 @@ import importlib
 import logging
 import sys
 
-from dinosae.config import ConfigError, DinosaeError, load_config
+from dinosae.config import load_config
+from dinosae.errors import ConfigError, DinosaeError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"

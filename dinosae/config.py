@@ -17,16 +17,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from dinosae.errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-
-
-class DinosaeError(Exception):
-    """An error whose message tells the whole story (bad input, config, checkpoint or cache):
-    the CLI prints it as one line and exits with status 2, no traceback."""
-
-
-class ConfigError(DinosaeError, ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
 
 
 def load_schema() -> dict:

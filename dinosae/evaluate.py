@@ -16,7 +16,6 @@ A number is called FID only when it comes from Inception-v3; in the teacher's fe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import zipfile
@@ -48,8 +47,12 @@ from torch_fidelity.metric_prc import (
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from dinosae.config import ConfigError
-from dinosae.train.common import Progress, pick_device, save_grid, sha256_file, write_kv
+from dinosae.checkpoint import tensors_fingerprint
+from dinosae.dist import pick_device
+from dinosae.errors import ConfigError
+from dinosae.files import sha256_file, write_kv
+from dinosae.images import save_grid
+from dinosae.progress import Progress
 
 log = logging.getLogger("dinosae.evaluate")
 
@@ -176,16 +179,6 @@ def inception_weights_path(local: str | None) -> str:
 
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's state dict (names, shapes, bytes): which weights made the features."""
-    h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def load_teacher(cfg: dict, ae: str | None, device: torch.device) -> torch.nn.Module:
     """The AE teacher (timm DINOv3): from the AE checkpoint `ae` when given, else built from cfg
     `autoencoder.teacher` at `data.image_size` (random weights are seeded: the same every time)."""
@@ -220,7 +213,7 @@ def build_extractor(cfg: dict, layers: list[str], device: torch.device,
         fe = create_feature_extractor(TEACHER, layers, cuda=cuda, verbose=False,
                                       dinosae_teacher=teacher)
         info = {"extractor": "teacher", "metric": "FD_teacher",
-                "extractor_id": f"teacher:{module_fingerprint(teacher)[:16]}"}
+                "extractor_id": f"teacher:{tensors_fingerprint(teacher)[:16]}"}
     return fe, info
 
 

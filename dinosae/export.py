@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dinosae.config import ConfigError
+from dinosae.errors import ConfigError
 
 log = logging.getLogger("dinosae.export")
 
@@ -72,7 +72,7 @@ def _write(folder: Path, kind: str, config: dict, state: dict[str, torch.Tensor]
 
 
 def _source(path: Path, ck: dict) -> dict:
-    from dinosae.train.common import sha256_file
+    from dinosae.files import sha256_file
 
     return {"checkpoint": str(path), "sha256": sha256_file(path), "step": ck.get("step"),
             "stage": ck.get("stage"), "imported": ck.get("imported")}
@@ -96,7 +96,7 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
     """Write the EMA weights of an AE or DiT checkpoint as `out`/ (see the module doc). For a
     DiT, the autoencoder `ae` (default: the one it was trained with, if that file exists) is
     bundled as `out`/autoencoder/. `cfg` is not used (the checkpoint carries its config)."""
-    from dinosae.train.common import load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
     if is_export(checkpoint):
@@ -124,8 +124,8 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
 
 
 def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> None:
+    from dinosae.checkpoint import load_checkpoint
     from dinosae.models.dit import build_dit
-    from dinosae.train.common import load_checkpoint
 
     c = ck["config"]
     model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],

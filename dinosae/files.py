@@ -1,8 +1,9 @@
-"""Small files written atomically (temp name, then rename) and read back; no torch, so light
-jobs (plots, tables, status) start fast. dinosae.train.common re-exports these."""
+"""Files: atomic writes (temp name, then rename), small `key: value` results files, sha256.
+No torch, so light jobs (plots, tables, status, sharding workers) start fast."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in blocks (checkpoints, manifests, weights, tars)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_kv(path: str | Path, items: Mapping[str, Any]) -> None:

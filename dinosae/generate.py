@@ -22,16 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinosae.dist import pick_device
+from dinosae.errors import CheckpointError, NumericsError
 from dinosae.faults import fault_point
-from dinosae.train.common import (
-    CheckpointError,
-    NumericsError,
-    Progress,
-    StopFlag,
-    pick_device,
-    save_grid,
-    sha256_file,
-)
+from dinosae.files import sha256_file
+from dinosae.images import save_grid
+from dinosae.progress import Progress
+from dinosae.signals import StopFlag
 
 log = logging.getLogger("dinosae.generate")
 

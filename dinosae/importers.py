@@ -73,7 +73,7 @@ from typing import Any
 
 import torch
 
-from dinosae.config import ConfigError, DinosaeError
+from dinosae.errors import ConfigError, WeightsSourceError
 from dinosae.models.keymap import check, dinov3_to_timm, mismatches
 
 log = logging.getLogger("dinosae.importers")
@@ -84,10 +84,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # containers of training checkpoints, the EMA weights first
 CONTAINERS = ("ema", "model_ema", "ema_model", "state_dict_ema", "ema_state_dict", "model",
               "state_dict", "model_state_dict", "module", "net", "autoencoder", "ae")
-
-
-class WeightsSourceError(DinosaeError, OSError):
-    """A weights source that cannot be had (missing file, hub unreachable, ambiguous repo)."""
 
 
 # ---------------------------------------------------------------- finding and reading files
@@ -195,7 +191,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         from safetensors.torch import load_file
 
         return _strip(load_file(str(path))), {"kind": None, "container": None}
-    from dinosae.train.common import CheckpointError, load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
+    from dinosae.errors import CheckpointError
 
     try:
         obj: Any = load_checkpoint(path)  # weights_only=True
@@ -403,8 +400,9 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
     """Released or exported autoencoder weights -> a stage-4 dinosae checkpoint at `out`.
     Config sections: autoencoder (its teacher gives what the file does not hold), data
     (image_size). `source` defaults to autoencoder.pretrained."""
+    from dinosae.checkpoint import save_checkpoint
+    from dinosae.files import sha256_file
     from dinosae.models.autoencoder import AE_KIND, ae_config, build_autoencoder
-    from dinosae.train.common import save_checkpoint, sha256_file
 
     spec = source or cfg["autoencoder"].get("pretrained")
     if not spec:
@@ -451,8 +449,9 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
 def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
     """An exported or dinosae DiT -> a dinosae DiT checkpoint at `out` (config section dit:
     model/head/path must match the file's). `source` defaults to dit.pretrained."""
+    from dinosae.checkpoint import save_checkpoint
+    from dinosae.files import sha256_file
     from dinosae.models.dit import build_dit
-    from dinosae.train.common import save_checkpoint, sha256_file
     from dinosae.train.dit import KIND
 
     spec = source or cfg.get("dit", {}).get("pretrained")

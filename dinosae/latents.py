@@ -44,9 +44,11 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
-from dinosae.config import DinosaeError
+from dinosae.dist import pick_device
+from dinosae.errors import CacheError
 from dinosae.faults import fault_point
-from dinosae.train.common import Progress, atomic_write_text, pick_device, sha256_file
+from dinosae.files import atomic_write_text, sha256_file
+from dinosae.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,6 @@ DESCRIPTION = (
     "[N, T, C] unit-norm along C (T = grid[0]*grid[1], row-major); norms: the raw token norms; "
     "tokens_flip/norms_flip (when flip): the same for image i flipped left-right. "
     "Use only when complete is true.")
-
-
-class CacheError(DinosaeError, ValueError):
-    """A latent cache that must not be used (incomplete, stale, or not a cache)."""
 
 
 # ---------------------------------------------------------------- small helpers

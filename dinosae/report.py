@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
-from dinosae.config import DinosaeError
+from dinosae.errors import DinosaeError
 from dinosae.files import atomic_path, atomic_write_text, read_kv
 
 if TYPE_CHECKING:

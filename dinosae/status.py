@@ -125,7 +125,7 @@ def gfid(results: Path) -> Stage:
 def _checkpoint(folder: Path) -> tuple[dict | None, str]:
     """The finished checkpoint (state done) or the periodic last.pt (partial), memory-mapped so
     that a large checkpoint is not read whole."""
-    from dinosae.train.common import load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
 
     for name, state in (("checkpoint.pt", "done"), ("last.pt", "partial")):
         if (folder / name).is_file():

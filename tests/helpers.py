@@ -86,7 +86,7 @@ def save_dit_checkpoint(path: Path, cfg: dict, dit, grid: list[int], num_classes
     import math
 
     from dinosae import rfm
-    from dinosae.train.common import save_checkpoint
+    from dinosae.checkpoint import save_checkpoint
 
     T, C = dit.tokens, dit.channels
     sd = dit.state_dict()

@@ -17,11 +17,11 @@ from helpers import save_dit_checkpoint, tiny_config
 
 import dinosae
 from dinosae import export, generate, importers, sphere
-from dinosae.config import ConfigError
+from dinosae.checkpoint import save_checkpoint
+from dinosae.errors import ConfigError
 from dinosae.latents import encode_images
 from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
 from dinosae.models.dit import build_dit
-from dinosae.train.common import save_checkpoint
 from dinosae.train.dit import load_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")

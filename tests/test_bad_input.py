@@ -20,9 +20,10 @@ import pytest
 import torch
 from helpers import ROOT, tiny_config
 
+from dinosae.checkpoint import load_checkpoint
 from dinosae.data.loader import make_loader
-from dinosae.data.shard import DataError, iter_shard, read_manifest
-from dinosae.train.common import CheckpointError, load_checkpoint
+from dinosae.data.shard import iter_shard, read_manifest
+from dinosae.errors import CheckpointError, DataError
 
 pytestmark = pytest.mark.integration
 DINOSAE = str(Path(sys.executable).with_name("dinosae"))

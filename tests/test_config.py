@@ -9,7 +9,8 @@ import pytest
 import yaml
 from helpers import ROOT, default_config
 
-from dinosae.config import ConfigError, load_config, validate
+from dinosae.config import load_config, validate
+from dinosae.errors import ConfigError
 
 
 def test_shipped_configs_validate():

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_config
 
+from dinosae.checkpoint import load_checkpoint
 from dinosae.models import dit as D
 from dinosae.train import dit as TD
-from dinosae.train.common import load_checkpoint
 
 
 @pytest.fixture(autouse=True)

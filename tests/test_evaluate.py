@@ -26,8 +26,8 @@ from helpers import tiny_config
 from PIL import Image
 
 from dinosae import evaluate
-from dinosae.config import ConfigError
-from dinosae.train.common import read_kv
+from dinosae.errors import ConfigError
+from dinosae.files import read_kv
 
 
 @pytest.fixture
@@ -194,9 +194,9 @@ def test_psnr_matches_formula():
 
 
 def test_eval_recon_metrics_against_direct_computation(tmp_path, no_network):
+    from dinosae.checkpoint import save_checkpoint
     from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
     from dinosae.models.perceptual import build_lpips, lpips_distance
-    from dinosae.train.common import save_checkpoint
 
     cfg = tiny_config(tmp_path)
     cfg["eval"].update(recon_samples=5, batch_size=3)

@@ -14,7 +14,7 @@ from evalhelpers import U8, block_network, images, write_samples, write_shards
 from helpers import tiny_config
 
 from dinosae import evaluate
-from dinosae.train.common import read_kv
+from dinosae.files import read_kv
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from helpers import save_dit_checkpoint, tiny_config
 from PIL import Image
 
 from dinosae import generate, rfm, sphere
+from dinosae.checkpoint import save_checkpoint
 from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
 from dinosae.models.dit import build_dit
-from dinosae.train.common import save_checkpoint
 from dinosae.train.dit import load_generator
 
 NUM_CLASSES = 3

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from helpers import tiny_config
 
 from dinosae import importers
+from dinosae.errors import TeacherWeightsError, WeightsMismatchError
 from dinosae.models.autoencoder import build_autoencoder, load_autoencoder
-from dinosae.models.encoder import TeacherWeightsError, create_teacher
-from dinosae.models.keymap import WeightsMismatchError
+from dinosae.models.encoder import create_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

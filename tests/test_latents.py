@@ -22,9 +22,9 @@ import zarr
 from helpers import tiny_config, write_shards
 
 from dinosae import latents
+from dinosae.checkpoint import save_checkpoint
 from dinosae.cli import main as cli
 from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
-from dinosae.train.common import save_checkpoint
 
 COUNTS = (5, 7, 3, 6, 4)  # images per tar: arbitrary, so part boundaries fall inside units
 CLASSES = ["n01", "n02", "n03"]

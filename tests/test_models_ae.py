@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
+from dinosae.checkpoint import save_checkpoint
+from dinosae.errors import LPIPSWeightsError, TeacherWeightsError
 from dinosae.models.autoencoder import build_autoencoder, load_autoencoder
 from dinosae.models.decoder import Decoder, LiteMLA, UpSample, resize_channels
 from dinosae.models.discriminator import (
@@ -26,11 +28,10 @@ from dinosae.models.discriminator import (
     g_hinge_loss,
     teacher_features,
 )
-from dinosae.models.encoder import TeacherWeightsError, create_teacher
-from dinosae.models.perceptual import LPIPSWeightsError, backbone_cache_file, build_lpips
+from dinosae.models.encoder import create_teacher
+from dinosae.models.perceptual import backbone_cache_file, build_lpips
 from dinosae.models.stem import CNNStem, RMSNorm2d
 from dinosae.train.ae import alignment_loss
-from dinosae.train.common import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

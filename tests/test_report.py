@@ -1,5 +1,5 @@
 """Report figures and tables (dinosae.report), `dinosae status` on a folder with nothing in it,
-and progress lines in job logs (dinosae.train.common.Progress)."""
+and progress lines in job logs (dinosae.progress.Progress)."""
 
 import io
 import logging
@@ -12,9 +12,9 @@ from helpers import html_table
 from PIL import Image
 
 from dinosae import cli
+from dinosae import progress as progress_module
+from dinosae.progress import Progress
 from dinosae.report import last_grid, metrics_table, plot_metrics, sample_grids
-from dinosae.train import common
-from dinosae.train.common import Progress
 
 
 def test_plot_metrics_draws_each_finite_curve_but_not_bookkeeping(tmp_path):
@@ -91,7 +91,7 @@ def test_status_names_imported_weights_and_stopped_jobs(tmp_path, capsys):
 def test_progress_without_a_terminal_logs_rate_and_eta(monkeypatch, caplog):
     monkeypatch.setattr("sys.stderr", io.StringIO())  # a Slurm log file, not a terminal
     clock = [1000.0]  # time.time() of the progress (and of logging) stands still until moved
-    monkeypatch.setattr(common.time, "time", lambda: clock[0])
+    monkeypatch.setattr(progress_module.time, "time", lambda: clock[0])
     caplog.set_level(logging.INFO, logger="dinosae")
     progress = Progress(10, desc="encode", unit="img", seconds=3.0)
     for _ in range(10):  # one image per second

@@ -18,10 +18,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_config
 
-from dinosae.config import ConfigError
+from dinosae.checkpoint import load_checkpoint, tensors_fingerprint
+from dinosae.errors import ConfigError, NumericsError
 from dinosae.models.autoencoder import build_autoencoder
+from dinosae.models.discriminator import Discriminator
+from dinosae.models.encoder import create_teacher
 from dinosae.train.ae import noise_tau, train_stage
-from dinosae.train.common import NumericsError, load_checkpoint
 
 N_IMAGES = 12
 
@@ -100,9 +102,14 @@ def test_stage1_trains_stem_and_decoder_only(stage1):
     # the frozen ViT: never a gradient, values bit-identical to the seeded teacher
     for name, p in ae.teacher.named_parameters():
         assert p.grad is None and not p.requires_grad, name
-    vit = {k: v for k, v in ck["model"].items() if k.startswith("encoder.vit.")}
+    vit = {k: v for k, v in ae.state_dict().items() if k.startswith("encoder.vit.")}
     assert vit and all(torch.equal(v, init_state[k]) for k, v in vit.items())
-    assert all(torch.equal(v, ck["ema"][k]) for k, v in vit.items())
+    # lean checkpoint: the teacher is referenced by source and sha256, not stored
+    assert not any(k.startswith("encoder.vit.") for k in [*ck["model"], *ck["ema"]])
+    assert "optimizer" not in ck
+    assert ck["teacher"] == {"weights": "random", "sha256": tensors_fingerprint(ae.teacher)}
+    teacher = create_teacher(ck["config"]["autoencoder"]["teacher"], 32)
+    assert tensors_fingerprint(teacher) == ck["teacher"]["sha256"]  # rebuilt the same
     # every stem and decoder tensor moved; the EMA lags behind the model
     for k, v in _stem_decoder(ck["model"]).items():
         if not k.endswith(("_u", "_v")):
@@ -125,8 +132,13 @@ def test_stage2_warmup_trains_only_the_discriminator(stage1, tmp_path):
     assert _equal(ck["model"], prev["model"]) and _equal(ck["ema"], prev["ema"])
     log = rows(tmp_path / "metrics.csv")
     assert all(float(r["d_loss"]) > 0 and r["g_gan"] == "nan" for r in log)
-    assert "disc" in ck and "disc_optimizer" in ck
-    assert all(len(s) > 0 for s in ck["disc_optimizer"]["state"].values())
+    assert "disc" in ck and "disc_optimizer" not in ck  # the final checkpoint: no optimizers
+    torch.manual_seed(cfg["seed"])  # the discriminator's initialisation (seeded by the config)
+    dcfg = cfg["autoencoder"]["discriminator"]
+    fresh = Discriminator(stage1[1].channels, dcfg["layers"], dcfg["channels"]).state_dict()
+    moved = [k for k in fresh
+             if k.endswith(".original") and not torch.equal(fresh[k], ck["disc"][k])]
+    assert moved, "the warm-up did not train the discriminator"
 
 
 def test_stages_2_3_4_chain(stage1, tmp_path):
@@ -200,10 +212,8 @@ def test_resume_after_kill_matches_uninterrupted_run(stage1, tmp_path):
     assert not (run / "last.pt").exists()
     for key in ("model", "ema", "disc"):
         assert _equal(a[key], b[key]), key
-    for key in ("optimizer", "disc_optimizer"):
-        for i, s in a[key]["state"].items():
-            for name, v in s.items():
-                assert torch.equal(v, b[key]["state"][i][name]), (key, i, name)
+    # (the final checkpoint holds no optimizer state; equal weights two steps after the
+    # resume need the restored Adam moments)
     assert a["data_position"] == b["data_position"]
     assert [r["step"] for r in rows(run / "metrics.csv")] == [str(s) for s in range(1, 7)]
 

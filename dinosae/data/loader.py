@@ -29,7 +29,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from dinosae.data.shard import DataError, member_key, read_manifest
+from dinosae.data.shard import member_key, read_manifest
+from dinosae.errors import DataError
 
 _BLOCK = 512
 _ZEROS = bytes(_BLOCK)

@@ -30,7 +30,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dinosae.config import DinosaeError
+from dinosae.errors import DinosaeError
 from dinosae.data.folder import class_dirs, scan_imagenet_folder
 from dinosae.files import atomic_write_text
 
@@ -44,14 +44,6 @@ _BLOCK, _RECORD = 512, 10240  # tar block and record sizes (bytes)
 
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 MEMBER_NAME = re.compile(r"(\d{8})\.(jpg|png|cls)")
-
-
-class DataError(DinosaeError, ValueError):
-    """Input images or shards that cannot be used; the message names the file."""
-
-
-class MissingShards(DataError, FileNotFoundError):
-    """A shard folder without its manifest (never written, or still being written)."""
 
 
 # ---------------------------------------------------------------- preprocessing (in the workers)
@@ -278,7 +270,7 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
                if pool else map(work, paths))
 
     from dinosae.faults import fault_point  # torch: after the fork
-    from dinosae.train.common import Progress
+    from dinosae.progress import Progress
 
     progress = Progress(len(items), start=start, desc=f"shard {split}", unit="img")
     try:

@@ -3,21 +3,82 @@
     x (B,3,H,W) in [0,1] --stem--> (B,h,w,C) --frozen ViT--> z (B,T,C) --decoder--> x' (B,3,H,W)
 
 The frozen ViT with its original patch embedding is the teacher (alignment target,
-discriminator features). It is stored once, inside the encoder (`encoder.vit`).
+discriminator features). It lives once, inside the encoder (`encoder.vit`). Stage checkpoints
+hold only the trained parts and reference the teacher by its source and sha256
+(`AutoEncoder.from_checkpoint` rebuilds it and checks); exports and imports hold it whole.
+
+Every encode to the latent space goes through `encode_unit` (unit tokens + their norms: the
+cache, the API, the teacher-FD probes) and every decode through `decode_at` (tokens rescaled to a
+radius: the sampler, the DiT's grids, the API).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from dinosae import sphere
+from dinosae.checkpoint import AE_KIND, read_checkpoint, tensors_fingerprint
+from dinosae.errors import CheckpointError
 from dinosae.models.decoder import Decoder
 from dinosae.models.encoder import Encoder, create_teacher
 from dinosae.models.stem import CNNStem, LinearStem
 
-AE_KIND = "dinosae-ae"
+TEACHER_PREFIX = "encoder.vit."  # state-dict keys of the frozen teacher
+
+
+@dataclass(frozen=True)
+class AutoencoderArgs:
+    """The model config every AE checkpoint and export carries (as `to_dict()`): enough to
+    rebuild the network. `teacher` = {arch, overrides, weights}; `decoder` = {widths, depths,
+    blocks, ...}; `discriminator` = {layers, channels}."""
+
+    image_size: int
+    teacher: dict
+    stem: str
+    stem_widths: list
+    decoder: dict
+    discriminator: dict
+    extra: dict  # the rest of the config's autoencoder section (lpips, pretrained), kept as is
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> AutoencoderArgs:
+        """From a run config (or a checkpoint's config: the same sections)."""
+        a = copy.deepcopy(dict(cfg["autoencoder"]))
+        known = {k: a.pop(k) for k in ("teacher", "stem", "stem_widths", "decoder",
+                                       "discriminator") if k in a}
+        return cls(image_size=int(cfg["data"]["image_size"]), teacher=known["teacher"],
+                   stem=known.get("stem", "cnn"), stem_widths=known.get("stem_widths", []),
+                   decoder=known["decoder"], discriminator=known.get("discriminator", {}),
+                   extra=a)
+
+    from_dict = from_config  # a checkpoint's `config` has the run config's layout
+
+    def to_dict(self) -> dict:
+        ae = {"teacher": self.teacher, "stem": self.stem, "stem_widths": self.stem_widths,
+              "decoder": self.decoder, "discriminator": self.discriminator, **self.extra}
+        return {"autoencoder": copy.deepcopy(ae), "data": {"image_size": self.image_size}}
+
+    def architecture(self) -> dict:
+        """What fixes tensor shapes (the teacher's weights and LPIPS do not)."""
+        teacher = {k: v for k, v in self.teacher.items() if k != "weights"}
+        return {"image_size": self.image_size, "teacher": teacher, "stem": self.stem,
+                "stem_widths": self.stem_widths, "decoder": self.decoder,
+                "discriminator": self.discriminator}
+
+
+def _load(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with every missing, unexpected or misshapen key in one message."""
+    from dinosae.models.keymap import check, mismatches
+
+    check(f"{what} does not fit the configured network", mismatches(module.state_dict(), state))
+    module.load_state_dict(state)
 
 
 class AutoEncoder(nn.Module):
@@ -54,6 +115,61 @@ class AutoEncoder(nn.Module):
         """Tokens (B, T, C) -> images (B, 3, H, W), about [0, 1] (not clamped)."""
         return self.decoder(z)
 
+    @torch.no_grad()
+    def encode_unit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] (B, 3, H, W) -> (unit-norm tokens (B, T, C), raw norms (B, T)),
+        both float32, normalised in fp32 whatever the model's dtype."""
+        z = self.encode(x).float()
+        n = z.norm(dim=-1)
+        return z / n.clamp_min(1e-12).unsqueeze(-1), n
+
+    @torch.no_grad()
+    def decode_at(self, z: torch.Tensor, radius: float | torch.Tensor | None) -> torch.Tensor:
+        """Tokens (B, T, C) rescaled to `radius` along C (a number such as s_vae, per-token
+        norms (B, T, 1), or None: as they are), then decoded -> images (B, 3, H, W) float32."""
+        dtype = next(self.decoder.parameters()).dtype
+        z = z.float()
+        if radius is not None:
+            z = sphere.project(z, radius)
+        return self.decode(z.to(dtype)).float()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The state dict without the frozen teacher (what a stage checkpoint stores)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TEACHER_PREFIX)}
+
+    def teacher_ref(self, args: AutoencoderArgs) -> dict[str, str]:
+        """How a stage checkpoint references the frozen teacher: its source and sha256."""
+        return {"weights": args.teacher["weights"], "sha256": tensors_fingerprint(self.teacher)}
+
+    @classmethod
+    def from_checkpoint(cls, ck: Mapping[str, Any], where: str, weights: str = "ema"
+                        ) -> AutoEncoder:
+        """The network of an AE checkpoint dict with its `weights` ("ema" or "model") loaded:
+        the one place an autoencoder is rebuilt from a checkpoint. The teacher comes from the
+        checkpoint itself (imports, checkpoints written before lean checkpoints) or is rebuilt
+        from its recorded source and must have the recorded sha256."""
+        args = AutoencoderArgs.from_dict(ck["config"])
+        state = ck[weights]
+        whole = any(k.startswith(TEACHER_PREFIX) for k in state)
+        ae = build_autoencoder(args.to_dict(), load_teacher_weights=not whole)
+        if whole:
+            _load(ae, state, f"{where} ({weights})")
+            return ae
+        ref = ck.get("teacher") or {}
+        got = tensors_fingerprint(ae.teacher)
+        if ref.get("sha256") != got:
+            raise CheckpointError(
+                f"{where}: the teacher rebuilt from {ref.get('weights')!r} (sha256 {got[:16]}) is "
+                f"not the one this checkpoint was trained with (sha256 "
+                f"{str(ref.get('sha256'))[:16]}); restore those teacher weights")
+        ae.load_trainable(state, f"{where} ({weights})")
+        return ae
+
+    def load_trainable(self, state: Mapping[str, torch.Tensor], what: str) -> None:
+        """Load a state dict that holds everything but the teacher (which stays as it is)."""
+        teacher = {k: v for k, v in self.state_dict().items() if k.startswith(TEACHER_PREFIX)}
+        _load(self, {**state, **teacher}, what)
+
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, reconstruction); `noise` (B, T, C), if given, is added to z before decoding."""
@@ -86,18 +202,12 @@ def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> AutoEncod
 
 def ae_config(cfg: dict) -> dict:
     """The config a checkpoint carries: enough to rebuild the network."""
-    return {"autoencoder": cfg["autoencoder"], "data": {"image_size": cfg["data"]["image_size"]}}
+    return AutoencoderArgs.from_config(cfg).to_dict()
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> AutoEncoder:
     """The EMA autoencoder of a stage checkpoint, in eval mode, with requires_grad False."""
-    from dinosae.train.common import CheckpointError, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != AE_KIND:
-        raise CheckpointError(f"{str(path)!r} is not an autoencoder checkpoint "
-                              f"(kind {ckpt.get('kind')!r}, expected {AE_KIND!r})")
-    ae = build_autoencoder(ckpt["config"], load_teacher_weights=False)
-    ae.load_state_dict(ckpt["ema"])
+    ck = read_checkpoint(path, AE_KIND)
+    ae = AutoEncoder.from_checkpoint(ck, str(path))
     ae.requires_grad_(False)
     return ae.eval().to(device)

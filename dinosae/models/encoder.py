@@ -16,17 +16,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from dinosae.config import DinosaeError
+from dinosae.errors import TeacherWeightsError
 
 log = logging.getLogger("dinosae")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_SEED = 0  # "random" teacher weights: always the same network
-
-
-class TeacherWeightsError(DinosaeError, RuntimeError):
-    """The configured teacher weights cannot be had."""
 
 
 def _how_to_supply(arch: str) -> str:
@@ -42,7 +38,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from dinosae.train.common import load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
 
     sd = load_checkpoint(path)  # weights_only: a file holding code is refused
     for key in ("model_ema", "model", "state_dict", "module"):
@@ -56,7 +52,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_teacher_file(model: nn.Module, path: str | Path) -> None:
     """Load a local .pth/.safetensors state dict (timm or Meta's original DINOv3 keys, converted
     by timm's own converter) into `model`; a mismatch lists every wrong key."""
-    from dinosae.models.keymap import WeightsMismatchError, dinov3_to_timm, mismatches
+    from dinosae.errors import WeightsMismatchError
+    from dinosae.models.keymap import dinov3_to_timm, mismatches
 
     path = Path(path)
     if not path.is_file():

@@ -25,12 +25,7 @@ from typing import Any
 
 import torch
 
-from dinosae.config import ConfigError
-
-
-class WeightsMismatchError(ConfigError):
-    """Weights whose keys or shapes do not fit the module they are meant for (every mismatch is
-    in the message)."""
+from dinosae.errors import WeightsMismatchError
 
 
 def _shape(x: Any) -> list[int]:

@@ -20,17 +20,13 @@ import lpips
 import torch
 import torch.nn as nn
 
-from dinosae.config import DinosaeError
+from dinosae.errors import LPIPSWeightsError
 
 LPIPS_SEED = 0
 
 # net -> torchvision weights enum name (its URL gives the hub-cache file name)
 _TV_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights",
                "squeeze": "SqueezeNet1_1_Weights"}
-
-
-class LPIPSWeightsError(DinosaeError, RuntimeError):
-    """The LPIPS backbone weights cannot be had without a download."""
 
 
 def backbone_cache_file(net: str) -> Path:
@@ -43,7 +39,7 @@ def backbone_cache_file(net: str) -> Path:
 
 def _load_backbone(model: lpips.LPIPS, path: Path) -> None:
     """Copy a torchvision backbone state dict (keys features.<i>.*) into lpips' slices."""
-    from dinosae.train.common import load_checkpoint
+    from dinosae.checkpoint import load_checkpoint
 
     sd = load_checkpoint(path)  # weights_only: a file holding code is refused
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

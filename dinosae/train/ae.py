@@ -6,20 +6,29 @@
     stage 4  noise aug.     decoder only     as stage 3 on z + sigma*eps, sigma ~ U(0, tau)
 
 lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. Stage k > 1
-starts from stage k-1's checkpoint. Periodic checkpoints go to `out/last.pt` (a rerun after a
-kill resumes from it); the finished stage writes `out/checkpoint.pt` and removes last.pt. Data
-order, augmentation and noise are pure functions of (seed, stage, step, rank), so a resumed run
-ends with exactly the weights of an uninterrupted one (on CPU).
+starts from stage k-1's checkpoint. Periodic checkpoints go to `out/last.pt` (full state: a
+rerun after a kill resumes from it); the finished stage writes `out/checkpoint.pt` with what the
+next stage needs (trained weights and their EMA, the discriminator from stage 2 on, no optimizer
+state) and removes last.pt. Neither holds the frozen teacher: it is referenced by source and
+sha256 (models.autoencoder). Data order, augmentation and noise are pure functions of (seed,
+stage, step, rank), so a resumed run ends with exactly the weights of an uninterrupted one (on
+CPU).
+
+Reading order: build_stage (networks, optimisers), generator_step, discriminator_step, then
+train_stage, the loop.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, closing, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dinosae.config import ConfigError
-from dinosae.faults import fault_point
-from dinosae.models.autoencoder import AE_KIND, AutoEncoder, ae_config, build_autoencoder
+from dinosae.checkpoint import AE_KIND, read_checkpoint
+from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
+from dinosae.errors import ConfigError, NumericsError
+from dinosae.images import save_grid
+from dinosae.models.autoencoder import AutoEncoder, AutoencoderArgs, build_autoencoder
 from dinosae.models.discriminator import (
     Discriminator,
     adaptive_weight,
@@ -40,20 +51,8 @@ from dinosae.models.discriminator import (
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
-from dinosae.train.common import (
-    MetricsCSV,
-    NumericsError,
-    Progress,
-    StopFlag,
-    barrier,
-    cleanup_ddp,
-    ema_update,
-    load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    save_grid,
-    setup_ddp,
-)
+from dinosae.progress import Progress
+from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
 
 log = logging.getLogger("dinosae")
 
@@ -92,45 +91,20 @@ def make_ema(ae: AutoEncoder) -> AutoEncoder:
     return ema.eval()
 
 
-def data_stream(epoch_fn: EpochFn, epoch: int, index: int
-                ) -> Iterator[tuple[tuple[int, int], tuple]]:
-    """Endless (position after this batch, batch), starting `index` batches into `epoch`."""
-    while True:
-        n = 0
-        for i, batch in enumerate(epoch_fn(epoch)):
-            n += 1
-            if i >= index:
-                yield (epoch, i + 1), batch
-        if n == 0:
-            raise RuntimeError(f"epoch {epoch} produced no batches: too few training samples for "
-                               "the batch size and number of processes")
-        epoch, index = epoch + 1, 0
-
-
-def _resume_key(ckpt_or_cfg: dict) -> dict:
-    train = {k: v for k, v in ckpt_or_cfg["train"].items() if k not in _CADENCE_KEYS}
-    return {"config": ckpt_or_cfg["config"], "train": train, "seed": ckpt_or_cfg["seed"],
-            "world_size": ckpt_or_cfg["world_size"], "stage": ckpt_or_cfg["stage"],
-            "init": ckpt_or_cfg["init"]}
-
-
-def _arch(config: dict) -> dict:
-    """The parts of a checkpoint config that fix tensor shapes (teacher weights don't)."""
-    a = copy.deepcopy(config["autoencoder"])
-    a["teacher"].pop("weights", None)
-    a.pop("lpips", None)
-    a.setdefault("stem", "cnn")
-    return {**a, "image_size": config["data"]["image_size"]}
+def _resume_key(ckpt_or_meta: dict) -> dict:
+    """What must be equal for last.pt to continue this very run (cadence keys may change)."""
+    train = {k: v for k, v in ckpt_or_meta["train"].items() if k not in _CADENCE_KEYS}
+    return {"config": ckpt_or_meta["config"], "train": train, "seed": ckpt_or_meta["seed"],
+            "world_size": ckpt_or_meta["world_size"], "stage": ckpt_or_meta["stage"],
+            "init": ckpt_or_meta["init"]}
 
 
 def _check_init(ckpt: dict, path: str, stage: int, cfg: dict) -> None:
-    if ckpt.get("kind") != AE_KIND:
-        raise ConfigError(f"--init {path!r} is not an autoencoder checkpoint "
-                          f"(kind {ckpt.get('kind')!r})")
     if ckpt.get("stage") != stage - 1:
         raise ConfigError(f"stage {stage} starts from a stage {stage - 1} checkpoint, but "
                           f"--init {path!r} is from stage {ckpt.get('stage')}")
-    mine, theirs = _arch(ae_config(cfg)), _arch(ckpt["config"])
+    mine = AutoencoderArgs.from_config(cfg).architecture()
+    theirs = AutoencoderArgs.from_dict(ckpt["config"]).architecture()
     if mine != theirs:
         diff = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         raise ConfigError(f"--init {path!r} was trained with a different autoencoder "
@@ -147,14 +121,174 @@ def _load(module: torch.nn.Module, state: dict, what: str, path: str) -> None:
         raise ConfigError(f"{path!r}: {what} does not fit the configured network: {e}") from e
 
 
-def _all_true(flag: bool, device: torch.device) -> bool:
-    """Logical AND over ranks (every rank takes the same branch)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+# ---------------------------------------------------------------- building a stage
 
+@dataclass
+class Stage:
+    """The networks and optimisers of one stage (disc and d_opt from stage 2 on)."""
+
+    number: int
+    args: AutoencoderArgs
+    ae: AutoEncoder
+    ema: AutoEncoder
+    params: list[torch.nn.Parameter]  # what the generator step trains
+    opt: torch.optim.Optimizer
+    lpips: torch.nn.Module
+    disc: Discriminator | None = None
+    d_opt: torch.optim.Optimizer | None = None
+
+    def state(self, step: int, meta: dict, counters: dict, *, optimizers: bool) -> dict:
+        """A checkpoint: trained weights and EMA (never the frozen teacher, referenced by
+        source and sha256), the discriminator, the loop's counters; with `optimizers` (last.pt)
+        the optimiser states too."""
+        s = {"kind": AE_KIND, "stage": self.number, "step": step, **meta,
+             "teacher": self.ae.teacher_ref(self.args),
+             "model": self.ae.trainable_state(), "ema": self.ema.trainable_state()}
+        if self.disc is not None:
+            s["disc"] = self.disc.state_dict()
+        if optimizers:
+            s["optimizer"] = self.opt.state_dict()
+            if self.d_opt is not None:
+                s["disc_optimizer"] = self.d_opt.state_dict()
+        return {**s, **counters}
+
+
+def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -> Stage:
+    """Stage 1 from the teacher (random stem and decoder); later stages from the previous
+    stage's checkpoint (`init`), whose teacher must be the same weights."""
+    tcfg, acfg, seed = cfg["ae_train"], cfg["autoencoder"], int(cfg.get("seed", 0))
+    torch.manual_seed(seed)
+    prev = None
+    if stage == 1:
+        ae = build_autoencoder(cfg)
+        ema = make_ema(ae)
+    else:
+        prev = read_checkpoint(init, AE_KIND, hint=" (give the previous stage's checkpoint)")
+        _check_init(prev, init, stage, cfg)
+        ae = AutoEncoder.from_checkpoint(prev, repr(init), weights="model")
+        ema = make_ema(ae)
+        ema.load_trainable(prev["ema"], f"{init!r} (ema)")
+        if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
+            ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
+    if stage >= 3:
+        ae.encoder.stem.requires_grad_(False)
+    ae.set_grad_checkpointing(bool(tcfg.get("activation_checkpointing", False)))
+    ae.to(device).train()
+    ema.to(device)
+    lpips = build_lpips(acfg["lpips"]["net"], acfg["lpips"]["weights"]).to(device)
+    params = [p for p in ae.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+    st = Stage(stage, AutoencoderArgs.from_config(cfg), ae, ema, params, opt, lpips)
+    if stage >= 2:
+        dcfg = acfg["discriminator"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            st.disc = Discriminator(ae.channels, dcfg["layers"], dcfg["channels"])
+        if stage >= 3:
+            _load(st.disc, prev["disc"], "discriminator", init)
+        st.disc.to(device).train()
+        st.d_opt = torch.optim.AdamW(st.disc.parameters(), lr=tcfg["disc_lr"],
+                                     betas=tuple(tcfg["betas"]), weight_decay=0.0)
+    return st
+
+
+def resume(st: Stage, ck: dict, meta: dict) -> bool:
+    """Load last.pt into the stage when it belongs to this very run."""
+    if ck.get("kind") != AE_KIND or _resume_key(ck) != _resume_key(meta):
+        return False
+    st.ae.load_trainable(ck["model"], "last.pt (model)")
+    st.ema.load_trainable(ck["ema"], "last.pt (ema)")
+    st.opt.load_state_dict(ck["optimizer"])
+    if st.disc is not None:
+        st.disc.load_state_dict(ck["disc"])
+        st.d_opt.load_state_dict(ck["disc_optimizer"])
+    return True
+
+
+# ---------------------------------------------------------------- one step
+
+def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
+                   noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
+                   lr: float, tcfg: dict, autocast: Any, device: torch.device
+                   ) -> tuple[dict, torch.Tensor, bool]:
+    """Reconstruction (+ alignment in stages 1-2, + adaptive-weight GAN from stage 2) and, when
+    `train_g`, the update of stem + decoder (decoder only from stage 3). Returns (metrics row
+    values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
+    is not finite (the update is then skipped)."""
+    weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
+    layers = st.args.discriminator.get("layers")
+    row: dict[str, Any] = {}
+    set_lr(st.opt, lr)
+    with autocast, (nullcontext() if train_g else torch.no_grad()):
+        z, rec = model(x, noise)
+        l1 = (rec.float() - x).abs().mean()
+        lp = st.lpips(rec.float(), x).mean()
+        rec_loss = weights["l1"] * l1 + weights["lpips"] * lp
+        loss = rec_loss
+        if stage <= 2:
+            align = alignment_loss(z, ae.teacher_tokens(x))
+            loss = loss + weights["align"] * align
+            row["align"] = align
+        if stage >= 2 and train_g:
+            disc.requires_grad_(False)
+            g_gan = g_hinge_loss(disc(teacher_features(ae.encoder.vit, diffaug(rec, gen),
+                                                       layers)))
+            lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
+                                  weights["adaptive_max"])
+            loss = loss + weights["adv"] * lam * g_gan
+            row["g_gan"], row["lambda"] = g_gan, lam
+    row.update(lr=lr, loss=loss, l1=l1, lpips=lp)
+    if not train_g:  # stage 2's discriminator warm-up
+        return row, rec, True
+    ok = all_ranks(bool(torch.isfinite(loss)), device)
+    st.opt.zero_grad(set_to_none=True)
+    if ok:
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(st.params, tcfg["grad_clip"])
+        ok = bool(torch.isfinite(gn))  # same on every rank: grads are all-reduced
+        row["grad_norm"] = gn
+    if ok:
+        st.opt.step()
+        if stage <= 2:
+            ema_update(st.ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
+        ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])
+    st.opt.zero_grad(set_to_none=True)
+    return row, rec, ok
+
+
+def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
+                       rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
+                       autocast: Any, device: torch.device) -> tuple[dict, bool]:
+    """Hinge loss on real vs reconstructed images, both DiffAugmented, in the frozen teacher's
+    features; skipped on every rank alike when not finite."""
+    st.disc.requires_grad_(True)
+    set_lr(st.d_opt, d_lr)
+    B = x.shape[0]
+    with autocast:
+        with torch.no_grad():
+            feats = teacher_features(st.ae.encoder.vit, diffaug(torch.cat([x, rec.detach()]), gen),
+                                     st.args.discriminator["layers"])
+        logits = disc_train(feats)
+        d_real, d_fake = logits[:B], logits[B:]
+        d_loss = d_hinge_loss(d_real, d_fake)
+    row = {"d_loss": d_loss, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
+    st.d_opt.zero_grad(set_to_none=True)
+    ok = all_ranks(bool(torch.isfinite(d_loss)), device)
+    if ok:
+        d_loss.backward()
+        dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
+        ok = bool(torch.isfinite(dgn))
+        row["d_grad_norm"] = dgn
+    if ok:
+        st.d_opt.step()
+    st.d_opt.zero_grad(set_to_none=True)
+    return row, ok
+
+
+# ---------------------------------------------------------------- the loop
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
                 out: str | None = None, *, batches: EpochFn | None = None) -> AutoEncoder:
@@ -178,265 +312,139 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
         read_manifest(shards)
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
-    stop = StopFlag()
+    tcfg, seed, out = cfg["ae_train"], int(cfg.get("seed", 0)), Path(out)
+    steps = tcfg["stage_steps"][stage - 1]
+    if tcfg["batch_size"] % world:
+        raise ConfigError(f"ae_train.batch_size {tcfg['batch_size']} is not divisible by the "
+                          f"{world} processes")
+    local_batch, main = tcfg["batch_size"] // world, rank == 0
+    max_bad = tcfg.get("max_bad_steps", 5)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    files = RunCheckpoints(out, tcfg["ckpt_every"], steps, f"ae stage {stage}",
+                           f"ae-stage{stage}", device)
     try:
-        with ExitStack() as loaders:  # closed however _train ends: loader workers stop cleanly
-            return _train(cfg, stage, shards, init, Path(out), batches, rank, world, device,
-                          stop, loaders)
+        with ExitStack() as loaders:  # closed however the loop ends: loader workers stop cleanly
+            st = build_stage(cfg, stage, init, device)
+
+            # ---- resume from out/last.pt when it belongs to this very run
+            meta = {"config": st.args.to_dict(), "train": tcfg, "seed": seed,
+                    "world_size": world, "stage": stage,
+                    "init": None if init is None else str(init)}
+            start, skipped, bad_in_row = 0, 0, 0
+            positions = [[0, 0] for _ in range(world)]  # per rank: (epoch, batches consumed)
+            ck = files.resume()
+            if ck is not None and resume(st, ck, meta):
+                start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
+                positions = ck["data_position"]
+                if main:
+                    log.info("ae stage %d: resuming from %s at step %d", stage, files.last, start)
+            elif ck is not None and main:
+                log.warning("ae stage %d: %s is from a different run (config, seed, init or "
+                            "world size changed); starting over", stage, files.last)
+
+            # DDP wrappers for the training forwards; the G step calls the bare discriminator
+            # (frozen there). Buffers (spectral-norm vectors, RoPE periods) agree on every rank.
+            model, disc_train = st.ae, st.disc
+            if world > 1:
+                ids = [device.index] if device.type == "cuda" else None
+                model = DDP(st.ae, device_ids=ids, forward_sync_buffers=False)
+                if st.disc is not None:
+                    disc_train = DDP(st.disc, device_ids=ids, forward_sync_buffers=False)
+            if batches is None:
+                from dinosae.data.loader import make_loader
+
+                workers = cfg.get("data", {}).get("workers", 2)
+
+                def batches(epoch: int) -> Iterable:
+                    return make_loader(shards, local_batch, train=True, flip=True,
+                                       workers=workers, rank=rank, world_size=world, seed=seed,
+                                       epoch=epoch)
+
+            data = loaders.enter_context(closing(endless(batches, *positions[rank])))
+
+            def state(step: int, optimizers: bool) -> dict:
+                counters = {"skipped": skipped, "bad_in_row": bad_in_row,
+                            "data_position": positions}
+                return st.state(step, meta, counters, optimizers=optimizers)
+
+            # rows are labelled with the number of completed steps: keep those up to `start`
+            metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
+            progress = loaders.enter_context(closing(
+                Progress(steps, start, desc=f"ae stage {stage}")))
+            if main:
+                log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable "
+                         "parameters, device %s", stage, steps, tcfg["batch_size"], world,
+                         sum(p.numel() for p in st.params), device)
+            warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
+            t_last, logged = time.time(), start
+            for step in range(start, steps):
+                pos, batch = next(data)
+                x = batch[0].to(device, non_blocking=True).float()
+                gen = step_generator(seed, stage, step, rank, device)
+                train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
+                row = {k: float("nan") for k in FIELDS}
+                noise = None
+                if stage == 4:  # z + sigma * eps, sigma ~ U(0, tau) per sample
+                    tau = noise_tau(step, steps, tcfg["noise_tau"])
+                    sigma = torch.rand(x.shape[0], generator=gen, device=device) * tau
+                    eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
+                                      generator=gen, device=device)
+                    noise, row["tau"] = sigma[:, None, None] * eps, tau
+                lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
+                           tcfg["schedule"]) if train_g else 0.0
+                g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
+                                                tcfg=tcfg, autocast=autocast, device=device)
+                row.update(g_row)
+                if st.disc is not None and ok:
+                    d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps,
+                                 tcfg["schedule"])
+                    d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr,
+                                                   tcfg=tcfg, autocast=autocast, device=device)
+                    row.update(d_row)
+
+                # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals
+                done = step + 1
+                positions = _gather_positions(pos, world, device)
+                if ok:
+                    bad_in_row = 0
+                else:
+                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                    if main:
+                        log.warning("ae stage %d step %d: non-finite loss or gradient, step "
+                                    "skipped (%d in a row)", stage, done, bad_in_row)
+                    if bad_in_row >= max_bad:
+                        raise NumericsError(
+                            f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
+                            f"{done}; stopping (lower ae_train.lr, check the data, or raise "
+                            "ae_train.max_bad_steps)")
+                if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
+                    now = time.time()
+                    dt = (now - t_last) / max(1, done - logged)
+                    t_last, logged = now, done
+                    row.update(step=done, skipped=skipped, sec_per_step=dt,
+                               images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
+                    metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
+                                 for k, v in row.items()})
+                if main and (done % tcfg["image_every"] == 0 or done == steps):
+                    n = min(8, x.shape[0])
+                    pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
+                    save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
+                progress.update(1, loss=float(row["loss"].detach()), skipped=skipped)
+                files.after_step(done, functools.partial(state, done, optimizers=True))
+            files.finish(lambda: state(steps, optimizers=False))
+            return st.ae
     finally:
-        stop.restore()
+        files.close()
         if own_group:
             cleanup_ddp()
 
 
-def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Path,
-           batches: EpochFn | None, rank: int, world: int, device: torch.device,
-           stop: StopFlag, loaders: ExitStack) -> AutoEncoder:
-    tcfg, acfg = cfg["ae_train"], cfg["autoencoder"]
-    seed = int(cfg.get("seed", 0))
-    steps = tcfg["stage_steps"][stage - 1]
-    weights = tcfg["loss"]
-    main = rank == 0
-    if tcfg["batch_size"] % world:
-        raise ConfigError(f"ae_train.batch_size {tcfg['batch_size']} is not divisible by the "
-                          f"{world} processes")
-    local_batch = tcfg["batch_size"] // world
-    max_bad = tcfg.get("max_bad_steps", 5)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
-
-    # ---- networks: stage 1 from the teacher, later stages from the previous checkpoint
-    torch.manual_seed(seed)
-    if stage == 1:
-        ae = build_autoencoder(cfg)
-        ema = make_ema(ae)
-    else:
-        prev = load_checkpoint(init)
-        _check_init(prev, init, stage, cfg)
-        ae = build_autoencoder(cfg, load_teacher_weights=False)
-        _load(ae, prev["model"], "model", init)
-        ema = make_ema(ae)
-        _load(ema, prev["ema"], "ema", init)
-        if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
-            ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
-    if stage >= 3:
-        ae.encoder.stem.requires_grad_(False)
-    ae.set_grad_checkpointing(bool(tcfg.get("activation_checkpointing", False)))
-    ae.to(device).train()
-    ema.to(device)
-    lpips = build_lpips(acfg["lpips"]["net"], acfg["lpips"]["weights"]).to(device)
-    params = [p for p in ae.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
-
-    disc = d_opt = None
-    dcfg = acfg["discriminator"]
-    if stage >= 2:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            disc = Discriminator(ae.channels, dcfg["layers"], dcfg["channels"])
-        if stage >= 3:
-            _load(disc, prev["disc"], "discriminator", init)
-        disc.to(device).train()
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=tcfg["disc_lr"],
-                                  betas=tuple(tcfg["betas"]), weight_decay=0.0)
-
-    # ---- resume from out/last.pt when it belongs to this very run
-    meta = {"config": ae_config(cfg), "train": tcfg, "seed": seed, "world_size": world,
-            "stage": stage, "init": None if init is None else str(init)}
-    start, skipped, bad_in_row = 0, 0, 0
-    positions = [[0, 0] for _ in range(world)]  # per rank: (epoch, batches consumed in it)
-    last = out / "last.pt"
-    if last.is_file():
-        ck = load_checkpoint(last)
-        if ck.get("kind") == AE_KIND and _resume_key(ck) == _resume_key(meta):
-            ae.load_state_dict(ck["model"])
-            ema.load_state_dict(ck["ema"])
-            opt.load_state_dict(ck["optimizer"])
-            if disc is not None:
-                disc.load_state_dict(ck["disc"])
-                d_opt.load_state_dict(ck["disc_optimizer"])
-            start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
-            positions = ck["data_position"]
-            if main:
-                log.info("ae stage %d: resuming from %s at step %d", stage, last, start)
-        elif main:
-            log.warning("ae stage %d: %s is from a different run (config, seed, init or world "
-                        "size changed); starting over", stage, last)
-
-    # DDP wrappers for the training forwards; the G step calls the bare discriminator (frozen
-    # there). Buffers (spectral-norm vectors, RoPE periods) are the same on every rank.
-    model, disc_train = ae, disc
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DDP(ae, device_ids=ids, forward_sync_buffers=False)
-        if disc is not None:
-            disc_train = DDP(disc, device_ids=ids, forward_sync_buffers=False)
-
-    if batches is None:
-        from dinosae.data.loader import make_loader
-
-        workers = cfg.get("data", {}).get("workers", 2)
-
-        def batches(epoch: int) -> Iterable:
-            return make_loader(shards, local_batch, train=True, flip=True, workers=workers,
-                               rank=rank, world_size=world, seed=seed, epoch=epoch)
-
-    data = loaders.enter_context(closing(data_stream(batches, *positions[rank])))
-
-    def state(step: int) -> dict:
-        s = {"kind": AE_KIND, "stage": stage, "step": step, **meta,
-             "model": ae.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions}
-        if disc is not None:
-            s["disc"] = disc.state_dict()
-            s["disc_optimizer"] = d_opt.state_dict()
-        return s
-
-    def gather_positions(pos: tuple[int, int]) -> list[list[int]]:
-        if world == 1:
-            return [list(pos)]
-        t = torch.tensor(pos, dtype=torch.int64, device=device)
-        out_ = [torch.zeros_like(t) for _ in range(world)]
-        dist.all_gather(out_, t)
-        return [o.tolist() for o in out_]
-
-    # rows are labelled with the number of completed steps: keep those up to `start`
-    metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
-    progress = Progress(steps, start, desc=f"ae stage {stage}")
-    if main:
-        n_train = sum(p.numel() for p in params)
-        log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
-                 "device %s", stage, steps, tcfg["batch_size"], world, n_train, device)
-
-    warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
-    vit, layers = ae.encoder.vit, dcfg["layers"]
-    t_last, logged = time.time(), start
-    for step in range(start, steps):
-        pos, batch = next(data)
-        x = batch[0].to(device, non_blocking=True).float()
-        B = x.shape[0]
-        gen = step_generator(seed, stage, step, rank, device)
-        train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
-        row = {k: float("nan") for k in FIELDS}
-
-        # ---- generator (stem + decoder, or decoder only)
-        lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
-                   tcfg["schedule"]) if train_g else 0.0
-        for group in opt.param_groups:
-            group["lr"] = lr
-        noise = None
-        if stage == 4:
-            tau = noise_tau(step, steps, tcfg["noise_tau"])
-            sigma = torch.rand(B, generator=gen, device=device) * tau
-            eps = torch.randn(B, ae.grid[0] * ae.grid[1], ae.channels, generator=gen, device=device)
-            noise = sigma[:, None, None] * eps
-            row["tau"] = tau
-        with autocast, (nullcontext() if train_g else torch.no_grad()):
-            z, rec = model(x, noise)
-            l1 = (rec.float() - x).abs().mean()
-            lp = lpips(rec.float(), x).mean()
-            rec_loss = weights["l1"] * l1 + weights["lpips"] * lp
-            loss = rec_loss
-            if stage <= 2:
-                align = alignment_loss(z, ae.teacher_tokens(x))
-                loss = loss + weights["align"] * align
-                row["align"] = align
-            if stage >= 2 and train_g:
-                disc.requires_grad_(False)
-                g_gan = g_hinge_loss(disc(teacher_features(vit, diffaug(rec, gen), layers)))
-                lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
-                                      weights["adaptive_max"])
-                loss = loss + weights["adv"] * lam * g_gan
-                row["g_gan"], row["lambda"] = g_gan, lam
-        row.update(lr=lr, loss=loss, l1=l1, lpips=lp)
-
-        ok = True
-        if train_g:
-            ok = _all_true(bool(torch.isfinite(loss)), device)
-            opt.zero_grad(set_to_none=True)
-            if ok:
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"])
-                ok = bool(torch.isfinite(gn))  # same on every rank: grads are all-reduced
-                row["grad_norm"] = gn
-            if ok:
-                opt.step()
-                if stage <= 2:
-                    ema_update(ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
-                ema_update(ema.decoder, ae.decoder, tcfg["ema"])
-            opt.zero_grad(set_to_none=True)
-
-        # ---- discriminator: real vs reconstructed, both DiffAugmented
-        if disc is not None and ok:
-            disc.requires_grad_(True)
-            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps, tcfg["schedule"])
-            for group in d_opt.param_groups:
-                group["lr"] = d_lr
-            with autocast:
-                with torch.no_grad():
-                    feats = teacher_features(vit, diffaug(torch.cat([x, rec.detach()]), gen),
-                                             layers)
-                logits = disc_train(feats)
-                d_real, d_fake = logits[:B], logits[B:]
-                d_loss = d_hinge_loss(d_real, d_fake)
-            row.update(d_loss=d_loss, d_real=d_real.mean(), d_fake=d_fake.mean())
-            d_opt.zero_grad(set_to_none=True)
-            ok = _all_true(bool(torch.isfinite(d_loss)), device)
-            if ok:
-                d_loss.backward()
-                dgn = torch.nn.utils.clip_grad_norm_(disc.parameters(), tcfg["grad_clip"])
-                ok = bool(torch.isfinite(dgn))
-                row["d_grad_norm"] = dgn
-            if ok:
-                d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
-
-        # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals
-        done = step + 1
-        positions = gather_positions(pos)
-        if ok:
-            bad_in_row = 0
-        else:
-            skipped += 1
-            bad_in_row += 1
-            if main:
-                log.warning("ae stage %d step %d: non-finite loss or gradient, step skipped "
-                            "(%d in a row)", stage, done, bad_in_row)
-            if bad_in_row >= max_bad:
-                raise NumericsError(
-                    f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step {done}; "
-                    "stopping (lower ae_train.lr, check the data, or raise "
-                    "ae_train.max_bad_steps)")
-        if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
-            now = time.time()
-            dt = (now - t_last) / max(1, done - logged)
-            t_last, logged = now, done
-            row.update(step=done, skipped=skipped, sec_per_step=dt,
-                       images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
-            metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v for k, v in row.items()})
-        if main and (done % tcfg["image_every"] == 0 or done == steps):
-            n = min(8, B)
-            pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
-            save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
-        progress.update(1, loss=float(loss.detach()), skipped=skipped)
-        fault_point(f"ae-stage{stage}", done)
-        stopping = not _all_true(not stop.stop, device)
-        if (done % tcfg["ckpt_every"] == 0 and done < steps) or (stopping and done < steps):
-            if main:
-                save_checkpoint(last, state(done))
-            barrier()
-        if stopping and done < steps:
-            progress.close()
-            raise SystemExit(f"ae stage {stage}: stopped by signal after step {done}; "
-                             f"rerun to resume from {last}")
-
-    progress.close()
-    if main:
-        save_checkpoint(out / "checkpoint.pt", state(steps))
-        last.unlink(missing_ok=True)
-        log.info("ae stage %d: wrote %s", stage, out / "checkpoint.pt")
-    barrier()
-    return ae
+def _gather_positions(pos: tuple[int, int], world: int, device: torch.device) -> list[list[int]]:
+    """Every rank's data position (epoch, batches consumed), for last.pt."""
+    if world == 1:
+        return [list(pos)]
+    t = torch.tensor(pos, dtype=torch.int64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]

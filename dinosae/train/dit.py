@@ -26,27 +26,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dinosae import rfm, sphere
-from dinosae.config import ConfigError
+from dinosae.checkpoint import load_checkpoint, save_checkpoint
+from dinosae.dist import barrier, cleanup_ddp, is_main, setup_ddp, unwrap
+from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.faults import fault_point
+from dinosae.files import sha256_file
+from dinosae.images import save_grid
 from dinosae.models.dit import build_dit
-from dinosae.train.common import (
-    CheckpointError,
-    MetricsCSV,
-    NumericsError,
-    Progress,
-    StopFlag,
-    barrier,
-    cleanup_ddp,
-    ema_update,
-    is_main,
-    load_checkpoint,
-    lr_at,
-    save_checkpoint,
-    save_grid,
-    setup_ddp,
-    sha256_file,
-    unwrap,
-)
+from dinosae.progress import Progress
+from dinosae.signals import StopFlag
+from dinosae.train.loop import MetricsCSV, ema_update, lr_at
 
 log = logging.getLogger("dinosae.dit")
 

@@ -4,7 +4,8 @@ import json
 import os
 import shlex
 
-from dinosae.config import ConfigError, validate
+from dinosae.config import validate
+from dinosae.errors import ConfigError
 
 try:
     validate(config)

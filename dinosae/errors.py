@@ -1,0 +1,61 @@
+"""The one hierarchy of errors a bad input raises (no torch, no third-party imports).
+
+A `DinosaeError`'s message tells the whole story and names the file or config key: the CLI
+prints it as one line and exits with status 2, no traceback. Anything else is a bug and keeps
+its traceback. The second base class of each error is the builtin a caller may already catch.
+"""
+
+from __future__ import annotations
+
+
+class DinosaeError(Exception):
+    """Bad input, config, checkpoint, cache or weights; the message names it."""
+
+
+class ConfigError(DinosaeError, ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class DataError(DinosaeError, ValueError):
+    """Input images or shards that cannot be used; the message names the file."""
+
+
+class MissingShards(DataError, FileNotFoundError):
+    """A shard folder without its manifest (never written, or still being written)."""
+
+
+class CacheError(DinosaeError, ValueError):
+    """A latent cache that must not be used (incomplete, stale, or not a cache)."""
+
+
+class CheckpointError(DinosaeError, ValueError):
+    """A checkpoint that must not be used: not ours, the wrong kind or stage, unsafe to load."""
+
+
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist."""
+
+
+class WrongCheckpointKind(CheckpointError, ConfigError):
+    """A checkpoint of another kind than the argument or config key asks for (a DiT as --ae)."""
+
+
+class WeightsMismatchError(ConfigError):
+    """Weights whose keys or shapes do not fit the module they are meant for (every mismatch is
+    in the message)."""
+
+
+class WeightsSourceError(DinosaeError, OSError):
+    """A weights source that cannot be had (missing file, hub unreachable, ambiguous repo)."""
+
+
+class TeacherWeightsError(DinosaeError, RuntimeError):
+    """The configured teacher weights cannot be had."""
+
+
+class LPIPSWeightsError(DinosaeError, RuntimeError):
+    """The LPIPS backbone weights cannot be had without a download."""
+
+
+class NumericsError(DinosaeError, FloatingPointError):
+    """Too many non-finite steps in a row: training stops rather than silently diverging."""

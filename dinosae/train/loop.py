@@ -1,0 +1,147 @@
+"""What the AE and DiT training loops share, written once: the LR schedule, EMA, metrics.csv,
+endless epochs, and the run's checkpoint files (periodic `last.pt`, stop on a signal on any
+rank, the final `checkpoint.pt`). The loops themselves stay linear in train/ae.py, train/dit.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinosae.checkpoint import load_checkpoint, save_checkpoint
+from dinosae.dist import any_rank, barrier, is_main
+from dinosae.faults import fault_point
+from dinosae.signals import StopFlag
+
+log = logging.getLogger("dinosae")
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to 10% at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return base
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1−decay)·model over parameters (one foreach op); buffers copied."""
+    e = list(ema.parameters())
+    p = [q.detach().to(x.dtype) for q, x in zip(model.parameters(), e, strict=True)]
+    torch._foreach_lerp_(e, p, 1.0 - decay)
+    for eb, b in zip(ema.buffers(), model.buffers(), strict=True):
+        eb.copy_(b)
+
+
+def endless(epoch_fn: Callable[[int], Iterable], epoch: int, index: int
+            ) -> Iterator[tuple[tuple[int, int], Any]]:
+    """Endless ((epoch, batches consumed in it after this one), batch), starting `index`
+    batches into `epoch`; an epoch without a single batch is an error, not an endless loop."""
+    while True:
+        n = 0
+        for i, batch in enumerate(epoch_fn(epoch)):
+            n += 1
+            if i >= index:
+                yield (epoch, i + 1), batch
+        if n == 0:
+            raise RuntimeError(f"epoch {epoch} produced no batches: too few training samples for "
+                               "the batch size and number of processes")
+        epoch, index = epoch + 1, 0
+
+
+class MetricsCSV:
+    """Append-only metrics.csv that survives resume: rows at or after the resumed step are
+    dropped first, so a rerun after a kill never duplicates steps."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            keep = [r for r in rows if int(float(r.get("step", 0))) < resume_step]
+            if keep:
+                self.fields = list(keep[0].keys())
+                tmp = self.path.with_suffix(".csv.tmp")
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.fields)
+                    w.writeheader()
+                    w.writerows(keep)
+                os.replace(tmp, self.path)
+            else:
+                self.path.unlink()
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        new = not self.path.exists()
+        if self.fields is None:
+            self.fields = list(row.keys())
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+class RunCheckpoints:
+    """The checkpoint files of one training run in `out`:
+
+    * `last.pt`, the full state (optimizer included) every `every` steps and when a signal
+      stops the run; a rerun resumes from it (`resume()`);
+    * `checkpoint.pt`, written once at the end (`finish()`), after which last.pt is removed.
+
+    `after_step(done, state)` is called by every rank after each step: it saves last.pt when
+    due, and when SIGTERM/SIGINT reached any rank, saves and exits every rank with
+    "<name>: stopped by signal after step N; rerun to resume from <out>/last.pt".
+    `state` is a function returning the dict to save (built only when saving).
+    """
+
+    def __init__(self, out: Path, every: int, steps: int, name: str, fault: str,
+                 device: torch.device) -> None:
+        self.last, self.final = out / "last.pt", out / "checkpoint.pt"
+        self.every, self.steps, self.name, self.fault = every, steps, name, fault
+        self.device = device
+        self.signal = StopFlag()
+
+    def resume(self) -> dict | None:
+        """last.pt's contents, or None when there is none."""
+        return load_checkpoint(self.last, map_location=self.device) if self.last.is_file() \
+            else None
+
+    def after_step(self, done: int, state: Callable[[], dict]) -> None:
+        fault_point(self.fault, done)
+        stopping = any_rank(self.signal.stop, self.device) and done < self.steps
+        if (done % self.every == 0 and done < self.steps) or stopping:
+            if is_main():
+                save_checkpoint(self.last, state())
+            barrier()
+        if stopping:
+            raise SystemExit(f"{self.name}: stopped by signal after step {done}; rerun to resume "
+                             f"from {self.last}")
+
+    def finish(self, state: Callable[[], dict]) -> Path:
+        if is_main():
+            save_checkpoint(self.final, state())
+            self.last.unlink(missing_ok=True)
+            log.info("%s: wrote %s", self.name, self.final)
+        barrier()
+        return self.final
+
+    def close(self) -> None:
+        self.signal.restore()
