@@ -13,8 +13,9 @@ A path is an export folder (`dinosae export-model`), a dinosae checkpoint (.pt, 
 weights_only=True), or `hf-hub:<owner>/<name>[/<folder>]` holding an export. Models load in eval
 mode, without gradients, on the device and in the dtype asked for; inputs may live on any device
 and are processed in batches; outputs are float32 on the input's device (CPU for numpy input).
-Encoding is the latent cache's (dinosae.latents.encode_images) and decoding the sampler's
-(dinosae.generate): tokens are rescaled to `radius` along C, then decoded.
+Encoding and decoding are the autoencoder's own `encode_unit` and `decode_at`, the very calls
+the latent cache, the sampler and the DiT's grids make: tokens are rescaled to `radius` along
+C, then decoded.
 """
 
 from __future__ import annotations
@@ -107,9 +108,8 @@ class Autoencoder:
         for i in range(0, len(x), batch_size):
             b = x[i:i + batch_size].to(self.device)
             b = b.float().div_(255.0) if b.dtype == torch.uint8 else b.float()
-            z = self.model.encode(b.to(self.dtype)).float()  # (B, T, C)
-            n = z.norm(dim=-1)
-            tokens.append((z / n.clamp_min(1e-12).unsqueeze(-1)).to(out))
+            z, n = self.model.encode_unit(b.to(self.dtype))  # (B, T, C), (B, T)
+            tokens.append(z.to(out))
             norms.append(n.to(out))
         return Encoded(torch.cat(tokens), torch.cat(norms))
 
@@ -120,8 +120,6 @@ class Autoencoder:
         `clamp`. `radius`: each token is rescaled to this norm first -- a number (the decode
         radius s_vae, paper: 14), per-token norms (B, T) (e.g. Encoded.norms: the exact
         encoder output), or None to decode the tokens as they are."""
-        from dinosae import sphere
-
         z = torch.as_tensor(tokens) if not isinstance(tokens, Tensor) else tokens
         out = _out_device(tokens)
         if z.ndim == 4:
@@ -136,53 +134,37 @@ class Autoencoder:
                 r = r.unsqueeze(-1)  # (B, T, 1)
         images = []
         for i in range(0, len(z), batch_size):
-            b = z[i:i + batch_size].to(self.device).float()
-            if r is not None:
-                rb = r[i:i + batch_size].to(self.device) if isinstance(r, Tensor) and r.ndim \
-                    else float(r)
-                b = sphere.project(b, rb)
-            x = self.model.decode(b.to(self.dtype)).float()
+            b = z[i:i + batch_size].to(self.device)
+            rb = r
+            if isinstance(r, Tensor) and r.ndim:
+                rb = r[i:i + batch_size].to(self.device)
+            elif r is not None:
+                rb = float(r)
+            x = self.model.decode_at(b, rb)
             images.append((x.clamp(0, 1) if clamp else x).to(out))
         return torch.cat(images)
-
-
-def _ae_from_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    from dinosae.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(path)
-    if ck.get("kind") != "dinosae-ae":
-        raise ConfigError(f"{path}: not a dinosae autoencoder checkpoint or export (kind "
-                          f"{ck.get('kind')!r}); released weights go through `dinosae import-ae` "
-                          "first")
-    return ck["config"], ck["ema"]
-
-
-def _build_autoencoder(config: dict, state: dict[str, Tensor], where: str) -> torch.nn.Module:
-    from dinosae.models.autoencoder import build_autoencoder
-    from dinosae.models.keymap import check, mismatches
-
-    model = build_autoencoder(config, load_teacher_weights=False)
-    check(f"{where} does not fit its own config", mismatches(model.state_dict(), state))
-    model.load_state_dict(state)
-    return model
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
                      dtype: torch.dtype | str = torch.float32) -> Autoencoder:
     """A trained autoencoder from an export folder, a dinosae AE checkpoint or an hf-hub export,
     in eval mode without gradients, on `device` (default: CUDA if available) in `dtype`."""
-    from dinosae.export import AE_KIND, is_export, read_export
+    from dinosae.checkpoint import AE_KIND, read_checkpoint
+    from dinosae.export import is_export, read_export
+    from dinosae.models.autoencoder import AutoEncoder
 
     path = _resolve(path, "ae")
     if is_export(path):
         doc, state = read_export(path)
         if doc["kind"] != AE_KIND:
             raise ConfigError(f"{path}: an exported {doc['kind']}, not an autoencoder")
-        config = doc["config"]
+        ck = {"config": doc["config"], "ema": state}
     else:
-        config, state = _ae_from_checkpoint(path)
+        ck = read_checkpoint(path, AE_KIND, hint="; released weights go through `dinosae "
+                             "import-ae` first")
+    config = ck["config"]
     device, dtype = _device(device), _dtype(dtype)
-    model = _build_autoencoder(config, state, str(path))
+    model = AutoEncoder.from_checkpoint(ck, str(path))
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
     return Autoencoder(model, config, device, dtype)
 

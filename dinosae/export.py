@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from dinosae.checkpoint import AE_KIND, DIT_KIND, load_checkpoint, read_checkpoint
 from dinosae.errors import ConfigError
 
 log = logging.getLogger("dinosae.export")
 
 FORMAT, VERSION = "dinosae-model", 1
 CONFIG, WEIGHTS, AE_DIR = "config.json", "model.safetensors", "autoencoder"
-AE_KIND, DIT_KIND = "dinosae-ae", "dinosae-dit"
 
 
 def is_export(path: str | Path) -> bool:
@@ -79,15 +79,15 @@ def _source(path: Path, ck: dict) -> dict:
 
 
 def _write_ae(folder: Path, path: Path, ck: dict) -> None:
-    from dinosae.models.autoencoder import build_autoencoder
+    """The EMA autoencoder with its teacher: an export is all a user needs to encode."""
+    from dinosae.models.autoencoder import AutoEncoder
 
     if ck.get("stage") != 4:
         log.warning("%s is a stage %s checkpoint: its decoder is not the final (stage 4) one",
                     path, ck.get("stage"))
-    ae = build_autoencoder(ck["config"], load_teacher_weights=False)  # checks the names/shapes
-    ae.load_state_dict(ck["ema"])
+    ae = AutoEncoder.from_checkpoint(ck, str(path))  # rebuilds and checks the teacher
     size = int(ck["config"]["data"]["image_size"])
-    _write(folder, AE_KIND, ck["config"], ck["ema"], _source(path, ck),
+    _write(folder, AE_KIND, ck["config"], ae.state_dict(), _source(path, ck),
            {"image_size": size, "grid": list(ae.grid), "channels": int(ae.channels)})
 
 
@@ -96,8 +96,6 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
     """Write the EMA weights of an AE or DiT checkpoint as `out`/ (see the module doc). For a
     DiT, the autoencoder `ae` (default: the one it was trained with, if that file exists) is
     bundled as `out`/autoencoder/. `cfg` is not used (the checkpoint carries its config)."""
-    from dinosae.checkpoint import load_checkpoint
-
     checkpoint, out = Path(checkpoint), Path(out)
     if is_export(checkpoint):
         raise ConfigError(f"{checkpoint} is already an exported model")
@@ -124,7 +122,6 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
 
 
 def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> None:
-    from dinosae.checkpoint import load_checkpoint
     from dinosae.models.dit import build_dit
 
     c = ck["config"]
@@ -139,9 +136,7 @@ def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> Non
         log.warning("no autoencoder bundled with %s: load_generator(..., autoencoder=...) will "
                     "need one to decode samples", path)
         return
-    ae_ck = load_checkpoint(ae)
-    if ae_ck.get("kind") != AE_KIND:
-        raise ConfigError(f"--ae {ae}: not an autoencoder checkpoint (kind {ae_ck.get('kind')!r})")
+    ae_ck = read_checkpoint(ae, AE_KIND)
     _write_ae(folder / AE_DIR, Path(ae), ae_ck)
     doc = json.loads((folder / CONFIG).read_text())
     doc["autoencoder"] = AE_DIR

@@ -122,7 +122,6 @@ def _attr_equal(a: Any, b: Any) -> bool:
 def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
     """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
     sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample."""
-    from dinosae import sphere
     from dinosae.latents import open_cache
     from dinosae.models.autoencoder import load_autoencoder
     from dinosae.rfm import sample
@@ -164,16 +163,14 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
         z = sample(model, y, int(sc["steps"]), float(sc["cfg_scale"]), r, alpha, shape=shape,
                    guidance_interval=tuple(sc["guidance_interval"]), path=path, z1=z1,
                    amp=device.type == "cuda")
-        with torch.no_grad():
-            images = autoencoder.decode(sphere.project(z, s_vae))  # to the decode radius s_vae
+        images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
         if not torch.isfinite(images).all():
             raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "
                                 f"{ae}); nothing of them was written")
         return to_uint8(images)
 
     with torch.no_grad():  # the decoder's output size, from one token grid
-        probe = sphere.project(torch.ones(1, *shape, device=device), s_vae)
-        hw = tuple(autoencoder.decode(probe).shape[-2:])
+        hw = tuple(autoencoder.decode_at(torch.ones(1, *shape, device=device), s_vae).shape[-2:])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     f = _open_partial(tmp, settings, n, hw, labels, seeds)

@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 
+from dinosae.checkpoint import AE_KIND, DIT_KIND
 from dinosae.errors import ConfigError, WeightsSourceError
 from dinosae.models.keymap import check, dinov3_to_timm, mismatches
 
@@ -200,7 +201,13 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(f"{e}. Nothing is unpickled here: if you trust the file, save "
                               "just its state dict (a dict of tensors) with torch.save, or as "
                               ".safetensors, and import that") from None
-    if obj.get("kind") in ("dinosae-ae", "dinosae-dit"):
+    if obj.get("kind") == AE_KIND:  # whole, with its teacher (stage checkpoints reference it)
+        from dinosae.models.autoencoder import AutoEncoder
+
+        ema = AutoEncoder.from_checkpoint(obj, str(path)).state_dict()
+        return ema, {"kind": obj["kind"], "config": obj["config"], "container": "ema",
+                     "step": obj.get("step"), "stage": obj.get("stage")}
+    if obj.get("kind") == DIT_KIND:
         return obj["ema"], {"kind": obj["kind"], "config": obj["config"], "container": "ema",
                             "step": obj.get("step"), "stage": obj.get("stage")}
     trail = []
@@ -402,7 +409,7 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
     (image_size). `source` defaults to autoencoder.pretrained."""
     from dinosae.checkpoint import save_checkpoint
     from dinosae.files import sha256_file
-    from dinosae.models.autoencoder import AE_KIND, ae_config, build_autoencoder
+    from dinosae.models.autoencoder import ae_config, build_autoencoder
 
     spec = source or cfg["autoencoder"].get("pretrained")
     if not spec:
@@ -452,14 +459,13 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
     from dinosae.checkpoint import save_checkpoint
     from dinosae.files import sha256_file
     from dinosae.models.dit import build_dit
-    from dinosae.train.dit import KIND
 
     spec = source or cfg.get("dit", {}).get("pretrained")
     if not spec:
         raise ConfigError("config: 'dit.pretrained' is not set and no --source given")
     path = resolve_source(spec, "dit")
     sd, info = read_weights(path)
-    if info["kind"] != KIND:
+    if info["kind"] != DIT_KIND:
         if is_ddt(sd):
             raise ConfigError(
                 f"{spec}: a DiTDH in RAE's DiTwDDTHead format (the authors' DDT-XL release): "
@@ -483,7 +489,7 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = Path(out)
     save_checkpoint(out, {
-        "kind": KIND, "step": int(info.get("step") or 0), "config": config, "model": state,
+        "kind": DIT_KIND, "step": int(info.get("step") or 0), "config": config, "model": state,
         "ema": state, "ae": None, "cache": None,
         "imported": {"source": str(spec), "file": str(path),
                      "sha256": sha256_file(path) if path.is_file() else None}})

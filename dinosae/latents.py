@@ -184,9 +184,8 @@ def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_si
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
         if flip:
             x = x.flip(-1)
-        z = model.encode(x).float()  # (B, T, C)
-        n = z.norm(dim=-1)  # (B, T)
-        tokens.append((z / n.clamp_min(1e-12).unsqueeze(-1)).half().cpu().numpy())
+        z, n = model.encode_unit(x)  # (B, T, C) unit tokens, (B, T) raw norms
+        tokens.append(z.half().cpu().numpy())
         norms.append(n.cpu().numpy())
     return np.concatenate(tokens), np.concatenate(norms)
 

@@ -20,6 +20,7 @@ from helpers import tiny_config
 
 from dinosae.checkpoint import load_checkpoint
 from dinosae.models import dit as D
+from dinosae.models.autoencoder import AutoEncoder
 from dinosae.train import dit as TD
 
 
@@ -346,7 +347,10 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 def test_sample_grid_decoded_at_s_vae(tmp_path, monkeypatch):
     seen = []
 
-    class FakeAE:
+    class FakeAE:  # the real decode_at (rescale, then decode) around a stand-in decoder
+        decoder = torch.nn.Linear(1, 1)
+        decode_at = AutoEncoder.decode_at
+
         def decode(self, z):
             seen.append(z.norm(dim=-1))
             return torch.rand(z.shape[0], 3, 8, 8)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,21 +24,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dinosae import rfm, sphere
-from dinosae.checkpoint import load_checkpoint, save_checkpoint
-from dinosae.dist import barrier, cleanup_ddp, is_main, setup_ddp, unwrap
+from dinosae import rfm
+from dinosae.checkpoint import DIT_KIND, expect_kind, read_checkpoint
+from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
 from dinosae.errors import CheckpointError, ConfigError, NumericsError
-from dinosae.faults import fault_point
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
 from dinosae.models.dit import build_dit
 from dinosae.progress import Progress
-from dinosae.signals import StopFlag
-from dinosae.train.loop import MetricsCSV, ema_update, lr_at
+from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
 
 log = logging.getLogger("dinosae.dit")
 
-KIND = "dinosae-dit"
 GRID_SAMPLES = 16  # images in the periodic sample grid
 MAX_BAD_STEPS = 5  # default for dit.max_bad_steps
 
@@ -91,23 +87,6 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Ten
 
 # ---------------------------------------------------------------- data
 
-def _epochs(cache: Any, batch_size: int, *, seed: int, rank: int, world: int, radius: float,
-            epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Endless (epoch, index in epoch, tokens, labels), starting at batch `skip` of `epoch`."""
-    while True:
-        n = 0
-        for k, (x, y) in enumerate(cache.batches(batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                                 rank=rank, world_size=world, radius=radius,
-                                                 drop_last=True)):
-            n += 1
-            if k >= skip:
-                yield epoch, k, x, y
-        if n == 0:
-            raise ValueError(f"the latent cache ({len(cache)} samples) holds less than one batch "
-                             f"of {batch_size} per rank × {world} ranks")
-        epoch, skip = epoch + 1, 0
-
-
 def _attrs_meta(cache: Any) -> dict:
     a = dict(cache.attrs)
     missing = [k for k in ("grid", "channels", "num_classes") if k not in a]
@@ -136,9 +115,7 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
     s_vae = sample_cfg.get("s_vae") or meta.get("mean_norm")
     if s_vae is None:
         raise ValueError("sample.s_vae is null and the cache records no mean_norm")
-    with torch.no_grad():
-        images = ae.decode(sphere.project(z, s_vae))
-    save_grid(images, out / f"samples_{step:06d}.png", nrow=8)
+    save_grid(ae.decode_at(z, s_vae), out / f"samples_{step:06d}.png", nrow=8)
 
 
 # ---------------------------------------------------------------- the loop
@@ -191,20 +168,20 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
               "radius": R, "alpha": alpha, "mean_norm": meta["mean_norm"], "seed": seed}
 
     # resume from out/last.pt
+    files = RunCheckpoints(out, dc["ckpt_every"], dc["steps"], "dit", "train-dit", device)
     step, epoch, skip, bad_total = 0, 0, 0, 0
-    last, final = out / "last.pt", out / "checkpoint.pt"
-    if last.exists():
-        ck = load_checkpoint(last, map_location=device)
-        _check_resume(ck, config, last)
+    ck = files.resume()
+    if ck is not None:
+        _check_resume(ck, config, files.last)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step, bad_total = int(ck["step"]), int(ck.get("bad_steps", 0))
         epoch, skip = int(ck["data"]["epoch"]), int(ck["data"]["batch"])
-        log.info("resuming from %s at step %d", last, step)
+        log.info("resuming from %s at step %d", files.last, step)
 
     def state() -> dict:
-        return {"kind": KIND, "step": step, "config": config,
+        return {"kind": DIT_KIND, "step": step, "config": config,
                 "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "ae": str(ae) if ae else None,
                 "cache": cache_path, "data": {"epoch": epoch, "batch": skip},
@@ -220,26 +197,28 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         autoencoder = load_autoencoder(ae, device)
     metrics = MetricsCSV(out / "metrics.csv", resume_step=step) if is_main() else None
     progress = Progress(dc["steps"], start=step, desc="dit")
-    stop = StopFlag()
     gen = torch.Generator(device=device)
-    batches = _epochs(data, local_batch, seed=seed, rank=rank, world=world, radius=R,
-                      epoch=epoch, skip=skip)
+
+    def epoch_batches(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return data.batches(local_batch, shuffle=True, seed=seed, epoch=e, rank=rank,
+                            world_size=world, radius=R, drop_last=True)
+
+    batches = endless(epoch_batches, epoch, skip)
     window: list[dict] = []
     loss_keys = ["loss", "grad_norm"] + (["loss_tan", "loss_rad"] if path == "rfm" else [])
     bad_run, n_window, t_window = 0, 0, time.time()
     try:
         while step < dc["steps"]:
-            e, k, x, y = next(batches)
+            (epoch, skip), (x, y) = next(batches)
             z0, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             gen.manual_seed(step_seed(seed, rank, step))
             z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
                                    label_dropout=dc["label_dropout"], null_class=K)
             lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant")
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
                              lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp)
-            step, epoch, skip, n_window = step + 1, e, k + 1, n_window + 1
+            step, n_window = step + 1, n_window + 1
             if res["ok"]:
                 ema_update(ema, model, dc["ema"])
                 bad_run = 0
@@ -263,38 +242,15 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                                     "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
                 _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
-            fault_point("train-dit", step)
-            stopping = _stop_requested(stop.stop, device)
-            if stopping or step % dc["ckpt_every"] == 0:
-                if is_main():
-                    save_checkpoint(last, state())
-                barrier()
-            if stopping:
-                log.warning("stopped at step %d; rerun to resume from %s", step, last)
-                raise SystemExit(143)
-        if is_main():
-            save_checkpoint(final, state())
-            _link_or_copy(final, last)
-            log.info("wrote %s (step %d, %d skipped steps)", final, step, bad_total)
-        barrier()
+            files.after_step(step, state)
+        return files.finish(state)
     finally:
         progress.close()
-        stop.restore()
-    return final
-
-
-def _stop_requested(flag: bool, device: torch.device) -> bool:
-    """The stop flag agreed over all ranks (any rank stopping stops all)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        files.close()
 
 
 def _check_resume(ck: dict, config: dict, path: Path) -> None:
-    if ck.get("kind") != KIND:
-        raise CheckpointError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+    expect_kind(ck, DIT_KIND, path)
     old = ck["config"]
     for key in ("tokens", "channels", "num_classes", "grid"):
         if old[key] != config[key]:
@@ -306,17 +262,6 @@ def _check_resume(ck: dict, config: dict, path: Path) -> None:
                               f"one {path} was trained with ({old['dit'][key]!r})")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """dst becomes the same file as src (hard link, atomically replacing dst)."""
-    tmp = dst.with_name(f".{dst.name}.link{os.getpid()}")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        save_checkpoint(dst, load_checkpoint(src))
-        return
-    os.replace(tmp, dst)
-
-
 # ---------------------------------------------------------------- loading
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"
@@ -324,9 +269,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
     """(EMA DiT in eval mode without grads, meta) from a DiT checkpoint. meta = the checkpoint's
     config (dit, tokens, channels, num_classes, grid, radius, alpha, mean_norm) plus step, ae,
     cache and path."""
-    ck = load_checkpoint(path, map_location="cpu")
-    if ck.get("kind") != KIND:
-        raise CheckpointError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
+    ck = read_checkpoint(path, DIT_KIND)
     c = ck["config"]
     model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
                       c["dit"]["head"])
