@@ -167,9 +167,9 @@ def main() -> None:
 
     ae = None
     if args.ae:
-        from dinosae.models.autoencoder import load_autoencoder
+        from dinosae.models.autoencoder import DinoSAE
 
-        ae = load_autoencoder(args.ae, device)
+        ae = DinoSAE.load(args.ae, device)
         s_vae = cfg["sample"]["s_vae"] or data.attrs.get("mean_norm")
         ref_teacher = teacher_features(ae, ref, s_vae, device)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from dinosae.config import load_config
-from dinosae.models.autoencoder import load_autoencoder
+from dinosae.models.autoencoder import DinoSAE
 from dinosae.train.ae import alignment_loss, train_stage
 
 
@@ -50,7 +50,7 @@ def evaluate(checkpoint: Path, val_shards: Path, batch_size: int) -> dict:
     """Mean per-image PSNR (dB), L1 and cosine to the teacher's tokens on the val split."""
     from dinosae.data.loader import make_loader
 
-    ae = load_autoencoder(checkpoint)
+    ae = DinoSAE.load(checkpoint)
     psnr, l1, cos, n = 0.0, 0.0, 0.0, 0
     for x, _ in make_loader(val_shards, batch_size, train=False, flip=False, workers=1,
                             drop_last=False):

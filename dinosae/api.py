@@ -151,7 +151,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
     in eval mode without gradients, on `device` (default: CUDA if available) in `dtype`."""
     from dinosae.checkpoint import AE_KIND, read_checkpoint
     from dinosae.export import is_export, read_export
-    from dinosae.models.autoencoder import AutoEncoder
+    from dinosae.models.autoencoder import DinoSAE
 
     path = _resolve(path, "ae")
     if is_export(path):
@@ -164,7 +164,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
                              "import-ae` first")
     config = ck["config"]
     device, dtype = _device(device), _dtype(dtype)
-    model = AutoEncoder.from_checkpoint(ck, str(path))
+    model = DinoSAE.from_checkpoint(ck, str(path))
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
     return Autoencoder(model, config, device, dtype)
 

@@ -183,9 +183,9 @@ def load_teacher(cfg: dict, ae: str | None, device: torch.device) -> torch.nn.Mo
     """The AE teacher (timm DINOv3): from the AE checkpoint `ae` when given, else built from cfg
     `autoencoder.teacher` at `data.image_size` (random weights are seeded: the same every time)."""
     if ae is not None:
-        from dinosae.models.autoencoder import load_autoencoder
+        from dinosae.models.autoencoder import DinoSAE
 
-        return load_autoencoder(ae, device=device).teacher
+        return DinoSAE.load(ae, device=device).teacher
     if "data" not in cfg or "autoencoder" not in cfg:
         raise ConfigError("config: the teacher extractor needs an AE checkpoint (--ae) or the "
                           "'autoencoder' and 'data' sections to build the teacher")
@@ -470,15 +470,15 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
 
 
-def build_lpips(cfg: dict, device: torch.device) -> tuple[torch.nn.Module, str]:
+def lpips_metric(cfg: dict, device: torch.device) -> tuple[torch.nn.Module, str]:
     """(LPIPS module, metric name) from cfg autoencoder.lpips via dinosae.models.perceptual
     (never downloads). weights 'random' is a random backbone, not LPIPS: it is reported as
     LPIPS_randombackbone."""
-    from dinosae.models.perceptual import build_lpips as build
+    from dinosae.models.perceptual import build_lpips
 
     lp = cfg["autoencoder"]["lpips"]
     name = "LPIPS_randombackbone" if lp["weights"] == "random" else "LPIPS"
-    return build(lp["net"], lp["weights"]).to(device), name
+    return build_lpips(lp["net"], lp["weights"]).to(device), name
 
 
 def _recon_indices(count: int, n: int) -> list[int]:
@@ -496,14 +496,14 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     `out` (key: value) and a PNG grid (input rows over reconstruction rows) beside it.
     Sections: device, eval, autoencoder."""
     from dinosae.data.shard import read_manifest
-    from dinosae.models.autoencoder import load_autoencoder
+    from dinosae.models.autoencoder import DinoSAE
     from dinosae.models.perceptual import lpips_distance
 
     ev = cfg["eval"]
     count = int(read_manifest(shards)["count"])  # bad shards stop here, before any model loads
     device = pick_device(cfg.get("device", "auto"))
-    ae = load_autoencoder(checkpoint, device=str(device))
-    lpips_model, lpips_name = build_lpips(cfg, device)
+    ae = DinoSAE.load(checkpoint, device=str(device))
+    lpips_model, lpips_name = lpips_metric(cfg, device)
     layers = _layers(cfg, inception_extras=False)
     extractor, info = build_extractor(cfg, [layers["fd"]], device,
                                       ae.teacher if ev["extractor"] == "teacher" else None)

@@ -80,12 +80,12 @@ def _source(path: Path, ck: dict) -> dict:
 
 def _write_ae(folder: Path, path: Path, ck: dict) -> None:
     """The EMA autoencoder with its teacher: an export is all a user needs to encode."""
-    from dinosae.models.autoencoder import AutoEncoder
+    from dinosae.models.autoencoder import DinoSAE
 
     if ck.get("stage") != 4:
         log.warning("%s is a stage %s checkpoint: its decoder is not the final (stage 4) one",
                     path, ck.get("stage"))
-    ae = AutoEncoder.from_checkpoint(ck, str(path))  # rebuilds and checks the teacher
+    ae = DinoSAE.from_checkpoint(ck, str(path))  # rebuilds and checks the teacher
     size = int(ck["config"]["data"]["image_size"])
     _write(folder, AE_KIND, ck["config"], ae.state_dict(), _source(path, ck),
            {"image_size": size, "grid": list(ae.grid), "channels": int(ae.channels)})

@@ -123,7 +123,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
     """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
     sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample."""
     from dinosae.latents import open_cache
-    from dinosae.models.autoencoder import load_autoencoder
+    from dinosae.models.autoencoder import DinoSAE
     from dinosae.rfm import sample
     from dinosae.train.dit import load_generator
 
@@ -131,7 +131,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
     out = Path(out)
     device = pick_device(cfg.get("device", "auto"))
     model, meta = load_generator(dit, device=str(device))
-    autoencoder = load_autoencoder(ae, device=str(device))
+    autoencoder = DinoSAE.load(ae, device=str(device))
     cache_attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
     _check_generator_fits(meta, cache_attrs, dit, cache)
     num_classes = int(cache_attrs["num_classes"])

@@ -13,7 +13,7 @@ a ConfigError: one line and exit status 2 from the CLI).
 Autoencoder sources
 -------------------
 * The authors' release (https://huggingface.co/wkdgnsgo/dino-sae): a state dict of their
-  `DINOSphericalAutoencoder`, mapped onto our AutoEncoder through the explicit tables below.
+  `DINOSphericalAutoencoder`, mapped onto our DinoSAE through the explicit tables below.
   The ViT part (`dino_model.*`, Meta's DINOv3 names) goes through timm's DINOv3 converter
   (dinosae.models.keymap); when the file has no ViT weights, the teacher comes from
   `autoencoder.teacher.weights`. Our teacher keeps its own linear patch embedding, which the
@@ -202,9 +202,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                               "just its state dict (a dict of tensors) with torch.save, or as "
                               ".safetensors, and import that") from None
     if obj.get("kind") == AE_KIND:  # whole, with its teacher (stage checkpoints reference it)
-        from dinosae.models.autoencoder import AutoEncoder
+        from dinosae.models.autoencoder import DinoSAE
 
-        ema = AutoEncoder.from_checkpoint(obj, str(path)).state_dict()
+        ema = DinoSAE.from_checkpoint(obj, str(path)).state_dict()
         return ema, {"kind": obj["kind"], "config": obj["config"], "container": "ema",
                      "step": obj.get("step"), "stage": obj.get("stage")}
     if obj.get("kind") == DIT_KIND:
@@ -286,7 +286,7 @@ def _prefix(sd: Mapping[str, Any], suffix: str) -> str | None:
 
 def official_ae_names(ae: torch.nn.Module, stem_prefix: str = "dino_model.patch_embed.",
                       decoder_prefix: str = "decoder.") -> dict[str, tuple[str, str | None]]:
-    """Our stem and decoder keys -> (the official name, how to reshape) for this AutoEncoder.
+    """Our stem and decoder keys -> (the official name, how to reshape) for this DinoSAE.
     Our keys without an official counterpart (e.g. ChannelRMSNorm biases) map to the name the
     official code would use, so that they show up as missing."""
     from dinosae.models.decoder import EfficientViTBlock, ResBlock, UpSample

@@ -168,9 +168,9 @@ def _background(items: Iterable, depth: int = 2) -> Iterator:
 
 def _load_encoder(checkpoint: str | Path, device: str | torch.device) -> Any:
     """The stage checkpoint's EMA autoencoder (eval mode): `.grid`, `.channels`, `.encode(x)`."""
-    from dinosae.models.autoencoder import load_autoencoder
+    from dinosae.models.autoencoder import DinoSAE
 
-    return load_autoencoder(checkpoint, device=device)
+    return DinoSAE.load(checkpoint, device=device)
 
 
 @torch.no_grad()

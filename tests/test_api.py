@@ -20,7 +20,7 @@ from dinosae import export, generate, importers, sphere
 from dinosae.checkpoint import save_checkpoint
 from dinosae.errors import ConfigError
 from dinosae.latents import encode_images
-from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
+from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
 from dinosae.models.dit import build_dit
 from dinosae.train.dit import load_generator
 
@@ -66,7 +66,7 @@ def test_export_round_trip_gives_identical_outputs(ckpts, tmp_path):
     assert doc["source"]["step"] == 6 and len(doc["source"]["sha256"]) == 64
     assert not list((tmp_path / "exp").glob(".*"))  # no temporary folder left behind
 
-    ref = load_autoencoder(ae_path)  # the pipeline's loader
+    ref = DinoSAE.load(ae_path)  # the pipeline's loader
     api = dinosae.load_autoencoder(ae_dir, device="cpu")
     assert not api.model.training and not any(p.requires_grad for p in api.model.parameters())
     x = torch.from_numpy(images()).permute(0, 3, 1, 2).float() / 255
@@ -103,7 +103,7 @@ def test_export_round_trip_gives_identical_outputs(ckpts, tmp_path):
 def test_api_encode_decode_equal_the_pipeline(ckpts):
     _, ae_path, _ = ckpts
     imgs = images(7)
-    ref = load_autoencoder(ae_path)
+    ref = DinoSAE.load(ae_path)
     tokens, norms = encode_images(ref, imgs, torch.device("cpu"), batch_size=4)  # the cache's
     api = dinosae.load_autoencoder(ae_path, device="cpu")
     enc = api.encode(imgs, batch_size=3)  # numpy NHWC uint8 in

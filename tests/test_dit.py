@@ -20,7 +20,7 @@ from helpers import tiny_config
 
 from dinosae.checkpoint import load_checkpoint
 from dinosae.models import dit as D
-from dinosae.models.autoencoder import AutoEncoder
+from dinosae.models.autoencoder import DinoSAE
 from dinosae.train import dit as TD
 
 
@@ -349,14 +349,14 @@ def test_sample_grid_decoded_at_s_vae(tmp_path, monkeypatch):
 
     class FakeAE:  # the real decode_at (rescale, then decode) around a stand-in decoder
         decoder = torch.nn.Linear(1, 1)
-        decode_at = AutoEncoder.decode_at
+        decode_at = DinoSAE.decode_at
 
         def decode(self, z):
             seen.append(z.norm(dim=-1))
             return torch.rand(z.shape[0], 3, 8, 8)
 
     fake = types.ModuleType("dinosae.models.autoencoder")
-    fake.load_autoencoder = lambda path, device="cpu": FakeAE()
+    fake.DinoSAE = types.SimpleNamespace(load=lambda path, device="cpu": FakeAE())
     monkeypatch.setitem(sys.modules, "dinosae.models.autoencoder", fake)
     cfg = _cfg(tmp_path, steps=4)
     cfg["dit"].update(path="euclidean", image_every=2)

@@ -195,7 +195,7 @@ def test_psnr_matches_formula():
 
 def test_eval_recon_metrics_against_direct_computation(tmp_path, no_network):
     from dinosae.checkpoint import save_checkpoint
-    from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
+    from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
     from dinosae.models.perceptual import build_lpips, lpips_distance
 
     cfg = tiny_config(tmp_path)
@@ -213,7 +213,7 @@ def test_eval_recon_metrics_against_direct_computation(tmp_path, no_network):
 
     # 5 of 9 images spread over the split: indices 0, 2, 4, 6, 8
     x = real[[0, 2, 4, 6, 8]]
-    ae = load_autoencoder(ckpt)
+    ae = DinoSAE.load(ckpt)
     with torch.no_grad():
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
         rec = (ae.decode(ae.encode(xt)).clamp(0, 1) * 255).round()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dinosae import generate, rfm, sphere
 from dinosae.checkpoint import save_checkpoint
-from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
+from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
 from dinosae.models.dit import build_dit
 from dinosae.train.dit import load_generator
 
@@ -77,7 +77,7 @@ def test_samples_file_is_plain_hdf5_class_balanced_and_seeded(setup, tmp_path):
 
     # sample i, recomputed directly from its own seed, alone in its batch
     model, meta = load_generator(dit)
-    autoencoder = load_autoencoder(ae)
+    autoencoder = DinoSAE.load(ae)
     T, C, r = meta["tokens"], meta["channels"], meta["radius"]
     for i in (0, 7):
         g = torch.Generator().manual_seed(int(seeds[i]))

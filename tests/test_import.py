@@ -15,7 +15,7 @@ from helpers import tiny_config
 
 from dinosae import importers
 from dinosae.errors import TeacherWeightsError, WeightsMismatchError
-from dinosae.models.autoencoder import build_autoencoder, load_autoencoder
+from dinosae.models.autoencoder import DinoSAE, build_autoencoder
 from dinosae.models.encoder import create_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,7 +209,7 @@ def test_official_names_map_onto_our_modules_and_compute_the_same(cfg, tmp_path)
     path = tmp_path / "dino_sae.pth"
     torch.save({"epoch": 3, "ema": sd, "model": {k: v * 0 for k, v in sd.items()}}, path)
     out = importers.import_autoencoder(cfg, str(path), tmp_path / "stage4" / "checkpoint.pt")
-    model = load_autoencoder(out)
+    model = DinoSAE.load(out)
     # the teacher ViT: the file's (Meta names), except its patch embedding (the config's)
     for k, v in vit_sd.items():
         if not k.startswith("patch_embed."):
@@ -276,7 +276,7 @@ def test_pixel_shuffle_upsampling(cfg, tmp_path):
     with pytest.raises(WeightsMismatchError, match=r"upsample: pixel_shuffle"):
         importers.import_autoencoder(cfg, str(path), tmp_path / "out.pt")
     cfg["autoencoder"]["decoder"]["upsample"] = "pixel_shuffle"
-    model = load_autoencoder(importers.import_autoencoder(cfg, str(path), tmp_path / "out.pt"))
+    model = DinoSAE.load(importers.import_autoencoder(cfg, str(path), tmp_path / "out.pt"))
     z = torch.randn(2, 4, 64)
     with torch.no_grad():
         ref = official_decoder(sd, z.transpose(1, 2).reshape(2, 64, 2, 2), pixel_shuffle=True)

@@ -24,7 +24,7 @@ from helpers import tiny_config, write_shards
 from dinosae import latents
 from dinosae.checkpoint import save_checkpoint
 from dinosae.cli import main as cli
-from dinosae.models.autoencoder import ae_config, build_autoencoder, load_autoencoder
+from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
 
 COUNTS = (5, 7, 3, 6, 4)  # images per tar: arbitrary, so part boundaries fall inside units
 CLASSES = ["n01", "n02", "n03"]
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
     state = ae.state_dict()
     save_checkpoint(tmp / "ae.pt", {"kind": "dinosae-ae", "stage": 4, "step": 1,
                                     "config": ae_config(cfg), "model": state, "ema": state})
-    model = load_autoencoder(tmp / "ae.pt")
+    model = DinoSAE.load(tmp / "ae.pt")
     with torch.no_grad():  # the reference: one batch of all images, straight through the encoder
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         raw = model.encode(x).double()

@@ -16,7 +16,7 @@ from helpers import tiny_config
 
 from dinosae.checkpoint import save_checkpoint
 from dinosae.errors import LPIPSWeightsError, TeacherWeightsError
-from dinosae.models.autoencoder import build_autoencoder, load_autoencoder
+from dinosae.models.autoencoder import DinoSAE, build_autoencoder
 from dinosae.models.decoder import Decoder, LiteMLA, UpSample, resize_channels
 from dinosae.models.discriminator import (
     Discriminator,
@@ -417,7 +417,7 @@ def test_load_autoencoder_returns_frozen_ema(tmp_path, cfg):
     save_checkpoint(tmp_path / "c.pt", ckpt)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert set(raw) == set(ckpt)
-    loaded = load_autoencoder(tmp_path / "c.pt")
+    loaded = DinoSAE.load(tmp_path / "c.pt")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ema.state_dict()[k]), k
@@ -425,7 +425,7 @@ def test_load_autoencoder_returns_frozen_ema(tmp_path, cfg):
     torch.testing.assert_close(loaded.decode(loaded.encode(x)), ema.decode(ema.encode(x)))
     save_checkpoint(tmp_path / "bad.pt", {**ckpt, "kind": "dinosae-dit"})
     with pytest.raises(ValueError, match="not an autoencoder checkpoint"):
-        load_autoencoder(tmp_path / "bad.pt")
+        DinoSAE.load(tmp_path / "bad.pt")
 
 
 def test_linear_stem_starts_as_the_teacher(cfg):

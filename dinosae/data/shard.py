@@ -30,9 +30,11 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dinosae.errors import DinosaeError
 from dinosae.data.folder import class_dirs, scan_imagenet_folder
-from dinosae.files import atomic_write_text
+from dinosae.errors import DataError, MissingShards
+from dinosae.faults import fault_point
+from dinosae.files import atomic_write_text, sha256_file
+from dinosae.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +106,6 @@ def _member_bytes(n: int) -> int:
     return _BLOCK + -(-n // _BLOCK) * _BLOCK
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _ShardSink:
     """Writes samples to shard-NNNNNN.tar files; the caller rolls over with `full` + `finish`."""
 
@@ -154,7 +148,7 @@ class _ShardSink:
         final = self.out / self.name
         os.replace(self._tmp(self.name), final)
         self.shards.append({"name": self.name, "count": self.count, "first_index": self.first,
-                            "bytes": final.stat().st_size, "sha256": _sha256(final)})
+                            "bytes": final.stat().st_size, "sha256": sha256_file(final)})
         self.writer = self.file = None
 
     def abort(self) -> None:
@@ -268,10 +262,6 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     results = (pool.imap(work, paths, chunksize=max(1, min(32, len(paths) // (8 * workers))))
                if pool else map(work, paths))
-
-    from dinosae.faults import fault_point  # torch: after the fork
-    from dinosae.progress import Progress
-
     progress = Progress(len(items), start=start, desc=f"shard {split}", unit="img")
     try:
         for pos, ((path, wnid), (data, reason)) in enumerate(
@@ -352,7 +342,7 @@ def read_manifest(shards_dir: str | Path, verify: bool = False) -> dict:
         if tar.stat().st_size != s["bytes"]:
             raise DataError(f"{tar}: {tar.stat().st_size} bytes, {path} records {s['bytes']} "
                             "(truncated or replaced); rerun the shard rule")
-        if verify and _sha256(tar) != s["sha256"]:
+        if verify and sha256_file(tar) != s["sha256"]:
             raise DataError(f"{tar}: sha256 differs from {path}")
     return m
 

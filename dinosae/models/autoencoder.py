@@ -5,7 +5,7 @@
 The frozen ViT with its original patch embedding is the teacher (alignment target,
 discriminator features). It lives once, inside the encoder (`encoder.vit`). Stage checkpoints
 hold only the trained parts and reference the teacher by its source and sha256
-(`AutoEncoder.from_checkpoint` rebuilds it and checks); exports and imports hold it whole.
+(`DinoSAE.from_checkpoint` rebuilds it and checks); exports and imports hold it whole.
 
 Every encode to the latent space goes through `encode_unit` (unit tokens + their norms: the
 cache, the API, the teacher-FD probes) and every decode through `decode_at` (tokens rescaled to a
@@ -81,7 +81,7 @@ def _load(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> No
     module.load_state_dict(state)
 
 
-class AutoEncoder(nn.Module):
+class DinoSAE(nn.Module):
     def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
         super().__init__()
         self.encoder = encoder
@@ -94,7 +94,7 @@ class AutoEncoder(nn.Module):
         """The frozen DINOv3 ViT with its own patch embedding."""
         return self.encoder.vit
 
-    def train(self, mode: bool = True) -> AutoEncoder:
+    def train(self, mode: bool = True) -> DinoSAE:
         super().train(mode)
         self.encoder.vit.eval()  # frozen: always in inference mode
         return self
@@ -143,7 +143,7 @@ class AutoEncoder(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ck: Mapping[str, Any], where: str, weights: str = "ema"
-                        ) -> AutoEncoder:
+                        ) -> DinoSAE:
         """The network of an AE checkpoint dict with its `weights` ("ema" or "model") loaded:
         the one place an autoencoder is rebuilt from a checkpoint. The teacher comes from the
         checkpoint itself (imports, checkpoints written before lean checkpoints) or is rebuilt
@@ -165,6 +165,13 @@ class AutoEncoder(nn.Module):
         ae.load_trainable(state, f"{where} ({weights})")
         return ae
 
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DinoSAE:
+        """The EMA autoencoder of an AE checkpoint file, in eval mode, without gradients."""
+        ae = cls.from_checkpoint(read_checkpoint(path, AE_KIND), str(path))
+        ae.requires_grad_(False)
+        return ae.eval().to(device)
+
     def load_trainable(self, state: Mapping[str, torch.Tensor], what: str) -> None:
         """Load a state dict that holds everything but the teacher (which stays as it is)."""
         teacher = {k: v for k, v in self.state_dict().items() if k.startswith(TEACHER_PREFIX)}
@@ -177,8 +184,8 @@ class AutoEncoder(nn.Module):
         return z, self.decode(z if noise is None else z + noise)
 
 
-def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> AutoEncoder:
-    """AutoEncoder from cfg["autoencoder"] and cfg["data"]["image_size"].
+def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> DinoSAE:
+    """DinoSAE from cfg["autoencoder"] and cfg["data"]["image_size"].
 
     load_teacher_weights=False leaves the teacher random (for loading a checkpoint into it)."""
     acfg, image_size = cfg["autoencoder"], cfg["data"]["image_size"]
@@ -197,17 +204,9 @@ def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> AutoEncod
     decoder = Decoder(vit.embed_dim, grid, d["widths"], d["depths"], d["blocks"],
                       norm=d.get("norm", "channel"), attn_scales=d.get("attn_scales", (5,)),
                       evit_norm=d.get("evit_norm", True), upsample=d.get("upsample", "interpolate"))
-    return AutoEncoder(Encoder(stem, vit), decoder)
+    return DinoSAE(Encoder(stem, vit), decoder)
 
 
 def ae_config(cfg: dict) -> dict:
     """The config a checkpoint carries: enough to rebuild the network."""
     return AutoencoderArgs.from_config(cfg).to_dict()
-
-
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> AutoEncoder:
-    """The EMA autoencoder of a stage checkpoint, in eval mode, with requires_grad False."""
-    ck = read_checkpoint(path, AE_KIND)
-    ae = AutoEncoder.from_checkpoint(ck, str(path))
-    ae.requires_grad_(False)
-    return ae.eval().to(device)

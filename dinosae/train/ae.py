@@ -40,7 +40,7 @@ from dinosae.checkpoint import AE_KIND, read_checkpoint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
 from dinosae.errors import ConfigError, NumericsError
 from dinosae.images import save_grid
-from dinosae.models.autoencoder import AutoEncoder, AutoencoderArgs, build_autoencoder
+from dinosae.models.autoencoder import AutoencoderArgs, DinoSAE, build_autoencoder
 from dinosae.models.discriminator import (
     Discriminator,
     adaptive_weight,
@@ -81,10 +81,10 @@ def noise_tau(step: int, steps: int, tau: list[float]) -> float:
     return tau[0] + (tau[1] - tau[0]) * step / max(1, steps - 1)
 
 
-def make_ema(ae: AutoEncoder) -> AutoEncoder:
+def make_ema(ae: DinoSAE) -> DinoSAE:
     """EMA copy of the trainable parts (stem, decoder); the frozen ViT is shared, not copied,
     so checkpoints store it once."""
-    ema = AutoEncoder(Encoder(copy.deepcopy(ae.encoder.stem), ae.encoder.vit),
+    ema = DinoSAE(Encoder(copy.deepcopy(ae.encoder.stem), ae.encoder.vit),
                       copy.deepcopy(ae.decoder))
     ema.encoder.stem.requires_grad_(False)
     ema.decoder.requires_grad_(False)
@@ -129,8 +129,8 @@ class Stage:
 
     number: int
     args: AutoencoderArgs
-    ae: AutoEncoder
-    ema: AutoEncoder
+    ae: DinoSAE
+    ema: DinoSAE
     params: list[torch.nn.Parameter]  # what the generator step trains
     opt: torch.optim.Optimizer
     lpips: torch.nn.Module
@@ -165,7 +165,7 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
     else:
         prev = read_checkpoint(init, AE_KIND, hint=" (give the previous stage's checkpoint)")
         _check_init(prev, init, stage, cfg)
-        ae = AutoEncoder.from_checkpoint(prev, repr(init), weights="model")
+        ae = DinoSAE.from_checkpoint(prev, repr(init), weights="model")
         ema = make_ema(ae)
         ema.load_trainable(prev["ema"], f"{init!r} (ema)")
         if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
@@ -291,7 +291,7 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
 # ---------------------------------------------------------------- the loop
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
-                out: str | None = None, *, batches: EpochFn | None = None) -> AutoEncoder:
+                out: str | None = None, *, batches: EpochFn | None = None) -> DinoSAE:
     """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
 
     cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.

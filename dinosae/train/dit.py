@@ -192,9 +192,9 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     autoencoder = None
     if ae and is_main():
-        from dinosae.models.autoencoder import load_autoencoder
+        from dinosae.models.autoencoder import DinoSAE
 
-        autoencoder = load_autoencoder(ae, device)
+        autoencoder = DinoSAE.load(ae, device)
     metrics = MetricsCSV(out / "metrics.csv", resume_step=step) if is_main() else None
     progress = Progress(dc["steps"], start=step, desc="dit")
     gen = torch.Generator(device=device)
