@@ -290,14 +290,7 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
 
 # ---------------------------------------------------------------- the loop
 
-def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
-                out: str | None = None, *, batches: EpochFn | None = None) -> DinoSAE:
-    """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
-
-    cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.
-    shards: train shard folder (dinosae.data.loader); `batches`, for tests, replaces it with a
-    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank.
-    """
+def _check_args(stage: int, init: str | None, out: str | None) -> None:
     if out is None:
         raise ConfigError("ae-train: --out is required")
     if stage not in (1, 2, 3, 4):
@@ -306,138 +299,163 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
         raise ConfigError("stage 1 starts from the teacher; --init is for stages 2-4")
     if stage > 1 and init is None:
         raise ConfigError(f"stage {stage} needs --init (stage {stage - 1}'s checkpoint)")
+
+
+def _shard_batches(cfg: dict, shards: str, local_batch: int, rank: int, world: int) -> EpochFn:
+    """epoch -> that epoch's batches of this rank, from the train shards."""
+    from dinosae.data.loader import make_loader
+
+    workers, seed = cfg.get("data", {}).get("workers", 2), int(cfg.get("seed", 0))
+
+    def batches(epoch: int) -> Iterable:
+        return make_loader(shards, local_batch, train=True, flip=True, workers=workers,
+                           rank=rank, world_size=world, seed=seed, epoch=epoch)
+
+    return batches
+
+
+def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_range: list[float],
+           gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Stage 4's latent noise sigma * eps, sigma ~ U(0, tau) per sample; (noise, tau)."""
+    tau = noise_tau(step, steps, tau_range)
+    sigma = torch.rand(x.shape[0], generator=gen, device=x.device) * tau
+    eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
+                      generator=gen, device=x.device)
+    return sigma[:, None, None] * eps, tau
+
+
+def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
+                out: str | None = None, *, batches: EpochFn | None = None) -> DinoSAE:
+    """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
+
+    cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.
+    shards: train shard folder (dinosae.data.loader); `batches`, for tests, replaces it with a
+    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank.
+    """
+    _check_args(stage, init, out)
     if batches is None:  # a missing or truncated shard stops here, before any model is built
         from dinosae.data.shard import read_manifest
 
         read_manifest(shards)
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
-    tcfg, seed, out = cfg["ae_train"], int(cfg.get("seed", 0)), Path(out)
-    steps = tcfg["stage_steps"][stage - 1]
+    tcfg = cfg["ae_train"]
     if tcfg["batch_size"] % world:
         raise ConfigError(f"ae_train.batch_size {tcfg['batch_size']} is not divisible by the "
                           f"{world} processes")
-    local_batch, main = tcfg["batch_size"] // world, rank == 0
-    max_bad = tcfg.get("max_bad_steps", 5)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else nullcontext())
-    files = RunCheckpoints(out, tcfg["ckpt_every"], steps, f"ae stage {stage}",
-                           f"ae-stage{stage}", device)
+    if batches is None:
+        batches = _shard_batches(cfg, shards, tcfg["batch_size"] // world, rank, world)
+    files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stage_steps"][stage - 1],
+                           f"ae stage {stage}", f"ae-stage{stage}", device)
     try:
-        with ExitStack() as loaders:  # closed however the loop ends: loader workers stop cleanly
+        with ExitStack() as closing_stack:  # loader workers stop cleanly however the loop ends
             st = build_stage(cfg, stage, init, device)
-
-            # ---- resume from out/last.pt when it belongs to this very run
-            meta = {"config": st.args.to_dict(), "train": tcfg, "seed": seed,
-                    "world_size": world, "stage": stage,
-                    "init": None if init is None else str(init)}
-            start, skipped, bad_in_row = 0, 0, 0
-            positions = [[0, 0] for _ in range(world)]  # per rank: (epoch, batches consumed)
-            ck = files.resume()
-            if ck is not None and resume(st, ck, meta):
-                start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
-                positions = ck["data_position"]
-                if main:
-                    log.info("ae stage %d: resuming from %s at step %d", stage, files.last, start)
-            elif ck is not None and main:
-                log.warning("ae stage %d: %s is from a different run (config, seed, init or "
-                            "world size changed); starting over", stage, files.last)
-
-            # DDP wrappers for the training forwards; the G step calls the bare discriminator
-            # (frozen there). Buffers (spectral-norm vectors, RoPE periods) agree on every rank.
-            model, disc_train = st.ae, st.disc
-            if world > 1:
-                ids = [device.index] if device.type == "cuda" else None
-                model = DDP(st.ae, device_ids=ids, forward_sync_buffers=False)
-                if st.disc is not None:
-                    disc_train = DDP(st.disc, device_ids=ids, forward_sync_buffers=False)
-            if batches is None:
-                from dinosae.data.loader import make_loader
-
-                workers = cfg.get("data", {}).get("workers", 2)
-
-                def batches(epoch: int) -> Iterable:
-                    return make_loader(shards, local_batch, train=True, flip=True,
-                                       workers=workers, rank=rank, world_size=world, seed=seed,
-                                       epoch=epoch)
-
-            data = loaders.enter_context(closing(endless(batches, *positions[rank])))
-
-            def state(step: int, optimizers: bool) -> dict:
-                counters = {"skipped": skipped, "bad_in_row": bad_in_row,
-                            "data_position": positions}
-                return st.state(step, meta, counters, optimizers=optimizers)
-
-            # rows are labelled with the number of completed steps: keep those up to `start`
-            metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
-            progress = loaders.enter_context(closing(
-                Progress(steps, start, desc=f"ae stage {stage}")))
-            if main:
-                log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable "
-                         "parameters, device %s", stage, steps, tcfg["batch_size"], world,
-                         sum(p.numel() for p in st.params), device)
-            warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
-            t_last, logged = time.time(), start
-            for step in range(start, steps):
-                pos, batch = next(data)
-                x = batch[0].to(device, non_blocking=True).float()
-                gen = step_generator(seed, stage, step, rank, device)
-                train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
-                row = {k: float("nan") for k in FIELDS}
-                noise = None
-                if stage == 4:  # z + sigma * eps, sigma ~ U(0, tau) per sample
-                    tau = noise_tau(step, steps, tcfg["noise_tau"])
-                    sigma = torch.rand(x.shape[0], generator=gen, device=device) * tau
-                    eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
-                                      generator=gen, device=device)
-                    noise, row["tau"] = sigma[:, None, None] * eps, tau
-                lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
-                           tcfg["schedule"]) if train_g else 0.0
-                g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
-                                                tcfg=tcfg, autocast=autocast, device=device)
-                row.update(g_row)
-                if st.disc is not None and ok:
-                    d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps,
-                                 tcfg["schedule"])
-                    d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr,
-                                                   tcfg=tcfg, autocast=autocast, device=device)
-                    row.update(d_row)
-
-                # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals
-                done = step + 1
-                positions = _gather_positions(pos, world, device)
-                if ok:
-                    bad_in_row = 0
-                else:
-                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                    if main:
-                        log.warning("ae stage %d step %d: non-finite loss or gradient, step "
-                                    "skipped (%d in a row)", stage, done, bad_in_row)
-                    if bad_in_row >= max_bad:
-                        raise NumericsError(
-                            f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
-                            f"{done}; stopping (lower ae_train.lr, check the data, or raise "
-                            "ae_train.max_bad_steps)")
-                if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
-                    now = time.time()
-                    dt = (now - t_last) / max(1, done - logged)
-                    t_last, logged = now, done
-                    row.update(step=done, skipped=skipped, sec_per_step=dt,
-                               images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
-                    metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
-                                 for k, v in row.items()})
-                if main and (done % tcfg["image_every"] == 0 or done == steps):
-                    n = min(8, x.shape[0])
-                    pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
-                    save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
-                progress.update(1, loss=float(row["loss"].detach()), skipped=skipped)
-                files.after_step(done, functools.partial(state, done, optimizers=True))
-            files.finish(lambda: state(steps, optimizers=False))
+            _loop(cfg, st, init, Path(out), batches, files, closing_stack, rank, world, device)
             return st.ae
     finally:
         files.close()
         if own_group:
             cleanup_ddp()
+
+
+def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
+          files: RunCheckpoints, closing_stack: ExitStack, rank: int, world: int,
+          device: torch.device) -> None:
+    """The training loop of one stage: resume, then step, log, checkpoint until done. Long
+    because it is the loop, read top to bottom like nanoGPT's train.py."""
+    tcfg, seed, stage, main = cfg["ae_train"], int(cfg.get("seed", 0)), st.number, rank == 0
+    steps, max_bad = tcfg["stage_steps"][stage - 1], tcfg.get("max_bad_steps", 5)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+
+    # ---- resume from out/last.pt when it belongs to this very run
+    meta = {"config": st.args.to_dict(), "train": tcfg, "seed": seed, "world_size": world,
+            "stage": stage, "init": None if init is None else str(init)}
+    start, skipped, bad_in_row = 0, 0, 0
+    positions = [[0, 0] for _ in range(world)]  # per rank: (epoch, batches consumed in it)
+    ck = files.resume()
+    if ck is not None and resume(st, ck, meta):
+        start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
+        positions = ck["data_position"]
+        if main:
+            log.info("ae stage %d: resuming from %s at step %d", stage, files.last, start)
+    elif ck is not None and main:
+        log.warning("ae stage %d: %s is from a different run (config, seed, init or world size "
+                    "changed); starting over", stage, files.last)
+
+    def state(step: int, optimizers: bool) -> dict:
+        counters = {"skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions}
+        return st.state(step, meta, counters, optimizers=optimizers)
+
+    # DDP wrappers for the training forwards; the G step calls the bare discriminator (frozen
+    # there). Buffers (spectral-norm vectors, RoPE periods) are the same on every rank.
+    model, disc_train = st.ae, st.disc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DDP(st.ae, device_ids=ids, forward_sync_buffers=False)
+        if st.disc is not None:
+            disc_train = DDP(st.disc, device_ids=ids, forward_sync_buffers=False)
+    data = closing_stack.enter_context(closing(endless(batches, *positions[rank])))
+    # rows are labelled with the number of completed steps: keep those up to `start`
+    metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
+    progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
+    if main:
+        log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
+                 "device %s", stage, steps, tcfg["batch_size"], world,
+                 sum(p.numel() for p in st.params), device)
+    warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
+    t_last, logged = time.time(), start
+    for step in range(start, steps):
+        pos, batch = next(data)
+        x = batch[0].to(device, non_blocking=True).float()
+        gen = step_generator(seed, stage, step, rank, device)
+        train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
+        row = {k: float("nan") for k in FIELDS}
+        noise = None
+        if stage == 4:
+            noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
+        lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
+                   tcfg["schedule"]) if train_g else 0.0
+        g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
+                                        tcfg=tcfg, autocast=autocast, device=device)
+        row.update(g_row)
+        if st.disc is not None and ok:
+            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps, tcfg["schedule"])
+            d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr, tcfg=tcfg,
+                                           autocast=autocast, device=device)
+            row.update(d_row)
+
+        # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals
+        done = step + 1
+        positions = _gather_positions(pos, world, device)
+        skipped, bad_in_row = (skipped, 0) if ok else (skipped + 1, bad_in_row + 1)
+        if not ok:
+            _bad_step(stage, done, bad_in_row, max_bad, main)
+        if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
+            now = time.time()
+            dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
+            row.update(step=done, skipped=skipped, sec_per_step=dt,
+                       images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
+            metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
+                         for k, v in row.items()})
+        if main and (done % tcfg["image_every"] == 0 or done == steps):
+            n = min(8, x.shape[0])
+            pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
+            save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
+        progress.update(1, loss=float(row["loss"].detach()), skipped=skipped)
+        files.after_step(done, functools.partial(state, done, optimizers=True))
+    files.finish(lambda: state(steps, optimizers=False))
+
+
+def _bad_step(stage: int, done: int, bad_in_row: int, max_bad: int, main: bool) -> None:
+    """A skipped (non-finite) step: warn; stop after `max_bad` in a row."""
+    if main:
+        log.warning("ae stage %d step %d: non-finite loss or gradient, step skipped (%d in a "
+                    "row)", stage, done, bad_in_row)
+    if bad_in_row >= max_bad:
+        raise NumericsError(f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
+                            f"{done}; stopping (lower ae_train.lr, check the data, or raise "
+                            "ae_train.max_bad_steps)")
 
 
 def _gather_positions(pos: tuple[int, int], world: int, device: torch.device) -> list[list[int]]:
