@@ -192,9 +192,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return sd, {"kind": config["kind"], "config": config["config"], "container": "export",
                     "step": config.get("source", {}).get("step")}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from dinosae.files import read_safetensors
 
-        return _strip(load_file(str(path))), {"kind": None, "container": None}
+        return _strip(read_safetensors(path)), {"kind": None, "container": None}
     from dinosae.train.common import CheckpointError, load_checkpoint
 
     try:
@@ -204,6 +204,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                               "just its state dict (a dict of tensors) with torch.save, or as "
                               ".safetensors, and import that") from None
     if obj.get("kind") in ("dinosae-ae", "dinosae-dit"):
+        if not isinstance(obj.get("ema"), dict) or not isinstance(obj.get("config"), dict):
+            raise CheckpointError(f"{path}: a {obj['kind']} checkpoint without its 'ema' "
+                                  "weights or 'config'")
         return obj["ema"], {"kind": obj["kind"], "config": obj["config"], "container": "ema",
                             "step": obj.get("step"), "stage": obj.get("stage")}
     trail = []

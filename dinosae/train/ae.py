@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, closing, nullcontext
@@ -40,6 +41,7 @@ from dinosae.models.discriminator import (
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
+from dinosae.outputs import names_only, writing
 from dinosae.train.common import (
     MetricsCSV,
     NumericsError,
@@ -59,6 +61,8 @@ log = logging.getLogger("dinosae")
 
 FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_loss", "d_real",
           "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec"]
+# what a stage folder holds (and temporaries): anything else there is not ours to replace
+STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png")
 # ae_train keys that only change logging / checkpoint cadence: a resume ignores them
 _CADENCE_KEYS = ("log_every", "image_every", "ckpt_every")
 
@@ -157,12 +161,15 @@ def _all_true(flag: bool, device: torch.device) -> bool:
 
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
-                out: str | None = None, *, batches: EpochFn | None = None) -> AutoEncoder:
+                out: str | None = None, *, batches: EpochFn | None = None,
+                force: bool = False) -> AutoEncoder:
     """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
 
     cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.
     shards: train shard folder (dinosae.data.loader); `batches`, for tests, replaces it with a
-    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank.
+    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank. `out` is
+    locked by rank 0 while it trains; an existing `out` holding other files than a stage's is
+    refused (`force`: replaced).
     """
     if out is None:
         raise ConfigError("ae-train: --out is required")
@@ -173,20 +180,24 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
     if stage > 1 and init is None:
         raise ConfigError(f"stage {stage} needs --init (stage {stage - 1}'s checkpoint)")
     if batches is None:  # a missing or truncated shard stops here, before any model is built
-        from dinosae.data.shard import read_manifest
+        from dinosae.data.shard import check_image_size, read_manifest
 
-        read_manifest(shards)
-    own_group = not dist.is_initialized()
-    rank, world, device = setup_ddp(cfg.get("device", "auto"))
-    stop = StopFlag()
-    try:
-        with ExitStack() as loaders:  # closed however _train ends: loader workers stop cleanly
-            return _train(cfg, stage, shards, init, Path(out), batches, rank, world, device,
-                          stop, loaders)
-    finally:
-        stop.restore()
-        if own_group:
-            cleanup_ddp()
+        check_image_size(read_manifest(shards), shards, cfg["data"]["image_size"],
+                         "data.image_size")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
+    with writing(out, "ae-train", STAGE_FOLDER, force=force, inputs=[shards, init]
+                 ) if rank0 else nullcontext():
+        own_group = not dist.is_initialized()
+        rank, world, device = setup_ddp(cfg.get("device", "auto"))
+        stop = StopFlag()
+        try:
+            with ExitStack() as loaders:  # closed however _train ends: loader workers stop
+                return _train(cfg, stage, shards, init, Path(out), batches, rank, world, device,
+                              stop, loaders)
+        finally:
+            stop.restore()
+            if own_group:
+                cleanup_ddp()
 
 
 def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Path,
@@ -219,6 +230,11 @@ def _train(cfg: dict, stage: int, shards: str | None, init: str | None, out: Pat
         _load(ema, prev["ema"], "ema", init)
         if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
             ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
+    depth = len(ae.encoder.vit.blocks)
+    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
+    if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
+        raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
+                          f"teacher's {depth} blocks (0..{depth - 1})")
     if stage >= 3:
         ae.encoder.stem.requires_grad_(False)
     ae.set_grad_checkpointing(bool(tcfg.get("activation_checkpointing", False)))
