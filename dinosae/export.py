@@ -122,8 +122,16 @@ def check_config(folder: Path, doc: dict) -> None:
     if not isinstance(cfg.get("dit"), dict):
         raise bad("config.dit", "is not a mapping")
     bundled = doc.get("autoencoder")
-    if bundled is not None:
-        bundled_dir(folder, bundled)
+    if bundled is not None:  # its tokens must be the generator's
+        ae_dir = bundled_dir(folder, bundled)
+        ae_doc = read_config(ae_dir)
+        if ae_doc["kind"] != AE_KIND:
+            raise bad("autoencoder", f"({bundled!r:.40}) is an exported {ae_doc['kind']}")
+        check_config(ae_dir, ae_doc)
+        for key, have in (("grid", grid), ("channels", C)):
+            if key in ae_doc and ae_doc[key] != have:
+                raise bad(f"config.{key}", f"is {have!r:.40}, but the bundled autoencoder's "
+                                           f"is {ae_doc[key]!r:.40}")
 
 
 def bundled_dir(folder: Path, name: Any) -> Path:
@@ -156,9 +164,12 @@ def read_export(folder: str | Path, device: str | torch.device = "cpu"
     return doc, state
 
 
+EXPORT_NAMES = names_only(re.escape(CONFIG), re.escape(WEIGHTS), re.escape(AE_DIR))
+
+
 def _own_export(folder: Path) -> str | None:
     """The first entry of `folder` that export-model does not write (None: an export)."""
-    foreign = names_only(re.escape(CONFIG), re.escape(WEIGHTS), re.escape(AE_DIR))(folder)
+    foreign = EXPORT_NAMES(folder)
     if foreign is not None:
         return foreign
     try:
@@ -166,6 +177,9 @@ def _own_export(folder: Path) -> str | None:
     except (ExportError, OSError):
         return CONFIG
     return None
+
+
+_own_export.accepts = EXPORT_NAMES.accepts  # type: ignore[attr-defined]
 
 
 def _write(folder: Path, kind: str, config: dict, state: dict[str, torch.Tensor],

@@ -267,6 +267,9 @@ def _own_store(store: Path) -> str | None:
     return None if ok else "zarr.json"
 
 
+_own_store.accepts = STORE_NAMES.accepts  # type: ignore[attr-defined]
+
+
 def _create_arrays(path: Path, attrs: dict, flip: bool, n: int, T: int, C: int, chunk: int,
                    unit: int, units: int, comp: tuple) -> None:
     group = zarr.open_group(path, mode="w")
@@ -615,6 +618,10 @@ def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool 
         raise lie("grid", f"is {grid!r:.40}, not [height, width]")
     if grid[0] * grid[1] != T:
         raise lie("grid", f"{grid} gives {grid[0] * grid[1]} tokens, attribute 'tokens' {T}")
+    size = attrs["image_size"]
+    if grid != [size // 16, size // 16]:  # the encoder's 16x stem: one token per 16x16 pixels
+        raise lie("grid", f"is {grid}, but {size} px images give "
+                          f"{[size // 16, size // 16]} tokens")
     if not isinstance(flip, bool):
         raise lie("flip", f"is {flip!r:.40}, not true or false")
     if attrs.get("rows") != n * (2 if flip else 1):

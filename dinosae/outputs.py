@@ -38,9 +38,11 @@ from dinosae.config import DinosaeError
 
 log = logging.getLogger(__name__)
 
-# what any dinosae output folder holds: a folder with one of these is somebody's output
+# what a dinosae output folder holds: a folder with one of these is somebody's output folder
 OUTPUT_FILES = ("manifest.json", "zarr.json", "model.safetensors", "checkpoint.pt", "last.pt",
-                "metrics.csv", "samples.h5", "gfid.txt", "recon.txt")
+                "metrics.csv")
+# results written as single files into a shared folder (results/): --force never removes them
+RESULT_FILES = ("samples.h5", "gfid.txt", "recon.txt")
 TEMP_NAME = r"\..+\.(?:tmp|old)\d+.*"  # files.atomic_path and the folder writers' temporaries
 MAX_CHECKED = 100_000  # entries walked to find another output inside a --force'd folder
 PACKAGE = Path(__file__).resolve().parent
@@ -61,13 +63,15 @@ class OutputLocked(OutputError):
 
 def names_only(*patterns: str) -> Recogniser:
     """A recogniser for a folder whose entries all match one of the regular expressions
-    (temporary names of killed runs included)."""
+    (temporary names of killed runs included). Its `accepts(name)` says whether one name
+    matches."""
     regex = re.compile("|".join(f"(?:{p})" for p in (*patterns, TEMP_NAME)))
 
     def first_foreign(folder: Path) -> str | None:
         with os.scandir(folder) as entries:
             return next((e.name for e in entries if not regex.fullmatch(e.name)), None)
 
+    first_foreign.accepts = lambda name: regex.fullmatch(name) is not None  # type: ignore
     return first_foreign
 
 
@@ -108,12 +112,13 @@ def check_place(out: str | Path, inputs: Iterable[str | Path | None] = ()) -> No
                               f"holds {found}); give the output a folder of its own")
 
 
-def _holds_output(folder: Path) -> str | None:
-    """A path below `folder` that belongs to a dinosae output, or None."""
+def _holds_output(folder: Path, own: Callable[[str], bool]) -> str | None:
+    """A path below `folder` that belongs to a dinosae output (other than the names `own`
+    accepts at its top level: the command's own files), or None."""
     seen = 0
     for root, dirs, files in os.walk(folder):
         for name in (*files, *dirs):
-            if name in OUTPUT_FILES:
+            if name in OUTPUT_FILES + RESULT_FILES and not (root == str(folder) and own(name)):
                 return os.path.join(root, name)
         seen += len(files) + len(dirs)
         if seen > MAX_CHECKED:
@@ -149,7 +154,8 @@ def claim(out: str | Path, command: str, ours: Recogniser, force: bool = False) 
     if not force:
         raise OutputError(f"--out {out}: exists and {what}; choose another --out, or pass "
                           "--force to replace it")
-    found = _holds_output(out) if out.is_dir() and not out.is_symlink() else None
+    own = getattr(ours, "accepts", lambda name: False)
+    found = _holds_output(out, own) if out.is_dir() and not out.is_symlink() else None
     if found:
         raise OutputError(f"--out {out}: holds {found}, another dinosae output; --force does "
                           "not replace that")

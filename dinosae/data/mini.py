@@ -94,6 +94,9 @@ def _first_foreign(out: Path) -> str | None:
     return None
 
 
+_first_foreign.accepts = names_only(*SPLITS).accepts  # type: ignore[attr-defined]
+
+
 def build_mini_dataset(cfg: dict, out: str | Path, force: bool = False) -> None:
     """Write `out/train/<class>/*.JPEG` and `out/val/<class>/*.JPEG` (config sections: seed, data).
 
