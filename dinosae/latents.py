@@ -70,7 +70,7 @@ class CacheError(DinosaeError, ValueError):
 ARRAYS = ("tokens", "labels", "norms", "tokens_flip", "norms_flip", "written")
 # what encode_init writes into the store (zarr's own files only)
 STORE_NAMES = names_only("zarr.json", *ARRAYS)
-MEAN_NORM_EXACT_ROWS = 1 << 24  # open_cache recomputes mean_norm exactly up to N*T this big
+MEAN_NORM_EXACT_VALUES = 1 << 24  # open_cache recomputes mean_norm exactly up to N x T norms
 
 
 # ---------------------------------------------------------------- small helpers
@@ -683,11 +683,11 @@ def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool 
 
 def _check_mean_norm(path: str | Path, norms: zarr.Array, mean_norm: Any, lie: Any) -> None:
     """mean_norm is the mean of the stored raw norms: recomputed exactly for a cache of up to
-    MEAN_NORM_EXACT_ROWS norms, else compared with the first unit's (within a factor of 2)."""
+    MEAN_NORM_EXACT_VALUES values, else compared with the first unit's (within a factor of 2)."""
     if not _posnum(mean_norm):
         raise lie("mean_norm", f"is {mean_norm!r:.40}, not a finite positive number")
     n, T = norms.shape
-    if n * T <= MEAN_NORM_EXACT_ROWS:
+    if n * T <= MEAN_NORM_EXACT_VALUES:
         want = float(np.asarray(norms[:], dtype=np.float64).sum() / (n * T))
         if not math.isclose(mean_norm, want, rel_tol=1e-6):
             raise lie("mean_norm", f"is {mean_norm:.6g}, but the stored norms average "
