@@ -154,6 +154,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
     from dinosae.models.autoencoder import DinoSAE
 
     path = _resolve(path, "ae")
+    doc: dict = {}
     if is_export(path):
         doc, state = read_export(path)
         if doc["kind"] != AE_KIND:
@@ -165,6 +166,11 @@ def load_autoencoder(path: str | Path, device: str | torch.device | None = None,
     config = ck["config"]
     device, dtype = _device(device), _dtype(dtype)
     model = DinoSAE.from_checkpoint(ck, str(path))
+    if is_export(path):
+        for key, have in (("grid", list(model.grid)), ("channels", int(model.channels))):
+            if key in doc and doc[key] != have:  # config.json's summary must be the model's
+                raise ConfigError(f"{path}/config.json: '{key}' is {doc[key]!r:.40}, but its "
+                                  f"weights and config give {have}")
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
     return Autoencoder(model, config, device, dtype)
 
@@ -267,7 +273,7 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
     eval mode without gradients, on `device` in `dtype`. Its decoder: `autoencoder` (a loaded
     Autoencoder or a path), else the export's bundled autoencoder/, else the AE checkpoint the
     DiT was trained with (if that file exists), else none (sample_tokens only)."""
-    from dinosae.export import AE_DIR, DIT_KIND, is_export, read_export
+    from dinosae.export import AE_DIR, DIT_KIND, bundled_dir, is_export, read_export
     from dinosae.models.dit import build_dit
     from dinosae.models.keymap import check, mismatches
 
@@ -278,7 +284,7 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
         if doc["kind"] != DIT_KIND:
             raise ConfigError(f"{path}: an exported {doc['kind']}, not a generator")
         meta, decode_radius = doc["config"], doc.get("decode_radius")
-        bundled = path / doc["autoencoder"] if doc.get("autoencoder") else None
+        bundled = bundled_dir(path, doc["autoencoder"]) if doc.get("autoencoder") else None
     else:
         from dinosae.checkpoint import load_checkpoint
 
@@ -299,4 +305,9 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
         autoencoder = bundled
     if autoencoder is not None and not isinstance(autoencoder, Autoencoder):
         autoencoder = load_autoencoder(autoencoder, device=device, dtype=dtype)
+    if autoencoder is not None and (list(autoencoder.grid) != list(meta["grid"])
+                                    or autoencoder.channels != int(meta["channels"])):
+        raise ConfigError(f"{path}: a generator of {meta['grid']} x {meta['channels']} tokens, "
+                          f"but its autoencoder gives {list(autoencoder.grid)} x "
+                          f"{autoencoder.channels}")
     return Generator(model, meta, autoencoder, device, dtype, decode_radius)

@@ -12,13 +12,22 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
+import traceback
 
 from dinosae.config import load_config
-from dinosae.errors import ConfigError, DinosaeError
+from dinosae.errors import DinosaeError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"
+FORCE = ("--force", dict(action="store_true",
+                         help="replace an existing --out that this command did not write"))
+# libraries that read files: their own exceptions, and data errors raised inside them, are
+# about a bad input file (printed as one line), not a bug in dinosae
+FILE_LIBRARIES = ("yaml", "json", "safetensors", "PIL", "zarr", "numcodecs", "h5py", "tarfile",
+                  "webdataset", "_csv", "csv", "zipfile")
+DATA_ERRORS = (ValueError, KeyError, IndexError, EOFError, OSError, UnicodeError, OverflowError)
 
 # name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
 # function(cfg, **args) with the flags' values under their python names.
@@ -27,20 +36,22 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "mini-dataset": (
         "dinosae.data.mini", "build_mini_dataset",
         "build the embedded dataset from scikit-image's photographs (ImageNet folder layout)",
-        [("--out", dict(required=True, help="output folder (gets train/ and val/)"))],
+        [("--out", dict(required=True, help="output folder (gets train/ and val/)")), FORCE],
     ),
     "shard": (
         "dinosae.data.shard", "shard_split",
         "preprocess one split of an ImageNet-style folder into webdataset tars + manifest.json",
         [("--split", dict(required=True, choices=["train", "val"])),
-         ("--out", dict(required=True, help="output folder for the tars and manifest.json"))],
+         ("--out", dict(required=True, help="output folder for the tars and manifest.json")),
+         FORCE],
     ),
     "ae-train": (
         "dinosae.train.ae", "train_stage", "train one autoencoder stage (1-4)",
         [("--stage", dict(type=int, required=True, choices=[1, 2, 3, 4])),
          ("--shards", dict(required=True, help="train shard folder (with manifest.json)")),
          ("--init", dict(default=None, help="previous stage's checkpoint")),
-         ("--out", dict(required=True, help="stage folder: checkpoint.pt, metrics.csv, grids"))],
+         ("--out", dict(required=True, help="stage folder: checkpoint.pt, metrics.csv, grids")),
+         FORCE],
     ),
     "eval-recon": (
         "dinosae.evaluate", "eval_recon", "reconstruction metrics on the val split -> recon.txt",
@@ -50,7 +61,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "encode-init": (
         "dinosae.latents", "encode_init", "create the latent cache arrays and attributes",
         [("--shards", dict(required=True)), ("--checkpoint", dict(required=True)),
-         ("--out", dict(required=True, help="the .zarr store"))],
+         ("--out", dict(required=True, help="the .zarr store")), FORCE],
     ),
     "encode-part": (
         "dinosae.latents", "encode_part", "encode one shard-aligned region of the cache",
@@ -69,7 +80,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
         [("--cache", dict(required=True)), ("--ae", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "sample": (
         "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",
@@ -92,7 +103,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "an AE or DiT checkpoint -> a portable folder (config.json + model.safetensors, EMA)",
         [("--checkpoint", dict(required=True)),
          ("--out", dict(required=True, help="output folder")),
-         ("--ae", dict(default=None, help="DiT only: the AE to bundle (default: its own)"))],
+         ("--ae", dict(default=None, help="DiT only: the AE to bundle (default: its own)")),
+         FORCE],
     ),
     "import-ae": (
         "dinosae.importers", "import_autoencoder",
@@ -153,33 +165,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str, limit: int = 2000) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _library(e: BaseException) -> str | None:
+    """The file-reading library `e` comes from (its own class, or a data error raised inside
+    it), or None: then it is a bug in dinosae."""
+    for cls in type(e).__mro__:
+        root = cls.__module__.split(".")[0]
+        if root in FILE_LIBRARIES:
+            return root
+    if isinstance(e, DATA_ERRORS) and e.__traceback__ is not None:
+        frame = traceback.extract_tb(e.__traceback__)[-1].filename
+        parts = frame.replace(os.sep, "/").split("/")
+        return next((lib for lib in FILE_LIBRARIES if lib in parts or f"{lib}.py" in parts), None)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every bad input ends as one line on stderr and exit status 2: a
+    DinosaeError (its message names the file or key), or an error a file-reading library raised
+    (yaml, json, safetensors, PIL, zarr, h5py, ...) that no read site turned into one; a full
+    disk is exit 1. Anything else is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     module, function, _, flags = COMMANDS[args.command]
+    name = f"dinosae {args.command}"
     try:
         cfg = load_config(args.config, args.cfg, args.set)
-    except ConfigError as e:
-        print(f"dinosae: {e}", file=sys.stderr)
-        return 2
-    if args.config is None and args.cfg is None and args.command not in NO_CONFIG:
-        print("dinosae: give --config FILE or --cfg JSON", file=sys.stderr)
-        return 2
-    kwargs = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_"))
-              for f, _ in flags}
-    fn = getattr(importlib.import_module(module), function)
-    try:
+        if args.config is None and args.cfg is None and args.command not in NO_CONFIG:
+            print("dinosae: give --config FILE or --cfg JSON", file=sys.stderr)
+            return 2
+        kwargs = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_"))
+                  for f, _ in flags}
+        fn = getattr(importlib.import_module(module), function)
         fn(cfg, **kwargs)
     except DinosaeError as e:  # bad input, config, checkpoint or cache: the message says it all
-        print(f"dinosae {args.command}: {e}", file=sys.stderr)
+        print(f"{name}: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in DISK_FULL:
+        if e.errno in DISK_FULL:
+            print(f"{name}: no space left for writing: {_one_line(e)}; nothing partial was "
+                  "kept, free some space and rerun", file=sys.stderr)
+            return 1
+        if e.filename is None and _library(e) is None:
             raise
-        print(f"dinosae {args.command}: no space left for writing: {e}; nothing partial was "
-              "kept, free some space and rerun", file=sys.stderr)
-        return 1
+        print(f"{name}: {_one_line(e)}", file=sys.stderr)  # names the file it could not use
+        return 2
+    except Exception as e:
+        lib = _library(e)
+        if lib is None:
+            raise
+        print(f"{name}: a file could not be read ({lib}: {type(e).__name__}: "
+              f"{_one_line(e, 500)})", file=sys.stderr)
+        return 2
     return 0
 
 

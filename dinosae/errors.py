@@ -20,6 +20,14 @@ class DataError(DinosaeError, ValueError):
     """Input images or shards that cannot be used; the message names the file."""
 
 
+class FolderError(DataError):
+    """An image folder (or its val label file) that cannot be used; the message names it."""
+
+
+class MissingSplit(FolderError, FileNotFoundError):
+    """The split's folder (e.g. val/) does not exist."""
+
+
 class MissingShards(DataError, FileNotFoundError):
     """A shard folder without its manifest (never written, or still being written)."""
 
@@ -40,6 +48,10 @@ class WrongCheckpointKind(CheckpointError, ConfigError):
     """A checkpoint of another kind than the argument or config key asks for (a DiT as --ae)."""
 
 
+class ExportError(ConfigError):
+    """An export folder whose config.json is unreadable or does not fit its tensors."""
+
+
 class WeightsMismatchError(ConfigError):
     """Weights whose keys or shapes do not fit the module they are meant for (every mismatch is
     in the message)."""
@@ -47,6 +59,10 @@ class WeightsMismatchError(ConfigError):
 
 class WeightsSourceError(DinosaeError, OSError):
     """A weights source that cannot be had (missing file, hub unreachable, ambiguous repo)."""
+
+
+class WeightsFileError(DinosaeError, ValueError):
+    """A weights file (.safetensors) that cannot be read; the message names it."""
 
 
 class TeacherWeightsError(DinosaeError, RuntimeError):
@@ -59,3 +75,15 @@ class LPIPSWeightsError(DinosaeError, RuntimeError):
 
 class NumericsError(DinosaeError, FloatingPointError):
     """Too many non-finite steps in a row: training stops rather than silently diverging."""
+
+
+class OutputError(DinosaeError, ValueError):
+    """An --out the command must not write: someone else's files, or a place it must not be."""
+
+
+class OutputLocked(OutputError):
+    """Another process is writing this output now."""
+
+
+class StatusError(DinosaeError, ValueError):
+    """The results folder to report on does not exist (or a stage file cannot be read)."""

@@ -495,14 +495,16 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     `checkpoint` (encode -> decode), then PSNR, SSIM, LPIPS and rFID (rFD_teacher offline) ->
     `out` (key: value) and a PNG grid (input rows over reconstruction rows) beside it.
     Sections: device, eval, autoencoder."""
-    from dinosae.data.shard import read_manifest
+    from dinosae.data.shard import check_image_size, read_manifest
     from dinosae.models.autoencoder import DinoSAE
     from dinosae.models.perceptual import lpips_distance
 
     ev = cfg["eval"]
-    count = int(read_manifest(shards)["count"])  # bad shards stop here, before any model loads
+    manifest = read_manifest(shards)  # bad shards stop here, before any model loads
+    count = int(manifest["count"])
     device = pick_device(cfg.get("device", "auto"))
     ae = DinoSAE.load(checkpoint, device=str(device))
+    check_image_size(manifest, shards, 16 * int(ae.grid[0]), f"the autoencoder {checkpoint}")
     lpips_model, lpips_name = lpips_metric(cfg, device)
     layers = _layers(cfg, inception_extras=False)
     extractor, info = build_extractor(cfg, [layers["fd"]], device,

@@ -6,14 +6,21 @@
     <out>/autoencoder/         DiT only: the autoencoder that decodes its samples (same layout)
 
 `dinosae.load_autoencoder` / `dinosae.load_generator` read it back (json + safetensors only).
-The folder is written under a temporary name beside `out` and renamed into place.
+The folder is written under a temporary name beside `out` and renamed into place, holding the
+lock on `out`; an existing `out` that is not an export is refused (dinosae.outputs).
+
+An export is untrusted input: `read_export` checks config.json's fields against each other and
+against the tensors (counts, grid vs tokens, radius = sqrt(channels), finite positive radii), and
+a bundled autoencoder must be a folder inside the export.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,12 +28,15 @@ from typing import Any
 import torch
 
 from dinosae.checkpoint import AE_KIND, DIT_KIND, load_checkpoint, read_checkpoint
-from dinosae.errors import ConfigError
+from dinosae.errors import ConfigError, ExportError
+from dinosae.files import read_safetensors
+from dinosae.outputs import default_mode, names_only, replace_dir, writing
 
 log = logging.getLogger("dinosae.export")
 
 FORMAT, VERSION = "dinosae-model", 1
 CONFIG, WEIGHTS, AE_DIR = "config.json", "model.safetensors", "autoencoder"
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def is_export(path: str | Path) -> bool:
@@ -34,22 +44,138 @@ def is_export(path: str | Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def read_config(folder: str | Path) -> dict:
+    """An export's config.json: a dinosae-model document of a known kind and version."""
+    path = Path(folder) / CONFIG
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ExportError(f"{path}: {path.stat().st_size} bytes; not an export's config")
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("kind") not in (
+            AE_KIND, DIT_KIND):
+        what = (f"format {doc.get('format')!r:.60}, kind {doc.get('kind')!r:.60}"
+                if isinstance(doc, dict) else f"a JSON {type(doc).__name__}")
+        raise ExportError(f"{path}: not a {FORMAT} config ({what})")
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise ExportError(f"{Path(folder)}: export version {version!r:.40}; this dinosae reads "
+                          f"up to {VERSION}")
+    return doc
+
+
+def _posint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _posnum(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def check_config(folder: Path, doc: dict) -> None:
+    """config.json's fields agree with each other (see the module doc); ExportError naming the
+    field that does not."""
+    from dinosae import rfm
+
+    where = folder / CONFIG
+
+    def bad(key: str, why: str) -> ExportError:
+        return ExportError(f"{where}: '{key}' {why}")
+
+    cfg = doc.get("config")
+    if not isinstance(cfg, dict):
+        raise bad("config", "is not a mapping")
+    if doc["kind"] == AE_KIND:
+        size = (cfg.get("data") or {}).get("image_size")
+        if not _posint(size) or size % 16:
+            raise bad("config.data.image_size", f"is {size!r:.40}, not a multiple of 16")
+        for key, want in (("image_size", size), ("grid", [size // 16, size // 16])):
+            if key in doc and doc[key] != want:
+                raise bad(key, f"is {doc[key]!r:.40}, but the config gives {want}")
+        if "channels" in doc and not _posint(doc["channels"]):
+            raise bad("channels", f"is {doc['channels']!r:.40}, not a positive integer")
+        return
+    for key in ("tokens", "channels", "num_classes"):
+        if not _posint(cfg.get(key)):
+            raise bad(f"config.{key}", f"is {cfg.get(key)!r:.40}, not a positive integer")
+    grid, T, C = cfg.get("grid"), cfg["tokens"], cfg["channels"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(map(_posint, grid))):
+        raise bad("config.grid", f"is {grid!r:.40}, not [height, width]")
+    if grid[0] * grid[1] != T:
+        raise bad("config.grid", f"{grid} holds {grid[0] * grid[1]} tokens, not config.tokens "
+                                 f"= {T}")
+    for key, want in (("radius", math.sqrt(C)), ("alpha", rfm.alpha_for(T, C))):
+        have = cfg.get(key)
+        if not _posnum(have) or not math.isclose(have, want, rel_tol=1e-6):
+            raise bad(f"config.{key}", f"is {have!r:.40}; {T} tokens x {C} channels give "
+                                       f"{want:.6g}")
+    for key, value in (("config.mean_norm", cfg.get("mean_norm")),
+                       ("decode_radius", doc.get("decode_radius"))):
+        if value is not None and not _posnum(value):
+            raise bad(key, f"is {value!r:.40}, not a finite positive number")
+    if not isinstance(cfg.get("dit"), dict):
+        raise bad("config.dit", "is not a mapping")
+    bundled = doc.get("autoencoder")
+    if bundled is not None:  # its tokens must be the generator's
+        ae_dir = bundled_dir(folder, bundled)
+        ae_doc = read_config(ae_dir)
+        if ae_doc["kind"] != AE_KIND:
+            raise bad("autoencoder", f"({bundled!r:.40}) is an exported {ae_doc['kind']}")
+        check_config(ae_dir, ae_doc)
+        for key, have in (("grid", grid), ("channels", C)):
+            if key in ae_doc and ae_doc[key] != have:
+                raise bad(f"config.{key}", f"is {have!r:.40}, but the bundled autoencoder's "
+                                           f"is {ae_doc[key]!r:.40}")
+
+
+def bundled_dir(folder: Path, name: Any) -> Path:
+    """The export's bundled autoencoder folder: a plain relative name inside the export."""
+    where = folder / CONFIG
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(
+            name).parts:
+        raise ExportError(f"{where}: 'autoencoder' is {name!r:.80}: a bundled autoencoder must "
+                          "be a folder inside the export")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()) or path.is_symlink():
+        raise ExportError(f"{where}: 'autoencoder' ({name!r:.80}) leads outside the export")
+    if not is_export(path):
+        raise ExportError(f"{where}: 'autoencoder' ({name!r:.80}) is not an export folder")
+    return path
+
+
 def read_export(folder: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, state dict) of an export folder."""
-    from safetensors.torch import load_file
-
+    """(config.json, state dict) of an export folder, config.json checked (check_config)."""
     folder = Path(folder)
     if not is_export(folder):
         raise ConfigError(f"{folder}: not an exported model (needs {CONFIG} and {WEIGHTS})")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("format") != FORMAT or config.get("kind") not in (AE_KIND, DIT_KIND):
-        raise ConfigError(f"{folder}/{CONFIG}: not a {FORMAT} config (format "
-                          f"{config.get('format')!r}, kind {config.get('kind')!r})")
-    if int(config.get("version", 0)) > VERSION:
-        raise ConfigError(f"{folder}: export version {config['version']}; this dinosae reads "
-                          f"up to {VERSION}")
-    return config, load_file(str(folder / WEIGHTS), device=str(device))
+    doc = read_config(folder)
+    check_config(folder, doc)
+    state = read_safetensors(folder / WEIGHTS, device=str(device))
+    if "tensors" in doc and doc["tensors"] != len(state):
+        raise ExportError(f"{folder / CONFIG}: 'tensors' is {doc['tensors']!r:.40}, but "
+                          f"{WEIGHTS} holds {len(state)}")
+    return doc, state
+
+
+EXPORT_NAMES = names_only(re.escape(CONFIG), re.escape(WEIGHTS), re.escape(AE_DIR))
+
+
+def _own_export(folder: Path) -> str | None:
+    """The first entry of `folder` that export-model does not write (None: an export)."""
+    foreign = EXPORT_NAMES(folder)
+    if foreign is not None:
+        return foreign
+    try:
+        read_config(folder)
+    except (ExportError, OSError):
+        return CONFIG
+    return None
+
+
+_own_export.accepts = EXPORT_NAMES.accepts  # type: ignore[attr-defined]
 
 
 def _write(folder: Path, kind: str, config: dict, state: dict[str, torch.Tensor],
@@ -64,6 +190,7 @@ def _write(folder: Path, kind: str, config: dict, state: dict[str, torch.Tensor]
         tensors[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
         seen.add(ptr)
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "kind": kind})
+    default_mode(folder / WEIGHTS)  # safetensors writes 0600; the other files follow the umask
     doc = {"format": FORMAT, "version": VERSION, "kind": kind, "config": config,
            "source": source, "weights": WEIGHTS, "tensors": len(tensors),
            "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "")}
@@ -92,10 +219,11 @@ def _write_ae(folder: Path, path: Path, ck: dict) -> None:
 
 
 def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
-                 ae: str | Path | None = None) -> Path:
+                 ae: str | Path | None = None, force: bool = False) -> Path:
     """Write the EMA weights of an AE or DiT checkpoint as `out`/ (see the module doc). For a
     DiT, the autoencoder `ae` (default: the one it was trained with, if that file exists) is
-    bundled as `out`/autoencoder/. `cfg` is not used (the checkpoint carries its config)."""
+    bundled as `out`/autoencoder/. `cfg` is not used (the checkpoint carries its config). An
+    existing `out` that is not an export is refused (`force`: replaced)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if is_export(checkpoint):
         raise ConfigError(f"{checkpoint} is already an exported model")
@@ -106,17 +234,18 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
     if kind not in (AE_KIND, DIT_KIND) or "ema" not in ck:
         raise ConfigError(f"{checkpoint}: not a dinosae autoencoder or DiT checkpoint "
                           f"(kind {kind!r})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if kind == AE_KIND:
-            _write_ae(tmp, checkpoint, ck)
-        else:
-            _write_dit(tmp, checkpoint, ck, ae)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if kind == DIT_KIND and ae is None and ck.get("ae") and Path(str(ck["ae"])).is_file():
+        ae = ck["ae"]
+    with writing(out, "export-model", _own_export, force=force, inputs=[checkpoint, ae]):
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        try:
+            if kind == AE_KIND:
+                _write_ae(tmp, checkpoint, ck)
+            else:
+                _write_dit(tmp, checkpoint, ck, ae)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s) -> %s", checkpoint, kind, out)
     return out
 
@@ -128,8 +257,6 @@ def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> Non
     model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
                       c["dit"]["head"])
     model.load_state_dict(ck["ema"])  # checks the names/shapes
-    if ae is None and ck.get("ae") and Path(ck["ae"]).is_file():
-        ae = ck["ae"]
     extra: dict[str, Any] = {"autoencoder": None, "decode_radius": c.get("mean_norm")}
     _write(folder, DIT_KIND, c, ck["ema"], _source(path, ck), extra)
     if ae is None:
@@ -142,16 +269,3 @@ def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> Non
     doc["autoencoder"] = AE_DIR
     (folder / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """`tmp` becomes `out`; an existing `out` is moved aside first and removed after."""
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dinosae.errors import WeightsFileError
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a .safetensors file (torch, imported here); a missing, empty, truncated or
+    malformed file (header length 2^62, bad JSON) is a WeightsFileError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"weights file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsFileError(f"{str(path)!r} is not a readable .safetensors file ({e})") from None
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:

@@ -189,9 +189,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return sd, {"kind": config["kind"], "config": config["config"], "container": "export",
                     "step": config.get("source", {}).get("step")}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from dinosae.files import read_safetensors
 
-        return _strip(load_file(str(path))), {"kind": None, "container": None}
+        return _strip(read_safetensors(path)), {"kind": None, "container": None}
     from dinosae.checkpoint import load_checkpoint
     from dinosae.errors import CheckpointError
 
@@ -201,6 +201,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(f"{e}. Nothing is unpickled here: if you trust the file, save "
                               "just its state dict (a dict of tensors) with torch.save, or as "
                               ".safetensors, and import that") from None
+    if obj.get("kind") in (AE_KIND, DIT_KIND) and (
+            not isinstance(obj.get("ema"), dict) or not isinstance(obj.get("config"), dict)):
+        raise CheckpointError(f"{path}: a {obj['kind']} checkpoint without its 'ema' weights "
+                              "or 'config'")
     if obj.get("kind") == AE_KIND:  # whole, with its teacher (stage checkpoints reference it)
         from dinosae.models.autoencoder import DinoSAE
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -48,6 +49,7 @@ from dinosae.dist import pick_device
 from dinosae.errors import CacheError
 from dinosae.faults import fault_point
 from dinosae.files import atomic_write_text, sha256_file
+from dinosae.outputs import names_only, output_lock, replace_dir, writing
 from dinosae.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,12 @@ DESCRIPTION = (
     "[N, T, C] unit-norm along C (T = grid[0]*grid[1], row-major); norms: the raw token norms; "
     "tokens_flip/norms_flip (when flip): the same for image i flipped left-right. "
     "Use only when complete is true.")
+
+
+ARRAYS = ("tokens", "labels", "norms", "tokens_flip", "norms_flip", "written")
+# what encode_init writes into the store (zarr's own files only)
+STORE_NAMES = names_only("zarr.json", *ARRAYS)
+MEAN_NORM_EXACT_VALUES = 1 << 24  # open_cache recomputes mean_norm exactly up to N x T norms
 
 
 # ---------------------------------------------------------------- small helpers
@@ -242,9 +250,45 @@ def iter_units(shards: str | Path, manifest: dict, units: list[int], unit_rows: 
 
 # ---------------------------------------------------------------- scatter / gather
 
-def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str | Path) -> Path:
-    """Create the cache's arrays (all unwritten) and attributes. Config section: latents."""
-    from dinosae.data.shard import MANIFEST, read_manifest
+def _own_store(store: Path) -> str | None:
+    """The first entry of `store` that encode_init does not write (None: a dinosae cache)."""
+    foreign = STORE_NAMES(store)
+    if foreign is not None:
+        return foreign
+    try:
+        with open(store / "zarr.json", "rb") as f:
+            doc = json.loads(f.read(1 << 24))
+        ok = isinstance(doc, dict) and (doc.get("attributes") or {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    return None if ok else "zarr.json"
+
+
+_own_store.accepts = STORE_NAMES.accepts  # type: ignore[attr-defined]
+
+
+def _create_arrays(path: Path, attrs: dict, flip: bool, n: int, T: int, C: int, chunk: int,
+                   unit: int, units: int, comp: tuple) -> None:
+    group = zarr.open_group(path, mode="w")
+    for suffix in ("", "_flip") if flip else ("",):
+        group.create_array(f"tokens{suffix}", shape=(n, T, C), dtype="float16",
+                           chunks=(chunk, T, C), shards=(unit, T, C), compressors=comp,
+                           fill_value=np.nan)
+        group.create_array(f"norms{suffix}", shape=(n, T), dtype="float32", chunks=(unit, T),
+                           compressors=comp, fill_value=np.nan)
+    group.create_array("labels", shape=(n,), dtype="int64", chunks=(unit,), compressors=comp,
+                       fill_value=-1)
+    group.create_array("written", shape=(units,), dtype="uint8", chunks=(1,), compressors=(),
+                       fill_value=0)
+    group.attrs.update(attrs)
+
+
+def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str | Path,
+                force: bool = False) -> Path:
+    """Create the cache's arrays (all unwritten) and attributes. Config section: latents.
+    The store is built beside `out` and renamed into place, holding the lock on `out`; an
+    existing `out` that is not a dinosae cache is refused (`force`: replaced)."""
+    from dinosae.data.shard import MANIFEST, check_image_size, read_manifest
 
     lcfg, out = cfg.get("latents", {}), Path(out)
     manifest = read_manifest(shards)
@@ -252,12 +296,13 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
     _check_manifest(manifest, str(manifest_path))
     size = int(manifest["preprocess"]["image_size"])
     model = _load_encoder(checkpoint, "cpu")
+    grid = [int(g) for g in model.grid]
+    check_image_size(manifest, shards, 16 * grid[0], f"the autoencoder {checkpoint}")
     with torch.no_grad():  # the token shape this encoder gives at this image size
         _, T, C = model.encode(torch.zeros(1, 3, size, size)).shape
-    grid = [int(g) for g in model.grid]
     if grid[0] * grid[1] != T or int(model.channels) != C:
-        raise ValueError(f"encoder gives {T}x{C} tokens at {size} px, but declares grid {grid} "
-                         f"and {model.channels} channels")
+        raise CacheError(f"{checkpoint}: the encoder gives {T}x{C} tokens at {size} px, but "
+                         f"declares grid {grid} and {model.channels} channels")
     n, flip = int(manifest["count"]), bool(lcfg.get("flip", False))
     chunk, unit = chunking(lcfg, T * C * 2)
     units = _ceil_div(n, unit)
@@ -277,24 +322,14 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False, "mean_norm": None,
     }
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w")
-    comp = compressors(codec)
-    for suffix in ("", "_flip") if flip else ("",):
-        group.create_array(f"tokens{suffix}", shape=(n, T, C), dtype="float16",
-                           chunks=(chunk, T, C), shards=(unit, T, C), compressors=comp,
-                           fill_value=np.nan)
-        group.create_array(f"norms{suffix}", shape=(n, T), dtype="float32", chunks=(unit, T),
-                           compressors=comp, fill_value=np.nan)
-    group.create_array("labels", shape=(n,), dtype="int64", chunks=(unit,), compressors=comp,
-                       fill_value=-1)
-    group.create_array("written", shape=(units,), dtype="uint8", chunks=(1,), compressors=(),
-                       fill_value=0)
-    group.attrs.update(attrs)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with writing(out, "encode-init", _own_store, force=force, inputs=[shards, checkpoint]):
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _create_arrays(tmp, attrs, flip, n, T, C, chunk, unit, units, compressors(codec))
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, flip=%s",
              out, n, units, unit, chunk, parts, codec, flip)
     return out
@@ -305,10 +340,14 @@ def _open_group(path: str | Path, mode: str, missing_hint: str) -> tuple[zarr.Gr
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise CacheError(f"{path}: no latent cache here ({missing_hint})")
-    group = zarr.open_group(path, mode=mode)
-    attrs = group.attrs.asdict()
+    try:
+        group = zarr.open_group(path, mode=mode)
+        attrs = group.attrs.asdict()
+    except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as e:
+        raise CacheError(f"{path}: unreadable zarr store ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r})")
+        raise CacheError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r:.60})")
     return group, attrs
 
 
@@ -323,6 +362,7 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
     from dinosae.data.shard import MANIFEST, read_manifest
 
     group, attrs = _open_for_write(cache)
+    check_attrs(cache, group, attrs)
     if not 0 <= index < parts:
         raise ValueError(f"encode-part: index {index} is not in 0..{parts - 1}")
     manifest = read_manifest(shards)
@@ -408,6 +448,7 @@ def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
     """Check every unit; returns summary statistics or raises CacheError naming the first bad
     region: every unit written, shapes = manifest count, labels in range, every stored token
     norm within NORM_TOL of 1, no NaN/Inf in tokens or norms."""
+    check_attrs(where, group, attrs)
     n, unit, units, T, C = (attrs[k] for k in ("count", "unit_rows", "units", "tokens",
                                                   "channels"))
     layout, k = attrs["parts_layout"], attrs["num_classes"]
@@ -499,14 +540,15 @@ def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
     """Validate every region; only then set `complete: true` and `mean_norm`; write a JSON report
     to `out`. A failure raises CacheError naming the first bad region and leaves complete
     false. Config: none needed."""
-    group, attrs = _open_for_write(cache)
-    t0 = time.time()
-    try:
-        report = validate_cache(group, attrs, where=f"latent cache {cache}")
-    except Exception:
-        _update_attrs(group, cache, {"complete": False})
-        raise
-    _update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
+    with output_lock(cache, "encode-gather"):  # one writer of the attributes at a time
+        group, attrs = _open_for_write(cache)
+        t0 = time.time()
+        try:
+            report = validate_cache(group, attrs, where=f"latent cache {cache}")
+        except Exception:
+            _update_attrs(group, cache, {"complete": False})
+            raise
+        _update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
     report = {"cache": str(cache), "complete": True, **report,
               "encoder": attrs["encoder"], "source": attrs["source"],
               "seconds": round(time.time() - t0, 3)}
@@ -530,12 +572,127 @@ def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> Laten
         raise CacheError(f"{path}: the latent cache is incomplete (attribute complete is not "
                          "true): a region was never written or failed validation; run "
                          "`dinosae encode-gather` (Snakemake rule `encode`)")
+    check_attrs(path, group, attrs, reading=True)
     have = attrs["encoder"]["sha256"]
     if expect_encoder_sha is not None and have != expect_encoder_sha:
         raise CacheError(f"{path}: encoded with {attrs['encoder']['path']} (sha256 {have[:16]}…), "
                          f"not the expected encoder (sha256 {expect_encoder_sha[:16]}…): the "
                          "cache is stale; re-encode it")
     return LatentCache(path, group, attrs)
+
+
+def _posint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _posnum(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool = False) -> None:
+    """Compare every attribute the code relies on with the arrays (attributes are untrusted):
+    types, count and grid/tokens/channels against the array shapes, flip against the flipped
+    arrays, rows, units, the region layout; with `reading` (a complete cache) also labels
+    against num_classes, radius 1 and mean_norm against the stored norms. CacheError naming the
+    attribute that lies."""
+
+    def lie(key: str, why: str) -> CacheError:
+        return CacheError(f"{path}: attribute '{key}' {why} (the attributes must describe the "
+                          "arrays; re-encode the cache)")
+
+    def posint(key: str) -> int:
+        if not _posint(attrs.get(key)):
+            raise lie(key, f"is {attrs.get(key)!r:.40}, not a positive integer")
+        return attrs[key]
+
+    n, T, C, K = posint("count"), posint("tokens"), posint("channels"), posint("num_classes")
+    unit, units = posint("unit_rows"), posint("units")
+    for key in ("chunk_rows", "image_size", "batch_size"):
+        posint(key)
+    grid, flip = attrs.get("grid"), attrs.get("flip")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(map(_posint, grid))):
+        raise lie("grid", f"is {grid!r:.40}, not [height, width]")
+    if grid[0] * grid[1] != T:
+        raise lie("grid", f"{grid} gives {grid[0] * grid[1]} tokens, attribute 'tokens' {T}")
+    size = attrs["image_size"]
+    if grid != [size // 16, size // 16]:  # the encoder's 16x stem: one token per 16x16 pixels
+        raise lie("grid", f"is {grid}, but {size} px images give "
+                          f"{[size // 16, size // 16]} tokens")
+    if not isinstance(flip, bool):
+        raise lie("flip", f"is {flip!r:.40}, not true or false")
+    if attrs.get("rows") != n * (2 if flip else 1):
+        raise lie("rows", f"is {attrs.get('rows')!r:.40}, not count x {2 if flip else 1}")
+    if units != _ceil_div(n, unit):
+        raise lie("units", f"is {units}, but {n} rows in units of {unit} make {_ceil_div(n, unit)}")
+    classes = attrs.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != K):
+        raise lie("num_classes", f"is {K}, but 'classes' lists "
+                                 f"{len(classes) if isinstance(classes, list) else classes!r:.40}")
+    for key in ("encoder", "source"):
+        if not (isinstance(attrs.get(key), dict) and isinstance(attrs[key].get("sha256"), str)):
+            raise lie(key, "has no sha256")
+    layout = attrs.get("parts_layout")
+    try:  # regions cover units 0..units-1 in order, without gaps
+        bounds = [0] + [b for r in layout["regions"] for b in r["units"]] + [units]
+        ok = (_posint(layout["parts"]) and len(layout["regions"]) == layout["parts"]
+              and all(isinstance(b, int) for b in bounds)
+              and all(bounds[i] == bounds[i + 1] for i in range(0, len(bounds), 2))
+              and bounds == sorted(bounds))
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise lie("parts_layout", f"does not split {units} units into regions")
+    arrays = {k: group[k] for k in ARRAYS if k in group}
+    if not all(isinstance(a, zarr.Array) for a in arrays.values()):
+        raise CacheError(f"{path}: {sorted(arrays)} must all be arrays")
+    names = ["tokens", "norms", "labels", "written"] + (["tokens_flip", "norms_flip"] if flip
+                                                        else [])
+    for name in names:
+        if name not in arrays:
+            raise lie("flip" if name.endswith("_flip") else "format",
+                      f"promises array {name!r}, which the store lacks")
+    if not flip and ("tokens_flip" in arrays or "norms_flip" in arrays):
+        raise lie("flip", "is false, but the store holds flipped tokens")
+    for name in names:
+        shape = tuple(arrays[name].shape)
+        if name == "written":
+            if shape != (units,):
+                raise lie("units", f"is {units}, but array written has {shape}")
+            continue
+        if shape[0] != n:
+            raise lie("count", f"is {n}, but array {name} has {shape[0]} rows")
+        if name.startswith(("tokens", "norms")) and (len(shape) < 2 or shape[1] != T):
+            raise lie("grid", f"{grid} gives {T} tokens a row, but array {name} is {shape}")
+        if name.startswith("tokens") and shape[2:] != (C,):
+            raise lie("channels", f"is {C}, but array {name} is {shape}")
+    if not reading:
+        return
+    if attrs.get("radius") != 1.0:
+        raise lie("radius", f"is {attrs.get('radius')!r:.40}; the cache stores unit-norm "
+                            "tokens (radius 1.0)")
+    labels = arrays["labels"][:]
+    if len(labels) and (labels.min() < 0 or labels.max() >= K):
+        raise lie("num_classes", f"is {K}, but the labels run from {labels.min()} to "
+                                 f"{labels.max()}")
+    _check_mean_norm(path, arrays["norms"], attrs.get("mean_norm"), lie)
+
+
+def _check_mean_norm(path: str | Path, norms: zarr.Array, mean_norm: Any, lie: Any) -> None:
+    """mean_norm is the mean of the stored raw norms: recomputed exactly for a cache of up to
+    MEAN_NORM_EXACT_VALUES values, else compared with the first unit's (within a factor of 2)."""
+    if not _posnum(mean_norm):
+        raise lie("mean_norm", f"is {mean_norm!r:.40}, not a finite positive number")
+    n, T = norms.shape
+    if n * T <= MEAN_NORM_EXACT_VALUES:
+        want = float(np.asarray(norms[:], dtype=np.float64).sum() / (n * T))
+        if not math.isclose(mean_norm, want, rel_tol=1e-6):
+            raise lie("mean_norm", f"is {mean_norm:.6g}, but the stored norms average "
+                                   f"{want:.6g}")
+        return
+    sample = float(np.asarray(norms[:norms.chunks[0]], dtype=np.float64).mean())
+    if not 0.5 < mean_norm / sample < 2.0:
+        raise lie("mean_norm", f"is {mean_norm:.6g}, far from the stored norms' {sample:.6g}")
 
 
 class LatentCache:

@@ -1,14 +1,22 @@
 """`dinosae status`: which stages of a results folder are done, their key metrics and the
-checkpoint (or cache) each used, read back from the files the stages leave behind."""
+checkpoint (or cache) each used, read back from the files the stages leave behind.
+
+Those files are untrusted: a stage whose file cannot be read (damaged, truncated, unreadable,
+not what the stage writes) is shown as `unreadable` with the file and the reason, and the other
+stages are still reported. A results folder that does not exist is an error."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dinosae.errors import DinosaeError, StatusError
 from dinosae.files import read_kv
 
 AE_METRICS = ("loss", "l1", "lpips", "align", "g_gan")
@@ -18,19 +26,45 @@ RECON_SKIP = {"num_samples", "extractor", "extractor_id", "lpips_net", "checkpoi
 @dataclass
 class Stage:
     name: str
-    state: str  # done | partial | missing
+    state: str  # done | partial | missing | unreadable
     metrics: str = ""
     uses: str = ""
 
 
 def status(cfg: dict, results: str = "results") -> None:
     """Print the status table of `results` (`cfg` is unused: the files say it all)."""
-    print(format_table(Path(results), collect(Path(results))))
+    folder = Path(results)
+    if not folder.is_dir():
+        raise StatusError(f"--results {results}: no such folder (nothing has run there yet, or "
+                          "a typo)")
+    print(format_table(folder, collect(folder)))
+
+
+# what a damaged results file raises while its stage is read: reported, never a traceback
+UNREADABLE = (DinosaeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
+              csv.Error)
+
+
+def _guarded(name: str, files: str, read: Callable[[], Stage]) -> Stage:
+    try:
+        return read()
+    except StatusError as e:  # names the file
+        return Stage(name, "unreadable", str(e))
+    except UNREADABLE as e:
+        why = " ".join(str(e).split())[:200]
+        return Stage(name, "unreadable", f"{files}: {type(e).__name__}{': ' + why if why else ''}")
 
 
 def collect(results: Path) -> list[Stage]:
-    return [*(ae_stage(results, k) for k in (1, 2, 3, 4)), recon(results), latents(results),
-            dit(results), samples(results), gfid(results)]
+    """One Stage per pipeline stage; a stage whose files cannot be read is `unreadable`."""
+    readers = [(f"ae stage{k}", f"{results}/ae/stage{k}", lambda k=k: ae_stage(results, k))
+               for k in (1, 2, 3, 4)]
+    readers += [("recon", f"{results}/recon.txt", lambda: recon(results)),
+                ("latents", f"{results}/latents", lambda: latents(results)),
+                ("dit", f"{results}/dit", lambda: dit(results)),
+                ("samples", f"{results}/samples", lambda: samples(results)),
+                ("gfid", f"{results}/gfid.txt", lambda: gfid(results))]
+    return [_guarded(name, files, read) for name, files, read in readers]
 
 
 def format_table(results: Path, stages: list[Stage]) -> str:
@@ -47,23 +81,27 @@ def format_table(results: Path, stages: list[Stage]) -> str:
 
 def ae_stage(results: Path, k: int) -> Stage:
     name, folder = f"ae stage{k}", results / "ae" / f"stage{k}"
-    ck, state = _checkpoint(folder)
-    if ck is None or "imported" in ck:
-        return _imported(name, ck, state)
-    total = ck["train"]["stage_steps"][k - 1]
-    metrics = [f"step {ck['step']}/{total}", *last_metrics(folder / "metrics.csv", AE_METRICS)]
-    uses = ck.get("init") or f"teacher weights: {ck['config']['autoencoder']['teacher']['weights']}"
-    return Stage(name, state, ", ".join(metrics), uses)
+    path, ck, state = _checkpoint(folder)
+    with _reading(path):
+        if ck is None or "imported" in ck:
+            return _imported(name, ck, state)
+        total = ck["train"]["stage_steps"][k - 1]
+        weights = ck["config"]["autoencoder"]["teacher"]["weights"]
+        step, uses = ck["step"], ck.get("init") or f"teacher weights: {weights}"
+    metrics = [f"step {step}/{total}", *last_metrics(folder / "metrics.csv", AE_METRICS)]
+    return Stage(name, state, ", ".join(metrics), str(uses))
 
 
 def dit(results: Path) -> Stage:
     folder = results / "dit"
-    ck, state = _checkpoint(folder)
-    if ck is None or "imported" in ck:
-        return _imported("dit", ck, state)
-    metrics = [f"step {ck['step']}/{ck['config']['dit']['steps']}",
-               *last_metrics(folder / "metrics.csv", ("loss",))]
-    return Stage("dit", state, ", ".join(metrics), f"{ck['ae']} (cache {ck['cache']})")
+    path, ck, state = _checkpoint(folder)
+    with _reading(path):
+        if ck is None or "imported" in ck:
+            return _imported("dit", ck, state)
+        step, uses = f"step {ck['step']}/{ck['config']['dit']['steps']}", \
+            f"{ck['ae']} (cache {ck['cache']})"
+    return Stage("dit", state, ", ".join([step, *last_metrics(folder / "metrics.csv",
+                                                               ("loss",))]), uses)
 
 
 def latents(results: Path) -> Stage:
@@ -72,10 +110,11 @@ def latents(results: Path) -> Stage:
         partial = sorted((results / "latents").glob("*.zarr"))
         return Stage("latents", "partial" if partial else "missing",
                      f"{partial[0].name} not validated yet" if partial else "")
-    r = json.loads(reports[0].read_text())
-    return Stage("latents", "done" if r.get("complete") else "partial",
-                 f"{r['count']} images, mean token norm {r['mean_norm']:.4g}",
-                 r["encoder"]["path"])
+    with _reading(reports[0]):
+        r = json.loads(reports[0].read_text())
+        return Stage("latents", "done" if r.get("complete") else "partial",
+                     f"{int(r['count'])} images, mean token norm {float(r['mean_norm']):.4g}",
+                     str(r["encoder"]["path"]))
 
 
 def samples(results: Path) -> Stage:
@@ -86,10 +125,10 @@ def samples(results: Path) -> Stage:
     if not path.exists():
         if not partial.exists():
             return Stage("samples", "missing")
-        with h5py.File(partial, "r") as f:
+        with _reading(partial), h5py.File(partial, "r") as f:
             return Stage("samples", "partial",
                          f"{int(f.attrs['done'])}/{int(f.attrs['num_samples'])} images")
-    with h5py.File(path, "r") as f:
+    with _reading(path), h5py.File(path, "r") as f:
         a = f.attrs
         metrics = (f"{int(a['num_samples'])} images, {int(a['num_classes'])} classes, "
                    f"{int(a['steps'])} steps, cfg {float(a['cfg_scale']):g}")
@@ -101,7 +140,8 @@ def recon(results: Path) -> Stage:
     path = results / "recon.txt"
     if not path.exists():
         return Stage("recon", "missing")
-    kv = read_kv(path)
+    with _reading(path):
+        kv = read_kv(path)
     metrics = [f"{k} {v}" for k, v in kv.items() if k not in RECON_SKIP]
     metrics.append(f"{kv.get('num_samples', '?')} images")
     return Stage("recon", "done", ", ".join(metrics), kv.get("checkpoint", ""))
@@ -111,7 +151,8 @@ def gfid(results: Path) -> Stage:
     path = results / "gfid.txt"
     if not path.exists():
         return Stage("gfid", "missing")
-    kv = read_kv(path)
+    with _reading(path):
+        kv = read_kv(path)
     metric = kv.get("metric", "FID")
     metrics = [f"{metric} {kv.get(metric, '?')}"]
     if _is_number(kv.get("IS")):
@@ -122,15 +163,28 @@ def gfid(results: Path) -> Stage:
 
 # ---------------------------------------------------------------- reading helpers
 
-def _checkpoint(folder: Path) -> tuple[dict | None, str]:
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors while reading `path` become a StatusError naming it."""
+    try:
+        yield
+    except StatusError:
+        raise
+    except UNREADABLE as e:
+        why = " ".join(str(e).split())[:200]
+        raise StatusError(f"{path}: {type(e).__name__}{': ' + why if why else ''}") from None
+
+
+def _checkpoint(folder: Path) -> tuple[Path, dict | None, str]:
     """The finished checkpoint (state done) or the periodic last.pt (partial), memory-mapped so
     that a large checkpoint is not read whole."""
     from dinosae.checkpoint import load_checkpoint
 
     for name, state in (("checkpoint.pt", "done"), ("last.pt", "partial")):
-        if (folder / name).is_file():
-            return load_checkpoint(folder / name, mmap=True), state
-    return None, "missing"
+        if (folder / name).exists():
+            with _reading(folder / name):
+                return folder / name, load_checkpoint(folder / name, mmap=True), state
+    return folder, None, "missing"
 
 
 def _imported(name: str, ck: dict | None, state: str) -> Stage:
@@ -147,8 +201,10 @@ def last_metrics(path: Path, names: tuple[str, ...]) -> list[str]:
 
     if not path.exists():
         return []
-    cols = read_metrics(path)
-    return [f"{n} {cols[n][-1]:.4g}" for n in names if n in cols and math.isfinite(cols[n][-1])]
+    with _reading(path):
+        cols = read_metrics(path)
+        return [f"{n} {cols[n][-1]:.4g}" for n in names
+                if n in cols and len(cols[n]) and math.isfinite(cols[n][-1])]
 
 
 def _is_number(value: Any) -> bool:

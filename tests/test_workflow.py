@@ -75,7 +75,8 @@ def test_released_weights_config_skips_autoencoder_training(tmp_path):
     # workflow/configs/imagenet256_released.yaml: import the authors' autoencoder, then encode,
     # train the DiT (or import one), sample and FID; no AE stage, not even stage 1 for FD
     workflow_copy(tmp_path / "wf")
-    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    for split in ("train", "val"):  # both are sharded: the config check wants both folders
+        (tmp_path / "imagenet" / split).mkdir(parents=True)
     released = ["--configfile", "workflow/configs/imagenet256_released.yaml",
                 "--config", f"data={{root: {tmp_path / 'imagenet'}}}"]
     r = dry_run("-p", *released, cwd=tmp_path / "wf")

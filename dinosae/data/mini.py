@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import zlib
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dinosae.outputs import names_only, replace_dir, writing
 
 log = logging.getLogger(__name__)
 
@@ -72,38 +75,61 @@ def random_crop(photo: Image.Image, rng: np.random.Generator, size: int, min_sca
     return crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
 
 
-def build_mini_dataset(cfg: dict, out: str | Path) -> None:
+def _first_foreign(out: Path) -> str | None:
+    """The first entry of `out` that build_mini_dataset does not write (None: it is a mini
+    dataset): only train/ and val/, class folders named for PHOTOS, `<class>_NNNN.JPEG` files."""
+    foreign = names_only(*SPLITS)(out)
+    if foreign is not None:
+        return foreign
+    for split in SPLITS:
+        if not (out / split).is_dir():
+            continue
+        with os.scandir(out / split) as classes:
+            for c in classes:
+                if c.name not in {name for name, _ in PHOTOS} or not c.is_dir():
+                    return f"{split}/{c.name}"
+                bad = names_only(rf"{re.escape(c.name)}_\d{{4}}\.JPEG")(Path(c.path))
+                if bad is not None:
+                    return f"{split}/{c.name}/{bad}"
+    return None
+
+
+_first_foreign.accepts = names_only(*SPLITS).accepts  # type: ignore[attr-defined]
+
+
+def build_mini_dataset(cfg: dict, out: str | Path, force: bool = False) -> None:
     """Write `out/train/<class>/*.JPEG` and `out/val/<class>/*.JPEG` (config sections: seed, data).
 
     Same seed and settings give byte-identical files. Built in a temporary folder that is renamed
-    to `out` when complete.
+    to `out` when complete. `out` is locked meanwhile; an existing `out` that is not a mini
+    dataset is refused (`force`: replaced).
     """
+    with writing(out, "mini-dataset", _first_foreign, force=force):
+        _build(cfg, Path(out))
+
+
+def _build(cfg: dict, out: Path) -> None:
     mini = cfg["data"]["mini"]
     seed = int(cfg.get("seed", 0))
     counts = {"train": mini["train_per_class"], "val": mini["val_per_class"]}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    photos = load_photos()
-    for name, photo in photos:
-        for split_id, split in enumerate(SPLITS):
-            # Seeded by the class *name*, so a skipped photo does not change the others' crops.
-            rng = np.random.default_rng([seed, zlib.crc32(name.encode()), split_id])
-            folder = tmp / split / name
-            folder.mkdir(parents=True)
-            for i in range(counts[split]):
-                crop = random_crop(photo, rng, mini["crop_size"], mini["min_scale"],
-                                   mini["max_scale"])
-                crop.save(folder / f"{name}_{i:04d}.JPEG", format="JPEG", quality=95)
-    log.info("mini dataset: %d classes (%s), %d train + %d val per class", len(photos),
-             ", ".join(n for n, _ in photos), counts["train"], counts["val"])
-
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        photos = load_photos()
+        for name, photo in photos:
+            for split_id, split in enumerate(SPLITS):
+                # Seeded by the class *name*, so a skipped photo does not change the others' crops.
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode()), split_id])
+                folder = tmp / split / name
+                folder.mkdir(parents=True)
+                for i in range(counts[split]):
+                    crop = random_crop(photo, rng, mini["crop_size"], mini["min_scale"],
+                                       mini["max_scale"])
+                    crop.save(folder / f"{name}_{i:04d}.JPEG", format="JPEG", quality=95)
+        log.info("mini dataset: %d classes (%s), %d train + %d val per class", len(photos),
+                 ", ".join(n for n, _ in photos), counts["train"], counts["val"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)

@@ -10,6 +10,17 @@ the loader's tar reader relies on.
 Tars are written with webdataset's `TarWriter` (fixed mtime/user/group make it deterministic);
 the roll-over to the next shard is done here rather than with `ShardWriter`, which writes straight
 to the final names and only rolls over after a shard has exceeded its size.
+
+Images are untrusted: a file is opened without blocking and must be a regular file; its size in
+pixels is read from its header before anything is decoded, and an image above `data.max_pixels`
+is skipped (listed with the reason), as is every file that cannot be read. A JPEG of more than
+DRAFT_ABOVE_PIXELS is decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode), keeping at least
+DRAFT_MARGIN x image_size pixels on its short side, for a fraction of the memory: the ADM
+box-halvings that follow then give images darker by about one grey level on average than a full
+decode (at most 3-4 levels; measured on 4x and 8x upscaled photographs), so smaller JPEGs (all of
+ImageNet) are decoded in full, exactly as before.
+The output folder is locked while it is written and must be a shard folder or empty
+(dinosae.outputs).
 """
 
 from __future__ import annotations
@@ -19,10 +30,13 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
+import stat
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +44,11 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dinosae.data.folder import class_dirs, scan_imagenet_folder
+from dinosae.data.folder import class_dirs, scan_imagenet_folder, special_reason
 from dinosae.errors import DataError, MissingShards
 from dinosae.faults import fault_point
 from dinosae.files import atomic_write_text, sha256_file
+from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -46,6 +61,11 @@ _BLOCK, _RECORD = 512, 10240  # tar block and record sizes (bytes)
 
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 MEMBER_NAME = re.compile(r"(\d{8})\.(jpg|png|cls)")
+DEFAULT_MAX_PIXELS = 50_000_000  # data.max_pixels when the config has none
+DRAFT_ABOVE_PIXELS = 16_000_000  # JPEGs larger than this are decoded in draft mode
+DRAFT_MARGIN = 4  # JPEG draft decoding keeps at least this many times image_size (short side)
+# what a shard folder holds (and temporaries): anything else there is not ours to replace
+SHARD_FOLDER = names_only(SHARD_NAME.pattern, re.escape(MANIFEST), r"\.progress\.json")
 
 
 # ---------------------------------------------------------------- preprocessing (in the workers)
@@ -87,17 +107,50 @@ def encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def prepare(path: str, size: int, fmt: str, quality: int) -> tuple[bytes | None, str | None]:
-    """Read, convert, resize, crop and encode one image: (bytes, None) or (None, reason)."""
+def _draft(im: Image.Image, size: int) -> None:
+    """Let a JPEG of more than DRAFT_ABOVE_PIXELS decode at 1/2, 1/4 or 1/8 scale, keeping
+    >= DRAFT_MARGIN x size on its short side (see the module doc)."""
+    w, h = im.size
+    keep = DRAFT_MARGIN * size
+    if im.format == "JPEG" and w * h > DRAFT_ABOVE_PIXELS and min(w, h) >= 2 * keep:
+        short = min(w, h)
+        im.draft(im.mode, (math.ceil(w * keep / short), math.ceil(h * keep / short)))
+
+
+def over_cap(w: int, h: int, max_pixels: int) -> str:
+    return f"{w}x{h} = {w * h} pixels, over data.max_pixels ({max_pixels}); not decoded"
+
+
+def prepare(path: str, size: int, fmt: str, quality: int,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes | None, str | None]:
+    """Read, convert, resize, crop and encode one image: (bytes, None) or (None, reason).
+    Only a regular file is read, and only when its header gives at most `max_pixels`."""
     try:
-        if os.path.getsize(path) == 0:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the job
+    except OSError as e:
+        return None, f"cannot be opened ({e.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, special_reason(st.st_mode)
+        if st.st_size == 0:
             return None, "empty file (0 bytes)"
-        with Image.open(path) as im:
-            im.load()  # decodes everything: a truncated or corrupt file fails here
-            arr = center_crop_adm(to_rgb(im), size)
-        return encode(np.ascontiguousarray(arr), fmt, quality), None
-    except Exception as e:  # any failure to read one file skips that file, with the reason
-        return None, f"{type(e).__name__}: {e}"
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check agrees (it errs above 2x)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as im:  # reads the header only
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        return None, over_cap(w, h, max_pixels)
+                    _draft(im, size)
+                    im.load()  # decodes everything: a truncated or corrupt file fails here
+                    arr = center_crop_adm(to_rgb(im), size)
+            return encode(np.ascontiguousarray(arr), fmt, quality), None
+        except Image.DecompressionBombError as e:
+            return None, f"over data.max_pixels ({max_pixels}); not decoded ({e})"
+        except Exception as e:  # any failure to read one file skips that file, with the reason
+            return None, f"{type(e).__name__}: {e}"
 
 
 # ---------------------------------------------------------------------------------- tar writing
@@ -178,16 +231,21 @@ class _Journal:
             return None
         try:
             state = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning("%s: written for other inputs or settings; starting over", self.path)
-            return None
-        for s in state["shards"]:
-            tar = self.path.parent / s["name"]
-            if not tar.is_file() or tar.stat().st_size != s["bytes"]:
-                log.warning("%s: missing or changed; starting over", tar)
+            if state.get("fingerprint") != self.fingerprint:
+                log.warning("%s: written for other inputs or settings; starting over", self.path)
                 return None
+            for s in state["shards"]:
+                tar = self.path.parent / s["name"]
+                if (not SHARD_NAME.fullmatch(s["name"]) or not tar.is_file()
+                        or tar.stat().st_size != s["bytes"]):
+                    log.warning("%s: missing or changed; starting over", tar)
+                    return None
+            types = {"pos": int, "index": int, "bad": list, "class_counts": dict}
+            if not all(isinstance(state.get(k), t) for k, t in types.items()):
+                raise ValueError("wrong types")
+        except (ValueError, KeyError, TypeError, AttributeError):  # not what this module wrote
+            log.warning("%s: unreadable; starting over", self.path)
+            return None
         return state
 
     def save(self, **state: object) -> None:
@@ -201,7 +259,8 @@ def _fingerprint(d: dict, split: str, items: list[tuple[str, str]], classes: lis
     """What fixes the tars' content: the settings and the listed files (path, class, size)."""
     keys = ("image_size", "format", "quality", "shard_max_bytes", "shard_max_count",
             "max_bad_fraction")
-    h = hashlib.sha256(json.dumps([split, classes, {k: d[k] for k in keys}]).encode())
+    settings = {k: d[k] for k in keys} | {"max_pixels": d.get("max_pixels", DEFAULT_MAX_PIXELS)}
+    h = hashlib.sha256(json.dumps([split, classes, settings]).encode())
     for path, wnid in items:
         h.update(f"{path}\0{wnid}\0{os.path.getsize(path)}\n".encode())
     return h.hexdigest()
@@ -219,18 +278,19 @@ def _clear_previous(out: Path, keep: set[str] = frozenset()) -> None:
 
 # ------------------------------------------------------------------------------------ the job
 
-def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
+def shard_split(cfg: dict, split: str, out: str | Path, force: bool = False) -> dict:
     """Shard `data.root/<split>` into `out` (config section: data). Returns the manifest.
 
     Unreadable files are skipped and listed in the manifest with their reason; no images, or a
     fraction of unreadable image files above `data.max_bad_fraction`, is a DataError (and no
     manifest). The class list of val is the train folder's when there is one, so both splits
     share class indices. A rerun after a kill keeps the finished tars and continues after them
-    (out/.progress.json); the result is byte-identical to an uninterrupted run.
+    (out/.progress.json); the result is byte-identical to an uninterrupted run. `out` is locked
+    while it is written; an existing `out` that is not a shard folder is refused (`force`:
+    replaced).
     """
     d = cfg["data"]
     root = Path(d["root"])
-    size, fmt, quality = d["image_size"], d["format"], d["quality"]
     ignored: list[tuple[str, str]] = []
     items, classes = scan_imagenet_folder(root, split, d.get("val_labels"), ignored=ignored)
     if split != "train" and (root / "train").is_dir():
@@ -241,10 +301,15 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
         classes = train_classes
     if not items:
         raise DataError(f"{root / split}: no image files found")
+    with writing(out, "shard", SHARD_FOLDER, force=force, inputs=[root, d.get("val_labels")]):
+        return _shard(d, split, root, items, classes, ignored, Path(out))
+
+
+def _shard(d: dict, split: str, root: Path, items: list[tuple[str, str]], classes: list[str],
+           ignored: list[tuple[str, str]], out: Path) -> dict:
+    size, fmt, quality = d["image_size"], d["format"], d["quality"]
     class_index = {w: i for i, w in enumerate(classes)}
     max_bad = int(d["max_bad_fraction"] * len(items))
-
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     journal = _Journal(out, _fingerprint(d, split, items, classes))
     state = journal.load() or {"shards": [], "pos": 0, "index": 0, "bad": [],
@@ -256,7 +321,8 @@ def shard_split(cfg: dict, split: str, out: str | Path) -> dict:
     sink = _ShardSink(out, EXT[fmt], d["shard_max_bytes"], d["shard_max_count"], state["shards"])
     bad_skipped, class_counts = state["bad"], state["class_counts"]
     index, start = state["index"], state["pos"]
-    work = functools.partial(prepare, size=size, fmt=fmt, quality=quality)
+    work = functools.partial(prepare, size=size, fmt=fmt, quality=quality,
+                             max_pixels=int(d.get("max_pixels", DEFAULT_MAX_PIXELS)))
     paths = [p for p, _ in items[start:]]
     workers = min(d["workers"], len(paths))
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
@@ -330,6 +396,7 @@ def read_manifest(shards_dir: str | Path, verify: bool = False) -> dict:
     missing = {"split", "count", "classes", "class_counts", "shards", "preprocess"} - set(m)
     if missing:
         raise DataError(f"{path}: missing {sorted(missing)}")
+    _check_types(m, path)
     if sum(s["count"] for s in m["shards"]) != m["count"]:
         raise DataError(f"{path}: shard counts do not add up to count={m['count']}")
     for s in m["shards"]:
@@ -345,6 +412,33 @@ def read_manifest(shards_dir: str | Path, verify: bool = False) -> dict:
         if verify and sha256_file(tar) != s["sha256"]:
             raise DataError(f"{tar}: sha256 differs from {path}")
     return m
+
+
+def _check_types(m: dict, path: Path) -> None:
+    """The manifest fields readers use have the types this module writes."""
+    def nonneg(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    shards, pre = m["shards"], m["preprocess"]
+    ok = (nonneg(m["count"]) and isinstance(m["classes"], list) and m["classes"]
+          and all(isinstance(c, str) for c in m["classes"])
+          and isinstance(m["class_counts"], dict) and isinstance(shards, list)
+          and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                  and all(nonneg(s.get(k)) for k in ("count", "first_index", "bytes"))
+                  for s in shards)
+          and isinstance(pre, dict) and nonneg(pre.get("image_size")) and pre["image_size"] > 0)
+    if not ok:
+        raise DataError(f"{path}: malformed (a field has the wrong type); not written by dinosae "
+                        "or damaged: rerun the shard rule")
+
+
+def check_image_size(manifest: dict, shards: str | Path, size: int, what: str) -> None:
+    """DataError unless the shards' images are `size` px (what `what` expects)."""
+    have = manifest["preprocess"]["image_size"]
+    if have != size:
+        raise DataError(f"{Path(shards) / MANIFEST}: images of {have} px, but {what} expects "
+                        f"{size} px; reshard with data.image_size: {size}, or use shards of "
+                        "that size")
 
 
 def shard_paths(shards_dir: str | Path) -> list[Path]:

@@ -35,9 +35,9 @@ def _how_to_supply(arch: str) -> str:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from dinosae.files import read_safetensors
 
-        return load_file(str(path))
+        return read_safetensors(path)
     from dinosae.checkpoint import load_checkpoint
 
     sd = load_checkpoint(path)  # weights_only: a file holding code is refused

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, closing, nullcontext
@@ -51,6 +52,7 @@ from dinosae.models.discriminator import (
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
+from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
 
@@ -58,8 +60,11 @@ log = logging.getLogger("dinosae")
 
 FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_loss", "d_real",
           "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec"]
+# what a stage folder holds (and temporaries): anything else there is not ours to replace
+STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png")
 # ae_train keys that only change logging / checkpoint cadence: a resume ignores them
 _CADENCE_KEYS = ("log_every", "image_every", "ckpt_every")
+
 
 EpochFn = Callable[[int], Iterable]  # epoch -> that epoch's batches (images, labels)
 
@@ -170,6 +175,16 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
         ema.load_trainable(prev["ema"], f"{init!r} (ema)")
         if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
             ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
+    depth = len(ae.encoder.vit.blocks)
+    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
+    if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
+        raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
+                          f"teacher's {depth} blocks (0..{depth - 1})")
+    depth = len(ae.encoder.vit.blocks)
+    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
+    if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
+        raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
+                          f"teacher's {depth} blocks (0..{depth - 1})")
     if stage >= 3:
         ae.encoder.stem.requires_grad_(False)
     ae.set_grad_checkpointing(bool(tcfg.get("activation_checkpointing", False)))
@@ -325,18 +340,30 @@ def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_range: list[fl
 
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
-                out: str | None = None, *, batches: EpochFn | None = None) -> DinoSAE:
+                out: str | None = None, *, batches: EpochFn | None = None,
+                force: bool = False) -> DinoSAE:
     """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
 
     cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.
     shards: train shard folder (dinosae.data.loader); `batches`, for tests, replaces it with a
-    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank.
+    function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank. `out` is
+    locked by rank 0 while it trains; an existing `out` holding other files than a stage's is
+    refused (`force`: replaced).
     """
     _check_args(stage, init, out)
     if batches is None:  # a missing or truncated shard stops here, before any model is built
-        from dinosae.data.shard import read_manifest
+        from dinosae.data.shard import check_image_size, read_manifest
 
-        read_manifest(shards)
+        check_image_size(read_manifest(shards), shards, cfg["data"]["image_size"],
+                         "data.image_size")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
+    with writing(out, "ae-train", STAGE_FOLDER, force=force, inputs=[shards, init]
+                 ) if rank0 else nullcontext():
+        return _train_stage(cfg, stage, shards, init, out, batches)
+
+
+def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, out: str,
+                 batches: EpochFn | None) -> DinoSAE:
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
     tcfg = cfg["ae_train"]

@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
 from dinosae.models.dit import build_dit
+from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
 
@@ -38,6 +41,8 @@ log = logging.getLogger("dinosae.dit")
 
 GRID_SAMPLES = 16  # images in the periodic sample grid
 MAX_BAD_STEPS = 5  # default for dit.max_bad_steps
+# what a DiT run folder holds (and temporaries): anything else there is not ours to replace
+RUN_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"samples_\d+\.png")
 
 
 # ---------------------------------------------------------------- one training step
@@ -120,19 +125,26 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
 
 # ---------------------------------------------------------------- the loop
 
-def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path) -> Path:
+def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
+              force: bool = False) -> Path:
     """Train the DiT on a latent cache; returns out/checkpoint.pt.
 
     Config sections: seed, device, dit, sample (grid sampling: steps, cfg_scale,
     guidance_interval, s_vae). `cache` is a cache path (read with dinosae.latents.open_cache)
     or an already open cache-like object (`.attrs`, `len`, `.batches(...)`); `ae` the
     autoencoder checkpoint used to decode the sample grids (None: grids are sampled, not saved).
+    `out` is locked by rank 0 while it trains; an existing `out` holding other files than a
+    DiT run's is refused (`force`: replaced).
     """
-    rank, world, device = setup_ddp(cfg.get("device", "auto"))
-    try:
-        return _train(cfg, cache, ae, Path(out), rank, world, device)
-    finally:
-        cleanup_ddp()
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
+    inputs = [cache if isinstance(cache, (str, Path)) else None, ae]
+    with writing(out, "train-dit", RUN_FOLDER, force=force, inputs=inputs
+                 ) if rank0 else nullcontext():
+        rank, world, device = setup_ddp(cfg.get("device", "auto"))
+        try:
+            return _train(cfg, cache, ae, Path(out), rank, world, device)
+        finally:
+            cleanup_ddp()
 
 
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,

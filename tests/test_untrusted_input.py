@@ -1,0 +1,629 @@
+"""Every input is untrusted (issue 16): one test per failure found by trying the CLI as a hostile
+or careless user. Each builds the bad input, runs the command (in-process through
+dinosae.cli.main, or as a subprocess where it could hang or eat memory: under a memory limit and
+a timeout), and checks the exit status, that stderr is one line naming the problem with no
+traceback, that no file outside the output changed (a hash of the whole tree before and after),
+and that nothing half-written looks complete.
+
+    1 existing outputs           4 export metadata     7 one line, not a traceback
+    2 YAML alias bomb            5 image size cap      8 every skipped file listed
+    3 cache metadata             6 two writers         9 leftovers and file modes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, save_dit_checkpoint, tiny_config, write_shards
+from PIL import Image
+
+import dinosae
+from dinosae import export, latents
+from dinosae.checkpoint import save_checkpoint
+from dinosae.cli import main
+from dinosae.config import validate
+from dinosae.errors import ConfigError
+from dinosae.models.autoencoder import ae_config, build_autoencoder
+from dinosae.models.dit import build_dit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NUM_CLASSES, SIZE = 3, 32
+
+
+# ---------------------------------------------------------------- helpers
+
+def tree(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """relative path -> sha256 (files), link target, 'dir' or the file type: the whole tree."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            if skip is not None and (p == skip or skip in p.parents):
+                continue
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = f"special {stat.S_IFMT(p.lstat().st_mode)}"
+    return out
+
+
+def cli(capsys, *args: str, cfg: dict | None = None) -> tuple[int, str]:
+    """dinosae.cli.main(args [--cfg JSON]) in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    argv = [*args, *(["--cfg", json.dumps(cfg)] if cfg is not None else [])]
+    rc = main(argv)  # a traceback would propagate here and fail the test
+    return rc, capsys.readouterr().err
+
+
+def one_line(rc: int, err: str, *needles: str, code: int = 2) -> str:
+    """Exit `code` and exactly one `dinosae ...:` line on stderr holding every needle."""
+    assert rc == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("dinosae")]
+    assert len(lines) == 1, err[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def limited(data_bytes: int):
+    """preexec_fn: cap the child's heap and anonymous memory (RLIMIT_DATA), so a regression
+    fails with MemoryError instead of eating the machine."""
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
+
+
+def run(*args: str, cwd: Path, memory: int = 3 << 30, timeout: int = 180
+        ) -> subprocess.CompletedProcess:
+    """`python -m dinosae ARGS` as a subprocess under a memory limit and a timeout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "dinosae", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limited(memory))
+
+
+def image_folder(root: Path, per_class: int = 3) -> Path:
+    """train/ and val/ in the ImageNet layout, two classes of small flat-colour JPEGs."""
+    for split in ("train", "val"):
+        for c, wnid in enumerate(("n01", "n02")):
+            d = root / split / wnid
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40 + i, 36), (40 * c + 20, 10 * i, 90)).save(d / f"{i}.JPEG")
+    return root
+
+
+def folder_config(root: Path, **data) -> dict:
+    cfg = tiny_config()
+    cfg["data"].update({"source": "folder", "root": str(root), "workers": 1} | data)
+    return {"data": cfg["data"]}
+
+
+def edit_json(path: Path, **changes) -> None:
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+def edit_attrs(store: Path, **changes) -> None:
+    doc = json.loads((store / "zarr.json").read_text())
+    doc["attributes"].update(changes)
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Shards of 12 random 32 px images, a tiny AE checkpoint, a complete latent cache made from
+    them, a DiT checkpoint, and the exports of both (the DiT's bundles the AE)."""
+    tmp = tmp_path_factory.mktemp("untrusted")
+    cfg = tiny_config(tmp)
+    cfg["device"] = "cpu"
+    cfg["latents"].update(parts=1, flip=False)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.arange(12) % NUM_CLASSES
+    write_shards(tmp / "shards", images, labels, (6, 6))
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg)
+    sd = ae.state_dict()
+    save_checkpoint(tmp / "ae.pt", {"kind": "dinosae-ae", "stage": 4, "step": 1,
+                                    "config": ae_config(cfg), "model": sd, "ema": sd})
+    cache = tmp / "cache.zarr"
+    latents.encode_init(cfg, tmp / "shards", tmp / "ae.pt", cache)
+    latents.encode_part(cfg, cache, tmp / "shards", tmp / "ae.pt", 0, 1, tmp / "0.done")
+    report = latents.encode_gather({}, cache, tmp / "cache.report.json")
+    grid, C = list(ae.grid), ae.channels
+    dit = build_dit(cfg["dit"]["model"], grid[0] * grid[1], C, NUM_CLASSES, grid,
+                    cfg["dit"]["head"])
+    save_dit_checkpoint(tmp / "dit.pt", cfg, dit, grid, NUM_CLASSES, report["mean_norm"],
+                        tmp / "ae.pt", step=3)
+    export.export_model({}, tmp / "ae.pt", tmp / "exports" / "ae")
+    export.export_model({}, tmp / "dit.pt", tmp / "exports" / "dit")
+    return {"tmp": tmp, "cfg": cfg, "shards": tmp / "shards", "ae": tmp / "ae.pt",
+            "dit": tmp / "dit.pt", "cache": cache, "exports": tmp / "exports"}
+
+
+@pytest.fixture
+def work(tmp_path, world) -> Path:
+    """A workspace holding private copies of the world's inputs."""
+    for name in ("shards", "cache.zarr", "exports"):
+        shutil.copytree(world["tmp"] / name, tmp_path / name)
+    for name in ("ae.pt", "dit.pt"):
+        shutil.copy(world["tmp"] / name, tmp_path / name)
+    return tmp_path
+
+
+def sections(world, *names: str) -> dict:
+    return {n: world["cfg"][n] for n in names}
+
+
+# ---------------------------------------------------------------- 1. existing outputs
+
+def _writers(world, work: Path) -> dict[str, tuple[list[str], dict | None]]:
+    """command -> (arguments without --out, --cfg sections) for every command writing a folder."""
+    image_folder(work / "images")
+    return {
+        "export-model": (["export-model", "--checkpoint", str(work / "ae.pt")], None),
+        "encode-init": (["encode-init", "--shards", str(work / "shards"), "--checkpoint",
+                         str(work / "ae.pt")], sections(world, "latents")),
+        "mini-dataset": (["mini-dataset"], sections(world, "seed", "data")),
+        "shard": (["shard", "--split", "train"], folder_config(work / "images")),
+        "ae-train": (["ae-train", "--stage", "1", "--shards", str(work / "shards")],
+                     sections(world, "seed", "device", "data", "autoencoder", "ae_train")),
+        "train-dit": (["train-dit", "--cache", str(work / "cache.zarr"), "--ae",
+                       str(work / "ae.pt")], sections(world, "seed", "device", "dit", "sample")),
+    }
+
+
+@pytest.mark.parametrize("command", ["export-model", "encode-init", "mini-dataset", "shard",
+                                     "ae-train", "train-dit"])
+def test_1_a_foreign_existing_out_is_refused_not_replaced(world, work, capsys, command):
+    args, cfg = _writers(world, work)[command]
+    out = work / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    before = tree(work)
+    rc, err = cli(capsys, *args, "--out", str(out), cfg=cfg)
+    one_line(rc, err, str(out), "'thesis.tex'", "--force")
+    assert tree(work) == before  # the folder and everything else untouched, no lock file left
+
+
+def test_1_outputs_inside_outputs_or_holding_inputs_are_refused_even_with_force(
+        world, work, capsys, monkeypatch):
+    results = work / "results"
+    (results / "ae" / "stage4").mkdir(parents=True)
+    shutil.copy(work / "ae.pt", results / "ae" / "stage4" / "checkpoint.pt")
+    (results / "latents").mkdir()
+    before = tree(work)
+    for force in ([], ["--force"]):
+        rc, err = cli(capsys, "export-model", "--checkpoint",
+                      str(results / "ae" / "stage4" / "checkpoint.pt"), "--out", str(results),
+                      *force)
+        one_line(rc, err, "holds this command's input", "checkpoint.pt")
+        rc, err = cli(capsys, "export-model", "--checkpoint", str(work / "ae.pt"), "--out",
+                      str(results), *force)  # not its input, but another output's checkpoint
+        one_line(rc, err, str(results), "--force" if not force else "another dinosae output")
+        monkeypatch.chdir(work)
+        rc, err = cli(capsys, "export-model", "--checkpoint", "ae.pt", "--out", ".", *force)
+        one_line(rc, err, "current folder")
+        rc, err = cli(capsys, "export-model", "--checkpoint", "ae.pt", "--out",
+                      "shards/export", *force)
+        one_line(rc, err, "inside", "another dinosae output")
+        rc, err = cli(capsys, "encode-init", "--shards", "shards", "--checkpoint", "ae.pt",
+                      "--out", "shards", *force, cfg=sections(world, "latents"))
+        one_line(rc, err, "holds this command's input shards")
+    assert tree(work) == before
+
+
+def test_1_own_outputs_are_replaced_and_force_replaces_a_foreign_one(world, work, capsys):
+    out = work / "exp"
+    for _ in range(2):  # a rerun over its own export
+        assert cli(capsys, "export-model", "--checkpoint", str(work / "ae.pt"), "--out",
+                   str(out))[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    rc, err = cli(capsys, "export-model", "--checkpoint", str(work / "ae.pt"), "--out", str(out))
+    one_line(rc, err, "'notes.txt'", "--force")
+    assert (out / "notes.txt").exists()
+    assert cli(capsys, "export-model", "--checkpoint", str(work / "ae.pt"), "--out", str(out),
+               "--force")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # a rerun of encode-init over its own store (what Snakemake does) is allowed, also in a
+    # results folder that holds the results of a finished run
+    cfg = sections(world, "latents")
+    (work / "results" / "latents").mkdir(parents=True)
+    (work / "results" / "gfid.txt").write_text("FD_teacher: 1.0\n")
+    for store in (work / "cache.zarr", work / "results" / "latents" / "train.zarr"):
+        for _ in range(2):
+            assert cli(capsys, "encode-init", "--shards", str(work / "shards"), "--checkpoint",
+                       str(work / "ae.pt"), "--out", str(store), cfg=cfg)[0] == 0
+
+
+# ---------------------------------------------------------------- 2. YAML alias bomb
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]"
+              for i in range(1, levels)]
+    return "\n".join(lines + [f"seed: *a{levels - 1}"]) + "\n"
+
+
+def test_2_alias_bomb_is_refused_quickly_within_a_memory_limit(tmp_path):
+    bomb, small = tmp_path / "bomb.yaml", tmp_path / "small.yaml"
+    bomb.write_text(_alias_bomb())
+    small.write_text(_alias_bomb(levels=6, width=10))
+    before = tree(tmp_path)
+    r = run("validate-config", "--config", str(bomb), cwd=tmp_path, memory=1 << 30, timeout=60)
+    one_line(r.returncode, r.stderr, "bomb.yaml", "YAML aliases")
+    # under the alias budget but expanding to 10^6 values: refused by size
+    r = run("validate-config", "--config", str(small), cwd=tmp_path, memory=1 << 30, timeout=60)
+    one_line(r.returncode, r.stderr, "expands to more than")
+    # Snakemake parses the file itself and hands the Snakefile the aliased structure
+    code = ("import sys, yaml; from dinosae.config import ConfigError, validate\n"
+            "try:\n    validate(yaml.safe_load(open(sys.argv[1])))\n"
+            "except ConfigError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True,
+                       timeout=60, preexec_fn=limited(1 << 30),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "expands to more than" in r.stdout, r.stderr[-2000:]
+    assert tree(tmp_path) == before
+
+
+def test_2_messages_quote_only_the_start_of_a_value():
+    for value in ("x" * 5000, list(range(2000)), {"k" * 300: 1}):
+        with pytest.raises(ConfigError) as e:
+            validate({"seed": value})
+        assert len(str(e.value)) < 300 and "'seed'" in str(e.value), str(e.value)[:500]
+    with pytest.raises(ConfigError, match="a string of 20000 characters"):
+        validate({"data": {"root": "r" * 20000}})
+
+
+# ---------------------------------------------------------------- 3. cache metadata
+
+@pytest.mark.parametrize("changes, attribute", [
+    ({"grid": [1, 2]}, "grid"),  # fewer tokens than the arrays hold
+    ({"grid": [4, 1]}, "grid"),  # the same count of tokens, the wrong layout
+    ({"tokens": 5, "grid": [5, 1]}, "grid"),
+    ({"count": 11, "rows": 11}, "count"),
+    ({"mean_norm": -3.0}, "mean_norm"),
+    ({"mean_norm": 1e9}, "mean_norm"),
+    ({"num_classes": 2, "classes": ["n0", "n1"]}, "num_classes"),
+    ({"channels": 32}, "channels"),
+    ({"flip": True, "rows": 24}, "flip"),
+    ({"radius": -1.0}, "radius"),
+    ({"unit_rows": "8"}, "unit_rows"),
+])
+def test_3_cache_attributes_are_checked_against_the_arrays(world, work, capsys, changes,
+                                                           attribute):
+    edit_attrs(work / "cache.zarr", **changes)
+    before = tree(work)
+    out = work / "dit_run"
+    rc, err = cli(capsys, "train-dit", "--cache", str(work / "cache.zarr"), "--ae",
+                  str(work / "ae.pt"), "--out", str(out),
+                  cfg=sections(world, "seed", "device", "dit", "sample"))
+    one_line(rc, err, f"attribute '{attribute}'", "cache.zarr")
+    assert tree(work) == before and not out.exists()
+    with pytest.raises(latents.CacheError, match=f"attribute '{attribute}'"):
+        latents.open_cache(work / "cache.zarr")
+
+
+def test_3_the_untouched_cache_opens(world):
+    lc = latents.open_cache(world["cache"])
+    assert len(lc) == 12 and lc.attrs["grid"] == [2, 2]
+
+
+# ---------------------------------------------------------------- 4. export metadata
+
+@pytest.mark.parametrize("which, changes, needle", [
+    ("dit", {"config": {"grid": [1, 4]}}, "config.grid"),  # the bundled AE's is [2, 2]
+    ("dit", {"config": {"grid": [2, 3]}}, "config.grid"),
+    ("dit", {"config": {"radius": -8.0}}, "config.radius"),
+    ("dit", {"decode_radius": -1.0}, "decode_radius"),
+    ("dit", {"autoencoder": "ABSOLUTE"}, "'autoencoder'"),
+    ("dit", {"autoencoder": "../ae"}, "'autoencoder'"),
+    ("ae", {"grid": [3, 3]}, "'grid'"),
+    ("ae", {"tensors": 3}, "'tensors'"),
+])
+def test_4_export_config_is_checked_against_its_tensors(world, work, capsys, which, changes,
+                                                        needle):
+    folder = work / "exports" / which
+    doc = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value == "ABSOLUTE":
+            value = str(work / "exports" / "ae")
+        if isinstance(value, dict):
+            doc[key].update(value)
+        else:
+            doc[key] = value
+    (folder / "config.json").write_text(json.dumps(doc))
+    before = tree(work)
+    out = work / "imported.pt"
+    if which == "dit":
+        rc, err = cli(capsys, "import-dit", "--source", str(folder), "--out", str(out),
+                      cfg=sections(world, "dit"))
+        loader = dinosae.load_generator
+    else:
+        rc, err = cli(capsys, "import-ae", "--source", str(folder), "--out", str(out),
+                      cfg=sections(world, "data", "autoencoder"))
+        loader = dinosae.load_autoencoder
+    one_line(rc, err, needle, "config.json")
+    assert tree(work) == before and not out.exists()
+    with pytest.raises(ConfigError, match=needle.strip("'").replace(".", r"\.")):
+        loader(folder, device="cpu")
+
+
+def test_4_the_untouched_exports_load(world):
+    gen = dinosae.load_generator(world["exports"] / "dit", device="cpu")
+    assert gen.autoencoder is not None and gen.grid == (2, 2)
+
+
+# ---------------------------------------------------------------- 5. image size
+
+def _png(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of width x height black pixels, written row by row (a few KB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + -(-width // 8))
+    idat = b"".join(z.compress(row * 100) for _ in range(height // 100))
+    idat += z.compress(row * (height % 100)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                      1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_5_images_over_the_pixel_cap_are_skipped_from_their_header(tmp_path):
+    root = image_folder(tmp_path / "images")
+    big = root / "train" / "n01" / "big.png"
+    _png(big, 13000, 13000)  # 169 MP: 507 MB decoded as RGB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert Image.open(big).size == (13000, 13000)
+    cfg = folder_config(root, max_bad_fraction=0.5)
+    before = tree(tmp_path)
+    out = tmp_path / "shards"
+    r = run("shard", "--cfg", json.dumps(cfg), "--split", "train", "--out", str(out),
+            cwd=tmp_path, memory=1536 << 20, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["count"] == 6
+    [skip] = m["skipped"]
+    assert skip["path"] == "train/n01/big.png" and "data.max_pixels (50000000)" in skip["reason"]
+    assert tree(tmp_path, skip=out) == before
+    # just over a lower cap, the reason gives the size read from the header
+    cfg["data"]["max_pixels"] = 13000 * 13000 - 1
+    r = run("shard", "--cfg", json.dumps(cfg), "--split", "train", "--out", str(out),
+            cwd=tmp_path, memory=1536 << 20, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [skip] = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert skip["reason"].startswith("13000x13000 = 169000000 pixels, over data.max_pixels")
+
+
+def test_5_large_jpegs_decode_in_draft_mode_close_to_a_full_decode(tmp_path, monkeypatch):
+    from dinosae.data import shard
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    path = tmp_path / "big.JPEG"
+    small.resize((1280, 1024), Image.BICUBIC).save(path, quality=95)  # short side 32 x 32 px
+    with Image.open(path) as im:
+        full = shard.center_crop_adm(shard.to_rgb(im), 32)  # decoded in full
+    data, reason = shard.prepare(str(path), 32, "png", 95)  # 1.3 MP: decoded in full too
+    assert reason is None and np.array_equal(np.asarray(Image.open(io.BytesIO(data))), full)
+    monkeypatch.setattr(shard, "DRAFT_ABOVE_PIXELS", 1_000_000)  # now it is "large"
+    data, reason = shard.prepare(str(path), 32, "png", 95)
+    assert reason is None
+    with Image.open(path) as im:
+        im.draft(im.mode, (160, 128))  # what prepare asks for: >= 4 x 32 px on the short side
+        assert im.size == (160, 128)  # 1/8 scale: 64x fewer pixels decoded
+    diff = np.asarray(Image.open(io.BytesIO(data))).astype(int) - full.astype(int)
+    assert np.abs(diff).mean() < 1.5 and np.abs(diff).max() <= 4  # measured: 1.4 and 3
+
+
+# ---------------------------------------------------------------- 6. two writers
+
+def test_6_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys,
+                                                                         caplog):
+    caplog.set_level(logging.INFO, logger="dinosae.outputs")
+    root = image_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dinosae.outputs import output_lock\n"
+         "with output_lock(sys.argv[1], 'shard'):\n    print('held', flush=True)\n"
+         "    time.sleep(300)\n", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree(tmp_path)
+        rc, err = cli(capsys, "shard", "--split", "train", "--out", str(out),
+                      cfg=folder_config(root))
+        one_line(rc, err, str(out), "being written by `dinosae shard`", f"pid {holder.pid}")
+        assert tree(tmp_path) == before and not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding it: the lock file stays behind
+        holder.wait()
+    lock = tmp_path / ".shards.lock"
+    assert json.loads(lock.read_text())["pid"] == holder.pid
+    rc, err = cli(capsys, "shard", "--split", "train", "--out", str(out), cfg=folder_config(root))
+    assert rc == 0, err
+    assert f"taking over the lock of `dinosae shard` (pid {holder.pid}" in caplog.text
+    assert (out / "manifest.json").is_file() and not lock.exists()
+
+
+# ---------------------------------------------------------------- 7. one line, not a traceback
+
+def _bad_safetensors(path: Path, kind: str) -> Path:
+    header = {"huge": struct.pack("<Q", 2 ** 62) + b"{}",
+              "json": struct.pack("<Q", 6) + b"{abc}x", "empty": b""}[kind]
+    path.write_bytes(header)
+    return path
+
+
+def _cases(world, work: Path) -> dict[str, tuple[list[str], dict | None, tuple[str, ...]]]:
+    """name -> (arguments, --cfg sections, needles of the one error line)."""
+    tab = work / "tab.yaml"
+    tab.write_text("seed: 0\ndata:\n\troot: x\n")
+    binary = work / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    train_cfg = sections(world, "seed", "device", "data", "autoencoder", "ae_train")
+    wide = json.loads(json.dumps(train_cfg))
+    wide["data"]["image_size"] = 64
+    deep = json.loads(json.dumps(train_cfg))
+    deep["autoencoder"]["discriminator"]["layers"] = [0, 5]  # the tiny teacher has 2 blocks
+    teacher = json.loads(json.dumps(train_cfg))
+    teacher["autoencoder"]["teacher"]["weights"] = str(
+        _bad_safetensors(work / "teacher.safetensors", "huge"))
+    no_val = work / "no_val"
+    (no_val / "train" / "n01").mkdir(parents=True)
+    broken = work / "broken.zarr"
+    shutil.copytree(work / "cache.zarr", broken)
+    (broken / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": 5')
+    ae_sections = sections(world, "data", "autoencoder")
+    out = str(work / "out")
+    return {
+        "set-yaml": (["validate-config", "--set", "seed=[1, 2"], None,
+                     ("--set seed", "not valid YAML")),
+        "set-section": (["validate-config", "--config", str(ROOT / "config.yaml"), "--set",
+                         "seed.x=1"], None, ("'seed' is not a section",)),
+        "cfg-json": (["validate-config", "--cfg", "{bad"], None, ("--cfg is not valid JSON",)),
+        "tab-yaml": (["validate-config", "--config", str(tab)], None,
+                     ("tab.yaml", "not valid YAML", "line 3")),
+        "binary-yaml": (["validate-config", "--config", str(binary)], None,
+                        ("binary.yaml", "not UTF-8")),
+        **{f"safetensors-{kind}": (
+            ["import-ae", "--source", str(_bad_safetensors(work / f"{kind}.safetensors", kind)),
+             "--out", out], ae_sections, (f"{kind}.safetensors", "not a readable .safetensors"))
+           for kind in ("huge", "json", "empty")},
+        "teacher-weights": (["ae-train", "--stage", "1", "--shards", str(work / "shards"),
+                             "--out", out], teacher, ("teacher.safetensors", "header too large")),
+        "missing-val": (["shard", "--split", "train", "--out", out], folder_config(no_val),
+                        ("no_val", "has no val/ folder")),
+        "image-size": (["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out",
+                        out], wide, ("manifest.json", "images of 32 px", "expects 64 px")),
+        "disc-layers": (["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out",
+                         out], deep, ("discriminator.layers", "[5]", "2 blocks")),
+        "zarr-json": (["train-dit", "--cache", str(broken), "--ae", str(work / "ae.pt"),
+                       "--out", out], sections(world, "seed", "device", "dit", "sample"),
+                      ("broken.zarr", "unreadable zarr store")),
+        "no-results": (["status", "--results", str(work / "nothing")], None,
+                       ("nothing", "no such folder")),
+    }
+
+
+CASES = ["set-yaml", "set-section", "cfg-json", "tab-yaml", "binary-yaml", "safetensors-huge",
+         "safetensors-json", "safetensors-empty", "teacher-weights", "missing-val", "image-size",
+         "disc-layers", "zarr-json", "no-results"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_7_bad_input_is_one_line_with_exit_2(world, work, capsys, case):
+    args, cfg, needles = _cases(world, work)[case]
+    before = tree(work)
+    rc, err = cli(capsys, *args, cfg=cfg)
+    one_line(rc, err, *needles)
+    assert "trainable parameters" not in err  # stopped before any training started
+    assert tree(work) == before  # nothing written, not even a partial --out
+
+
+def test_7_status_reports_an_unreadable_file_on_its_line_and_goes_on(work, capsys):
+    results = work / "results"
+    (results / "ae" / "stage1").mkdir(parents=True)
+    (results / "ae" / "stage1" / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)
+    (results / "recon.txt").mkdir()  # a folder where a file should be
+    (results / "gfid.txt").write_bytes(bytes(range(256)))
+    (results / "latents").mkdir()
+    (results / "latents" / "train.report.json").write_text("{not json")
+    before = tree(work)
+    capsys.readouterr()
+    rc = main(["status", "--results", str(results)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "Traceback" not in printed
+    rows = {ln.split("  ")[0]: ln for ln in printed.splitlines()[2:]}
+    assert set(rows) == {"ae stage1", "ae stage2", "ae stage3", "ae stage4", "recon", "latents",
+                         "dit", "samples", "gfid"}
+    for stage, name in (("ae stage1", "checkpoint.pt"), ("recon", "recon.txt"),
+                        ("gfid", "gfid.txt"), ("latents", "train.report.json")):
+        assert "unreadable" in rows[stage] and name in rows[stage], rows[stage]
+    assert "missing" in rows["dit"] and "missing" in rows["ae stage2"]
+    assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 8. every skipped file listed
+
+def test_8_special_files_and_dangling_links_are_listed_as_skipped(tmp_path):
+    root = image_folder(tmp_path / "images")
+    cls = root / "train" / "n01"
+    (cls / "zero.JPEG").symlink_to("/dev/zero")
+    os.mkfifo(cls / "fifo.JPEG")  # read by a careless job, it would block forever
+    (cls / "dangling.JPEG").symlink_to(tmp_path / "gone.JPEG")
+    (cls / ".hidden.JPEG").write_bytes(b"x")
+    (cls / "sub").mkdir()
+    (root / "train" / "README").write_text("not a class")
+    before = tree(tmp_path)
+    out = tmp_path / "shards"
+    r = run("shard", "--cfg", json.dumps(folder_config(root, max_bad_fraction=0.9)), "--split",
+            "train", "--out", str(out), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert reasons == {
+        "train/README": "not an image file extension",
+        "train/n01/.hidden.JPEG": "hidden file",
+        "train/n01/dangling.JPEG": "dangling symbolic link",
+        "train/n01/fifo.JPEG": "not a regular file (a FIFO)",
+        "train/n01/sub": "a folder inside a class folder (not scanned)",
+        "train/n01/zero.JPEG": "not a regular file (a character device)",
+    }
+    assert m["count"] == 6
+    assert tree(tmp_path, skip=out) == before
+
+
+# ---------------------------------------------------------------- 9. leftovers, file modes
+
+def test_9_temporaries_of_killed_runs_are_removed_and_modes_follow_the_umask(world, work,
+                                                                             capsys):
+    out = work / "exp"
+    killed = [work / ".exp.tmp999999", work / ".exp.old999998", work / ".cache.zarr.tmp999997"]
+    for k in killed:
+        (k / "autoencoder").mkdir(parents=True)
+        (k / "config.json").write_text("{}")
+    old = os.umask(0o027)
+    try:
+        assert cli(capsys, "export-model", "--checkpoint", str(work / "dit.pt"), "--out",
+                   str(out))[0] == 0
+        assert cli(capsys, "encode-init", "--shards", str(work / "shards"), "--checkpoint",
+                   str(work / "ae.pt"), "--out", str(work / "cache.zarr"),
+                   cfg=sections(world, "latents"))[0] == 0
+    finally:
+        os.umask(old)
+    assert not any(k.exists() for k in killed)
+    assert not list(work.glob(".*.lock"))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["config.json", "config.json", "model.safetensors",
+                                             "model.safetensors"]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o640)}
+    assert stat.S_IMODE((work / "cache.zarr" / "zarr.json").stat().st_mode) == 0o640
