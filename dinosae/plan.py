@@ -1,27 +1,29 @@
 """`dinosae plan`: what a configuration costs before anyone books GPUs.
 
-For every rule that computes, the real networks are built from the config (random weights) and
-one step of the rule's work is run on *fake* tensors (shapes and dtypes only, no arithmetic, no
-memory; built on the meta device), so that even the paper-size models take seconds on a CPU:
+For every rule that computes, the real networks are built from the config (random weights, on
+the meta device) and one call of the rule's work is run on *fake* tensors (FakeTensorMode:
+shapes and dtypes only, no arithmetic, no memory), so that the paper-size models cost seconds
+on a CPU and the batch size costs nothing:
 
 * FLOPs per image: `torch.utils.flop_counter.FlopCounterMode` at batch 1 (forward, and for the
-  training rules backward too, recomputation of activation-checkpointed blocks included);
-* activation memory per sample: the peak of live tensor bytes over the step at batch 2 minus
-  batch 1 (weights excluded); what does not grow with the batch (gradients, autocast's weight
-  copies) is kept apart. The training steps run under CPU bf16 autocast, which casts the same
-  kinds of ops as CUDA's;
-* weights, optimizer (AdamW: two fp32 moments), EMA and DDP gradient buckets, from the
-  parameter counts.
+  training rules backward too, including the recomputation of activation-checkpointed blocks),
+  with two formulas torch lacks or gets wrong (see `flop_counter`);
+* GPU memory: the peak of the bytes of live tensors made during the call (activations,
+  gradients, temporaries, autocast's weight copies; not the weights) at the configured per-GPU
+  batch, plus weights, AdamW moments, EMA and DDP gradient buckets from the parameter counts;
+  activation memory per image is the growth of that peak from batch 1 to the per-GPU batch.
+  The training calls run under CPU bf16 autocast, which casts the same kinds of ops as CUDA's.
 
-From those and the configured data and steps: GPU-hours and wall time on N GPUs of a GPU from
-`gpus.yaml` at a stated model-FLOPs utilisation (MFU, overridable), peak GPU memory at the
-configured per-GPU batch (flagged when it exceeds FIT_FRACTION of the GPU), and disk for shards,
-the latent cache and checkpoints. Precision per rule follows the code: AE and DiT training and
-the DiT in sampling run under bf16 autocast (bf16 tensor-core peak); encoding, decoding and the
-evaluation networks run in fp32, where convolutions use TF32 tensor cores (cuDNN's default) and
-matmuls the fp32 CUDA cores (PyTorch leaves TF32 off for matmuls).
+From those and the configured data and steps: GPU-hours and wall time on N GPUs of a GPU in
+`gpus.yaml` at a stated model-FLOPs utilisation (MFU, overridable), peak GPU memory flagged when
+above FIT_FRACTION of the GPU, and disk for shards, the latent cache and checkpoints. Precision
+follows the code: AE and DiT training and the DiT in sampling run under bf16 autocast (bf16
+tensor-core peak); encoding, decoding and the evaluation networks run in fp32, where
+convolutions use TF32 tensor cores (cuDNN's default) and matmuls the fp32 CUDA cores (PyTorch
+leaves TF32 off for matmuls). Not counted: data loading, optimizer steps, EMA updates,
+communication; the MFU absorbs them.
 
-The training steps below mirror the loops in dinosae.train.ae and dinosae.train.dit (same
+The training calls below mirror the loops in dinosae.train.ae and dinosae.train.dit (same
 networks, losses and backward passes); keep them in step when those change.
 """
 
@@ -85,7 +87,7 @@ class LiveBytes(TorchDispatchMode):
         self.live = self.peak = 0
         self._seen: set[int] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -210,7 +212,8 @@ class Part:
         if self.precision == "bf16":
             self.flops = {"bf16": total}
         else:
-            conv = float(sum(v for op, v in counts.items() if "convolution" in str(op)))
+            conv = float(sum(v for op, v in counts.items()
+                             if any(c in str(op) for c in CONV_OPS)))
             self.flops = {"tf32": conv, "fp32": total - conv}
 
     def peak_live(self, batch: int) -> float:
@@ -238,14 +241,8 @@ def _runs(part: Part, runs: float) -> Part:
     return other
 
 
-def n_params(module: nn.Module, trainable_only: bool = False) -> int:
-    seen: set[int] = set()
-    n = 0
-    for p in module.parameters():
-        if id(p) not in seen and (p.requires_grad or not trainable_only):
-            seen.add(id(p))
-            n += p.numel()
-    return n
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() lists a shared one once
 
 
 # ---------------------------------------------------------------- the rules' work
@@ -721,6 +718,8 @@ def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_
         f"({data.source})",
         f"shards: {d['format']} q{d['quality']} at {hw} px, {shards}; latent cache: tokens "
         f"fp16 + norms fp32{' + flipped copies' if lc.get('flip') else ''}, uncompressed",
+        "checkpoints (fp32): an AE stage's checkpoint.pt holds stem + decoder (weights and "
+        "EMA) and the discriminator, the frozen teacher referenced; last.pt adds AdamW",
     ]
     return Plan(model, spec, gpus, mfu, data, rows, disk, notes)
 

@@ -112,8 +112,8 @@ class _Counting(TorchFunctionMode):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = tiny_config()
+def tiny(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("plan"))  # no shards there: counts from config
     return cfg, P.measure_work(cfg, num_classes=10)
 
 
@@ -182,6 +182,7 @@ def test_cli_prints_the_table(tmp_path, capsys, tiny):
     cfg, _ = tiny
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    assert cli.build_parser().parse_args(["plan", "--configfile", "x.yaml"]).config == "x.yaml"
     assert cli.main(["plan", "--configfile", str(path), "--gpu", "h200", "--gpus", "4"]) == 0
     out = capsys.readouterr().out
     assert "4 x NVIDIA H200" in out and "MFU 0.05" in out
