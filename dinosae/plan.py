@@ -21,7 +21,7 @@ follows the code: AE and DiT training and the DiT in sampling run under bf16 aut
 tensor-core peak); encoding, decoding and the evaluation networks run in fp32, where
 convolutions use TF32 tensor cores (cuDNN's default) and matmuls the fp32 CUDA cores (PyTorch
 leaves TF32 off for matmuls). Not counted: data loading, optimizer steps, EMA updates,
-communication; the MFU absorbs them.
+communication (the MFU absorbs them); stage 2's discriminator warm-up steps count as full steps.
 
 The training calls below mirror the loops in dinosae.train.ae and dinosae.train.dit (same
 networks, losses and backward passes); keep them in step when those change.
@@ -61,6 +61,7 @@ FIT_FRACTION = 0.9  # of a GPU's memory: the rest is for the CUDA context and al
 IMAGENET = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # ILSVRC2012
 TAR_BLOCK = 512  # a tar member: one header block + data padded to whole blocks
 CONV_OPS = ("convolution",)  # FlopCounterMode op names run by cuDNN (TF32 in fp32 rules)
+SECTIONS = ("data", "autoencoder", "ae_train", "latents", "dit", "sample", "eval")  # planned
 
 
 # ---------------------------------------------------------------- GPUs
@@ -322,8 +323,7 @@ class Measured:
 def measure_work(cfg: dict, num_classes: int) -> Measured:
     """Each computing rule's RuleWork at the configured sizes (see the module doc); measured
     once per model configuration and process."""
-    key = json.dumps({s: cfg.get(s) for s in ("data", "autoencoder", "ae_train", "latents",
-                                               "dit", "sample", "eval")}, sort_keys=True)
+    key = json.dumps({s: cfg.get(s) for s in SECTIONS}, sort_keys=True)
     return _measure_work(key, num_classes)
 
 
@@ -787,15 +787,13 @@ def format_plan(plan: Plan) -> str:
     foot += [
         "disk: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in plan.disk.items()),
         "FLOP/img: torch.utils.flop_counter on the configured networks (training: forward + "
-        "backward + recomputation); act/img: activation memory per image; state: weights, "
-        "AdamW, EMA, DDP buckets; peak mem: per GPU at batch/GPU; GPU-h at the MFU; wall: "
+        "backward + recomputation); FLOP/step: per GPU; act/img: activation memory per image; "
+        "state: weights, AdamW, EMA, DDP buckets; peak mem: per GPU at batch/GPU; GPU-h at the "
+        "MFU; wall: "
         "training rules data-parallel over the GPUs, encode parts side by side, the rest on "
         "one GPU each, one rule after another",
     ]
     return "\n".join([*head, line(cols), rule, *map(line, rows), rule, line(total), *foot])
-
-
-SECTIONS = ("data", "autoencoder", "ae_train", "latents", "dit", "sample", "eval")
 
 
 def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
