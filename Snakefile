@@ -1,6 +1,7 @@
 # dinosae: DINO-SAE autoencoder -> latent cache -> RFM DiT -> samples -> gFID.
 #   scripts/venv snakemake --cores 2                     # embedded default (config.yaml)
-#   snakemake --profile slurm --configfile workflow/configs/imagenet256.yaml results/gfid.txt
+#   snakemake --profile slurm --workflow-profile workflow/profiles/imagenet256 \
+#       --configfile workflow/configs/imagenet256.yaml results/gfid.txt   # paper scale
 #   snakemake --report results/report.html             # plots, grids, tables, runtimes
 from snakemake.utils import min_version
 

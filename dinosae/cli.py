@@ -120,6 +120,22 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
                                               "dit.pretrained")),
          ("--out", dict(required=True))],
     ),
+    "plan": (
+        "dinosae.plan", "plan",
+        "FLOPs, GPU-hours, wall time, GPU memory and disk of every rule of a config, measured "
+        "on the configured networks before any GPU is booked",
+        [("--gpu", dict(default="h100", help="GPU kind from dinosae/gpus.yaml: h100, h200, "
+                                              "b200 (default h100)")),
+         ("--gpus", dict(type=int, default=8, help="GPUs (training rules: data-parallel over "
+                                                   "all of them; default 8)")),
+         ("--mfu", dict(type=float, default=None, help="model-FLOPs utilisation, the fraction "
+                                                       "of peak reached (default: calibrated, "
+                                                       "see README 'Planning a run')")),
+         ("--train-images", dict(type=int, default=None, help="override the train split's "
+                                                              "image count")),
+         ("--val-images", dict(type=int, default=None, help="override the val split's "
+                                                            "image count"))],
+    ),
     "status": (
         "dinosae.status", "status",
         "which stages of a results folder are done, their key metrics and the checkpoint each used",
@@ -149,6 +165,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
 }
 # commands that need no config (the checkpoint or the results files carry it)
 NO_CONFIG = {"export-model", "status", "stage-figures", "sample-grids", "metrics-table"}
+# commands that read config.yaml when given no config, and need none of its paths to exist
+DEFAULT_CONFIG = {"plan": "config.yaml"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", default=None, help="YAML config file (e.g. config.yaml)")
+        p.add_argument("--config", "--configfile", dest="config", default=None,
+                       help="YAML config file (e.g. config.yaml)")
         p.add_argument("--cfg", default=None, help="config sections as JSON (used by the rules)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set dit.steps=100")
@@ -194,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     module, function, _, flags = COMMANDS[args.command]
     name = f"dinosae {args.command}"
+    if args.config is None and args.cfg is None and args.command in DEFAULT_CONFIG:
+        args.config = DEFAULT_CONFIG[args.command]
     try:
-        cfg = load_config(args.config, args.cfg, args.set)
+        cfg = load_config(args.config, args.cfg, args.set,
+                          check_paths=args.command not in DEFAULT_CONFIG)
         if args.config is None and args.cfg is None and args.command not in NO_CONFIG:
             print("dinosae: give --config FILE or --cfg JSON", file=sys.stderr)
             return 2

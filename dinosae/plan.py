@@ -1,0 +1,808 @@
+"""`dinosae plan`: what a configuration costs before anyone books GPUs.
+
+For every rule that computes, the real networks are built from the config (random weights, on
+the meta device) and one call of the rule's work is run on *fake* tensors (FakeTensorMode:
+shapes and dtypes only, no arithmetic, no memory), so that the paper-size models cost seconds
+on a CPU and the batch size costs nothing:
+
+* FLOPs per image: `torch.utils.flop_counter.FlopCounterMode` at batch 1 (forward, and for the
+  training rules backward too, including the recomputation of activation-checkpointed blocks),
+  with two formulas torch lacks or gets wrong (see `flop_counter`);
+* GPU memory: the peak of the bytes of live tensors made during the call (activations,
+  gradients, temporaries, autocast's weight copies; not the weights) at the configured per-GPU
+  batch, plus weights, AdamW moments, EMA and DDP gradient buckets from the parameter counts;
+  activation memory per image is the growth of that peak from batch 1 to the per-GPU batch.
+  The training calls run under CPU bf16 autocast, which casts the same kinds of ops as CUDA's.
+
+From those and the configured data and steps: GPU-hours and wall time on N GPUs of a GPU in
+`gpus.yaml` at a stated model-FLOPs utilisation (MFU, overridable), peak GPU memory flagged when
+above FIT_FRACTION of the GPU, and disk for shards, the latent cache and checkpoints. Precision
+follows the code: AE and DiT training and the DiT in sampling run under bf16 autocast (bf16
+tensor-core peak); encoding, decoding and the evaluation networks run in fp32, where
+convolutions use TF32 tensor cores (cuDNN's default) and matmuls the fp32 CUDA cores (PyTorch
+leaves TF32 off for matmuls). Not counted: data loading, optimizer steps, EMA updates,
+communication (the MFU absorbs them); stage 2's discriminator warm-up steps count as full steps.
+
+The training calls below mirror the loops in dinosae.train.ae and dinosae.train.dit (same
+networks, losses and backward passes); keep them in step when those change.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import weakref
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+from dinosae.config import ConfigError
+
+GPUS_FILE = Path(__file__).with_name("gpus.yaml")
+DEFAULT_MFU = 0.05  # calibrated on published DiT-XL training throughputs: README "Planning a run"
+FIT_FRACTION = 0.9  # of a GPU's memory: the rest is for the CUDA context and allocator slack
+IMAGENET = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # ILSVRC2012
+TAR_BLOCK = 512  # a tar member: one header block + data padded to whole blocks
+CONV_OPS = ("convolution",)  # FlopCounterMode op names run by cuDNN (TF32 in fp32 rules)
+SECTIONS = ("data", "autoencoder", "ae_train", "latents", "dit", "sample", "eval")  # planned
+
+
+# ---------------------------------------------------------------- GPUs
+
+def load_gpus(path: str | Path = GPUS_FILE) -> dict[str, dict]:
+    """The GPU table: name -> {name, bf16, tf32, fp32 (dense TFLOPS), memory_gb, source}."""
+    table = yaml.safe_load(Path(path).read_text())
+    for key, spec in table.items():
+        missing = {"name", "bf16", "tf32", "fp32", "memory_gb", "source"} - set(spec)
+        if missing:
+            raise ConfigError(f"{path}: GPU {key!r} lacks {sorted(missing)}")
+    return table
+
+
+# ---------------------------------------------------------------- measuring on fake tensors
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive and their peak, over the ops run inside the mode. Only
+    storages made by those ops count (weights and other earlier tensors do not); one is freed
+    when its last tensor goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+
+class FakeWorld:
+    """Networks built on the meta device, then given fake CPU tensors (FakeTensorMode): ops
+    run on shapes only, and CPU autocast and kernel choices apply as they would to real ones."""
+
+    def __init__(self) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode()
+        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _fake(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "meta":
+            conv = self.mode.fake_tensor_converter
+            return conv.from_meta_and_device(self.mode, t, torch.device("cpu"))
+        return self.mode.from_tensor(t)  # a real CPU tensor (e.g. a constant made at init)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """`module` (built under `torch.device("meta")`) with fake parameters and buffers, in
+        place; a tensor shared by several modules stays one tensor."""
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = self._swap(p, lambda t: nn.Parameter(
+                        self._fake(t.data), t.requires_grad))
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = self._swap(b, self._fake)
+        return module
+
+    def _swap(self, t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        if id(t) not in self._memo:  # the original is kept, so that its id is not reused
+            self._memo[id(t)] = (t, make(t))
+        return self._memo[id(t)][1]
+
+
+def conv_backward_flops(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
+                        bias: Any, stride: Any, padding: Any, dilation: Any, transposed: bool,
+                        output_padding: Any, groups: int, output_mask: list[bool],
+                        out_shape: Any = None) -> int:
+    """FLOPs of aten.convolution_backward: each of the input and the weight gradient costs as
+    many multiply-adds as the forward. (torch's own formula counts the weight gradient of a
+    grouped convolution as if it were dense, `groups` times too many: for the decoder's
+    depthwise convolutions that is thousands of times.)"""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def cpu_attention_flops(query: list[int], key: list[int], value: list[int], *args: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of CPU flash attention, which torch's counter does not know (it counts the CUDA
+    kernels only): the same as any scaled-dot-product attention."""
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out: list[int], query: list[int], key: list[int],
+                                 value: list[int], *args: Any, out_shape: Any = None,
+                                 **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with the formulas above added (convolution backward, CPU
+    attention), so that fake CPU tensors count what the CUDA kernels would."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten.convolution_backward: conv_backward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+    })
+
+
+Step = Callable[[int, Callable[[], Any]], None]  # step(batch, amp): one call of the work
+
+
+def _amp(precision: str) -> Callable[[], Any]:
+    if precision == "bf16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext
+
+
+@dataclass
+class Part:
+    """A piece of a rule's work, `step(batch, amp)`, run on fake tensors: `runs` times per image,
+    with `batch_factor` samples per call per image of the configured batch (CFG doubles it).
+    `amp()` is the autocast the step puts around its forward: bf16 for precision "bf16"."""
+
+    name: str
+    world: FakeWorld
+    step: Step
+    precision: str  # bf16 | fp32
+    runs: float = 1.0
+    batch_factor: int = 1
+    flops: dict[str, float] = field(default_factory=dict)  # one call at batch 1, by class
+    _peaks: dict[int, float] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        counter = flop_counter()
+        live = LiveBytes()
+        with self.world.mode, counter, live:
+            self.step(1, _amp(self.precision))
+        self._peaks[1] = float(live.peak)
+        counts = counter.get_flop_counts().get("Global", {})
+        total = float(sum(counts.values()))
+        if self.precision == "bf16":
+            self.flops = {"bf16": total}
+        else:
+            conv = float(sum(v for op, v in counts.items()
+                             if any(c in str(op) for c in CONV_OPS)))
+            self.flops = {"tf32": conv, "fp32": total - conv}
+
+    def peak_live(self, batch: int) -> float:
+        """Peak bytes of the tensors the step makes (activations, gradients, temporaries; not
+        the weights) at `batch` images, i.e. `batch * batch_factor` samples per call."""
+        n = batch * self.batch_factor
+        if n not in self._peaks:
+            live = LiveBytes()
+            with self.world.mode, live:
+                self.step(n, _amp(self.precision))
+            self._peaks[n] = float(live.peak)
+        return self._peaks[n]
+
+    def act_per_image(self, batch: int) -> float:
+        """Activation bytes per image: the growth of the peak from 1 image to `batch` (to 2
+        when `batch` is 1)."""
+        b = max(2, batch)
+        return max(0.0, (self.peak_live(b) - self.peak_live(1)) / (b - 1))
+
+
+def _runs(part: Part, runs: float) -> Part:
+    """The same measured part, run `runs` times per image."""
+    other = copy.copy(part)
+    other.runs = runs
+    return other
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() lists a shared one once
+
+
+# ---------------------------------------------------------------- the rules' work
+
+@dataclass
+class RuleWork:
+    """What a rule does to one image and what it holds in GPU memory besides activations."""
+
+    parts: list[Part]
+    weights: int  # parameters resident on the GPU (fp32)
+    trainable: int = 0  # parameters with AdamW state and, under DDP, gradient buckets
+    ema: int = 0  # parameters with an fp32 EMA copy
+
+    def flops(self) -> dict[str, float]:
+        """FLOPs per image by precision class."""
+        out: dict[str, float] = {}
+        for p in self.parts:
+            for k, v in p.flops.items():
+                out[k] = out.get(k, 0.0) + v * p.runs
+        return out
+
+    def peak_live(self, batch: int) -> float:
+        return max(p.peak_live(batch) for p in self.parts)
+
+    def act_per_image(self, batch: int) -> float:
+        return max(p.act_per_image(batch) for p in self.parts)
+
+
+def _plan_config(cfg: dict) -> dict:
+    """The config with every weight source replaced by random weights: nothing is downloaded
+    or read, and the shapes are the configured ones."""
+    cfg = copy.deepcopy(cfg)
+    ae = cfg["autoencoder"]
+    ae["teacher"]["weights"] = "random"
+    ae["lpips"]["weights"] = "random"
+    ae.pop("pretrained", None)
+    return cfg
+
+
+def _inception() -> nn.Module:
+    """Inception-v3 as torchvision builds it: the same convolutions as torch-fidelity's
+    TF-compatible FID network (whose weights are not needed to count its FLOPs)."""
+    import torchvision
+
+    return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+
+
+def _guided_fraction(steps: int, alpha: float, cfg_scale: float,
+                     interval: list[float]) -> float:
+    """Share of the sampler's steps that run the conditional and the null class (CFG)."""
+    from dinosae.rfm import time_grid
+
+    if cfg_scale == 1.0:
+        return 0.0
+    lo, hi = interval
+    grid = time_grid(steps, alpha).tolist()[:-1]
+    return sum(lo <= t <= hi for t in grid) / max(1, len(grid))
+
+
+@dataclass
+class Measured:
+    """The rules' work and the sizes the disk estimates need."""
+
+    rules: dict[str, RuleWork]
+    grid: tuple[int, int]
+    channels: int
+    n_stem: int
+    n_dec: int
+    n_disc: int
+    n_dit: int
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def measure_work(cfg: dict, num_classes: int) -> Measured:
+    """Each computing rule's RuleWork at the configured sizes (see the module doc); measured
+    once per model configuration and process."""
+    key = json.dumps({s: cfg.get(s) for s in SECTIONS}, sort_keys=True)
+    return _measure_work(key, num_classes)
+
+
+@lru_cache(maxsize=4)
+def _measure_work(key: str, num_classes: int) -> Measured:
+    from dinosae import rfm, sphere
+    from dinosae.models.autoencoder import build_autoencoder
+    from dinosae.models.discriminator import (
+        Discriminator,
+        adaptive_weight,
+        d_hinge_loss,
+        diffaug,
+        g_hinge_loss,
+        teacher_features,
+    )
+    from dinosae.models.dit import build_dit
+    from dinosae.models.perceptual import build_lpips
+    from dinosae.train.ae import alignment_loss
+
+    cfg = _plan_config(json.loads(key))
+    acfg, tcfg, dcfg, sc = cfg["autoencoder"], cfg["ae_train"], cfg["dit"], cfg["sample"]
+    size = cfg["data"]["image_size"]
+    world = FakeWorld()
+    with torch.device("meta"):
+        ae = build_autoencoder(cfg)
+        lpips = build_lpips(acfg["lpips"]["net"], "random")
+        disc = Discriminator(ae.channels, acfg["discriminator"]["layers"],
+                             acfg["discriminator"]["channels"])
+    ae, lpips, disc = world.module(ae), world.module(lpips), world.module(disc)
+    T, C = ae.grid[0] * ae.grid[1], ae.channels
+    vit, layers, w = ae.encoder.vit, acfg["discriminator"]["layers"], tcfg["loss"]
+    stem, decoder = ae.encoder.stem, ae.decoder
+    n_vit, n_stem, n_dec = n_params(vit), n_params(stem), n_params(decoder)
+    n_lpips, n_disc = n_params(lpips), n_params(disc)
+    n_ae = n_vit + n_stem + n_dec
+    checkpointing = bool(tcfg.get("activation_checkpointing", False))
+    work: dict[str, RuleWork] = {}
+
+    def inference() -> None:  # the AE as the inference rules load it: eval, frozen
+        ae.set_grad_checkpointing(False)
+        ae.eval().requires_grad_(False)
+
+    # ---- the four AE stages (dinosae.train.ae._train: one generator step, then the D step)
+    def ae_step(b: int, amp: Callable[[], Any], stage: int) -> None:
+        ae.set_grad_checkpointing(checkpointing)
+        ae.train()
+        stem.requires_grad_(stage <= 2)
+        decoder.requires_grad_(True)
+        for p in (*stem.parameters(), *decoder.parameters(), *disc.parameters()):
+            p.grad = None
+        x = torch.rand(b, 3, size, size)
+        noise = torch.rand(b)[:, None, None] * torch.randn(b, T, C) if stage == 4 else None
+        with amp():
+            z, rec = ae(x, noise)
+            rec_loss = (w["l1"] * (rec.float() - x).abs().mean()
+                        + w["lpips"] * lpips(rec.float(), x).mean())
+            loss = rec_loss
+            if stage <= 2:
+                loss = loss + w["align"] * alignment_loss(z, ae.teacher_tokens(x))
+            if stage >= 2:
+                disc.requires_grad_(False)
+                g_gan = g_hinge_loss(disc(teacher_features(vit, diffaug(rec), layers)))
+                lam = adaptive_weight(rec_loss, g_gan, decoder.last_layer, w["adaptive_max"])
+                loss = loss + w["adv"] * lam * g_gan
+        loss.backward()
+        del loss, z
+        for p in (*stem.parameters(), *decoder.parameters()):
+            p.grad = None  # opt.zero_grad(set_to_none=True) before the D step
+        if stage >= 2:
+            disc.requires_grad_(True)
+            with amp():
+                with torch.no_grad():
+                    feats = teacher_features(vit, diffaug(torch.cat([x, rec.detach()])), layers)
+                logits = disc(feats)
+                d_loss = d_hinge_loss(logits[:b], logits[b:])
+            d_loss.backward()
+            disc.requires_grad_(False)
+        inference()
+
+    for stage in (1, 2, 3, 4):
+        step = functools.partial(ae_step, stage=stage)
+        trainable = n_dec + (n_stem if stage <= 2 else 0) + (n_disc if stage >= 2 else 0)
+        work[f"ae_stage{stage}"] = RuleWork(
+            [Part("step", world, step, "bf16")],
+            weights=n_ae + n_lpips + (n_disc if stage >= 2 else 0),
+            trainable=trainable, ema=n_stem + n_dec)
+
+    # ---- inference pieces, fp32 (the code runs them without autocast)
+    def encode(b: int, amp: Callable[[], Any]) -> None:
+        with torch.no_grad():
+            ae.encode(torch.rand(b, 3, size, size))
+
+    def decode(b: int, amp: Callable[[], Any]) -> None:
+        with torch.no_grad():
+            ae.decode(torch.randn(b, T, C))
+
+    def perceptual(b: int, amp: Callable[[], Any]) -> None:
+        with torch.no_grad():
+            lpips(torch.rand(b, 3, size, size), torch.rand(b, 3, size, size))
+
+    if cfg["eval"]["extractor"] == "inception":
+        with torch.device("meta"):
+            inception = world.module(_inception().eval())
+        n_ext, ext_own = n_params(inception), True
+
+        def extract(b: int, amp: Callable[[], Any]) -> None:
+            with torch.no_grad():  # torch-fidelity resizes every image to 299 px
+                inception(torch.rand(b, 3, 299, 299))
+    else:  # the teacher's pooled features (dinosae.evaluate.TeacherFeatures)
+        n_ext, ext_own = n_vit, False
+
+        def extract(b: int, amp: Callable[[], Any]) -> None:
+            with torch.no_grad():
+                vit.forward_head(vit.forward_features(torch.rand(b, 3, size, size)),
+                                 pre_logits=True)
+
+    inference()
+    flip = 2.0 if cfg["latents"].get("flip", False) else 1.0
+    enc = Part("encode", world, encode, "fp32", runs=flip)
+    dec = Part("decode", world, decode, "fp32")
+    ext = Part("extract", world, extract, "fp32")
+    work["encode_part"] = RuleWork([enc], weights=n_ae)
+    work["eval_recon"] = RuleWork(
+        [_runs(enc, 1.0), dec, Part("lpips", world, perceptual, "fp32"),
+         _runs(ext, 2.0)],  # features of the real and the reconstructed images
+        weights=n_ae + n_lpips + (n_ext if ext_own else 0))
+    work["fid_reference"] = RuleWork([ext], weights=n_ext)
+    work["fid"] = RuleWork([ext], weights=n_ext)
+
+    # ---- the DiT: training step (dinosae.train.dit.train_step) and the sampler's forwards
+    r, alpha = math.sqrt(C), rfm.alpha_for(T, C)
+    path = dcfg["path"]
+    with torch.device("meta"):
+        dit = build_dit(dcfg["model"], T, C, num_classes, ae.grid, dcfg["head"])
+    dit = world.module(dit)
+    n_dit = n_params(dit)
+
+    def dit_step(b: int, amp: Callable[[], Any]) -> None:
+        dit.train().requires_grad_(True)
+        for p in dit.parameters():
+            p.grad = None
+        z0 = sphere.project(torch.randn(b, T, C), r)
+        z1 = rfm.noise((b, T, C), r, path)
+        t = rfm.sample_time(b, alpha)
+        y = torch.randint(0, num_classes + 1, (b,))
+        with amp():
+            out = dit(rfm.interpolate(z0, z1, t, r, path), t, y)
+        loss, _ = rfm.flow_loss(out, z0, z1, t, r, path, dcfg["lambda_rad"])
+        loss.backward()
+        dit.eval().requires_grad_(False)
+
+    def dit_forward(b: int, amp: Callable[[], Any]) -> None:
+        with torch.no_grad(), amp():
+            dit(torch.randn(b, T, C), torch.rand(b), torch.randint(0, num_classes + 1, (b,)))
+
+    work["train_dit"] = RuleWork([Part("step", world, dit_step, "bf16")],
+                                 weights=n_dit, trainable=n_dit, ema=n_dit)
+    guided = _guided_fraction(sc["steps"], alpha, sc["cfg_scale"], sc["guidance_interval"])
+    dit.eval().requires_grad_(False)
+    work["sample"] = RuleWork(
+        [Part("dit", world, dit_forward, "bf16", runs=sc["steps"] * (1.0 + guided),
+              batch_factor=2 if guided else 1), dec],
+        weights=n_dit + n_ae)
+    return Measured(work, tuple(ae.grid), C, n_stem, n_dec, n_disc, n_dit)
+
+
+# ---------------------------------------------------------------- data and disk
+
+@dataclass
+class Dataset:
+    train: int
+    val: int
+    classes: int
+    source: str  # where the counts come from
+    shard_bytes: int | None = None  # both splits' tars, when shards exist
+
+
+def dataset_counts(cfg: dict, train_images: int | None = None,
+                   val_images: int | None = None) -> Dataset:
+    """Images per split: existing shard manifests (data.shards, at the configured image size)
+    win, then the embedded dataset's configured size, then ImageNet-1k's counts for an ImageNet
+    folder (the config names no count). Explicit counts override a split."""
+    from dinosae.data.shard import read_manifest
+
+    d = cfg["data"]
+    manifests = {}
+    for split in ("train", "val"):
+        try:
+            m = read_manifest(Path(d["shards"]) / split)
+        except (OSError, ValueError):
+            continue
+        if m["preprocess"].get("image_size") == d["image_size"]:
+            manifests[split] = m
+    if len(manifests) == 2:
+        data = Dataset(manifests["train"]["count"], manifests["val"]["count"],
+                       len(manifests["train"]["classes"]), f"shard manifests in {d['shards']}",
+                       sum(int(s["bytes"]) for m in manifests.values() for s in m["shards"]))
+    elif d["source"] == "mini":
+        from dinosae.data.mini import PHOTOS
+
+        k = len(PHOTOS)
+        data = Dataset(k * d["mini"]["train_per_class"], k * d["mini"]["val_per_class"], k,
+                       "the embedded dataset: data.mini's images per class x photographs")
+    else:
+        data = Dataset(IMAGENET["train"], IMAGENET["val"], IMAGENET["classes"],
+                       "ImageNet-1k (ILSVRC2012): data.source is a folder and no shards exist "
+                       "yet; --train-images/--val-images override")
+    if train_images is not None or val_images is not None:
+        data = Dataset(data.train if train_images is None else train_images,
+                       data.val if val_images is None else val_images, data.classes,
+                       data.source + "; counts given on the command line")
+    return data
+
+
+def image_bytes(cfg: dict, photos: int = 4) -> float:
+    """Mean bytes of one sample in a shard tar (image member + .cls member, tar blocks
+    included), measured by preparing scikit-image's photographs as `dinosae shard` does."""
+    import numpy as np
+
+    from dinosae.data.mini import load_photos
+    from dinosae.data.shard import center_crop_adm, encode, to_rgb
+
+    d = cfg["data"]
+    sizes = []
+    for _, photo in load_photos()[:photos]:
+        arr = center_crop_adm(to_rgb(photo), d["image_size"])
+        n = len(encode(np.ascontiguousarray(arr), d["format"], d["quality"]))
+        sizes.append(TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK + 2 * TAR_BLOCK)  # + .cls
+    return sum(sizes) / len(sizes)
+
+
+def cache_bytes(count: int, tokens: int, channels: int, flip: bool) -> int:
+    """The latent cache (dinosae.latents), uncompressed: tokens float16 [N, T, C] and norms
+    float32 [N, T] (each twice with flips), labels int64 [N]."""
+    copies = 2 if flip else 1
+    return count * (copies * (tokens * channels * 2 + tokens * 4) + 8)
+
+
+def checkpoint_bytes(m: Measured) -> dict[str, float]:
+    """Checkpoints in fp32. An AE stage's checkpoint.pt: stem + decoder, weights and EMA, and
+    from stage 2 the discriminator (the frozen teacher is referenced, not stored); its last.pt
+    adds the AdamW moments while the stage trains. The DiT's: weights, EMA and AdamW."""
+    ae = 4 * 2 * (m.n_stem + m.n_dec)
+    stages = [ae + (4 * m.n_disc if k >= 2 else 0) for k in (1, 2, 3, 4)]
+    return {"ae checkpoints (4 stages)": sum(stages),
+            "ae last.pt while training": stages[1] + 8 * (m.n_stem + m.n_dec + m.n_disc),
+            "dit checkpoint": 16 * m.n_dit}
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Load:
+    """How much work a rule does: `images` through its work in `steps` steps (training) or
+    batches of `batch` (global); data-parallel over a job's GPUs (`ddp`) or one GPU per job,
+    `jobs` jobs."""
+
+    images: int
+    steps: int
+    batch: int
+    ddp: bool = False
+    jobs: int = 1
+
+
+def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
+    tc, dc, sc, ev, lc = cfg["ae_train"], cfg["dit"], cfg["sample"], cfg["eval"], cfg["latents"]
+    count = {"train": data.train, "val": data.val}
+
+    def batches(n: int, b: int) -> Load:
+        return Load(n, math.ceil(n / b), b)
+
+    loads = {f"ae_stage{k}": Load(s * tc["batch_size"], s, tc["batch_size"], ddp=True)
+             for k, s in enumerate(tc["stage_steps"], start=1)}
+    loads["eval_recon"] = batches(min(ev["recon_samples"], data.val), ev["batch_size"])
+    n = count[lc["split"]]
+    loads["encode_part"] = Load(n, math.ceil(n / lc["batch_size"]), lc["batch_size"],
+                                jobs=int(lc["parts"]))
+    loads["train_dit"] = Load(dc["steps"] * dc["batch_size"], dc["steps"], dc["batch_size"],
+                              ddp=True)
+    loads["sample"] = batches(sc["num_samples"], sc["batch_size"])
+    loads["fid_reference"] = batches(0 if ev.get("adm_reference") else count[ev["reference"]],
+                                     ev["batch_size"])
+    loads["fid"] = batches(sc["num_samples"], ev["batch_size"])
+    return loads
+
+
+def seconds_per_image(work: RuleWork, gpu: dict, mfu: float) -> float:
+    """GPU-seconds for one image's work: each precision class at its peak times the MFU."""
+    return sum(f / (gpu[k] * 1e12 * mfu) for k, f in work.flops().items())
+
+
+@dataclass
+class RulePlan:
+    rule: str
+    gpus: int  # per job
+    jobs: int
+    images: int
+    steps: int
+    batch: int  # per GPU
+    flops_per_image: float
+    flops_per_step: float  # per GPU
+    act_bytes: float  # activations per image, at the per-GPU batch
+    state_bytes: float  # weights, AdamW, EMA, DDP buckets
+    peak_bytes: float
+    fits: bool
+    gpu_hours: float
+    job_hours: float  # one job's wall time
+    wall_hours: float  # all of the rule's jobs on the plan's GPUs
+
+
+def rule_plan(rule: str, work: RuleWork, load: Load, gpus: int, gpu: dict, mfu: float,
+              memory: bool = True) -> RulePlan:
+    """One rule's row with `gpus` GPUs (a DDP job uses them all, other jobs one each)."""
+    per_job = gpus if load.ddp else 1
+    per_gpu = max(1, math.ceil(load.batch / per_job))
+    flops = sum(work.flops().values())
+    gpu_h = load.images * seconds_per_image(work, gpu, mfu) / 3600
+    job_h = gpu_h / per_job / load.jobs
+    wall_h = job_h * math.ceil(load.jobs / max(1, gpus // per_job))
+    state = 4 * work.weights + 8 * work.trainable + 4 * work.ema
+    if per_job > 1:
+        state += 4 * work.trainable  # DDP's gradient buckets
+    act = work.act_per_image(per_gpu) if memory else math.nan
+    peak = state + work.peak_live(per_gpu) if memory else math.nan
+    return RulePlan(rule, per_job, load.jobs, load.images, load.steps, per_gpu, flops,
+                    flops * per_gpu, act, state, peak,
+                    not peak > FIT_FRACTION * gpu["memory_gb"] * 1e9, gpu_h, job_h, wall_h)
+
+
+@dataclass
+class Plan:
+    model: str  # what is planned, in a line
+    gpu: dict
+    gpus: int
+    mfu: float
+    data: Dataset
+    rules: list[RulePlan]
+    disk: dict[str, float]
+    notes: list[str]
+
+
+def _check_args(gpu: str, gpus: int, mfu: float) -> dict:
+    table = load_gpus()
+    if gpu not in table:
+        raise ConfigError(f"unknown GPU {gpu!r}; {GPUS_FILE.name} lists "
+                          f"{', '.join(sorted(table))}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    return table[gpu]
+
+
+def job_hours(cfg: dict, gpu: str, gpus: dict[str, int], mfu: float = DEFAULT_MFU
+              ) -> dict[str, float]:
+    """Each rule's wall hours per job when a job of rule r gets gpus[r] GPUs (FLOPs only)."""
+    spec = _check_args(gpu, max(gpus.values()), mfu)
+    data = dataset_counts(cfg)
+    m = measure_work(cfg, data.classes)
+    return {rule: rule_plan(rule, m.rules[rule], load, gpus.get(rule, 1), spec, mfu,
+                            memory=False).job_hours
+            for rule, load in rule_loads(cfg, data).items()}
+
+
+def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_MFU,
+              train_images: int | None = None, val_images: int | None = None) -> Plan:
+    """The plan of `cfg` on `gpus` GPUs of kind `gpu` (a key of gpus.yaml)."""
+    spec = _check_args(gpu, gpus, mfu)
+    data = dataset_counts(cfg, train_images, val_images)
+    m = measure_work(cfg, data.classes)
+    rows = [rule_plan(rule, m.rules[rule], load, gpus, spec, mfu)
+            for rule, load in rule_loads(cfg, data).items()]
+    d, lc, sc = cfg["data"], cfg["latents"], cfg["sample"]
+    hw = d["image_size"]
+    per_image = image_bytes(cfg) if data.shard_bytes is None else None
+    n_enc = {"train": data.train, "val": data.val}[lc["split"]]
+    disk = {
+        "shards": data.shard_bytes or (data.train + data.val) * per_image,
+        "latent cache": cache_bytes(n_enc, m.tokens, m.channels, bool(lc.get("flip", False))),
+        **checkpoint_bytes(m),
+        "samples": sc["num_samples"] * hw * hw * 3 * (2 if sc.get("export_npz") else 1),
+    }
+    a, dc = cfg["autoencoder"], cfg["dit"]
+    teacher = a["teacher"]["arch"] + (" (overrides)" if a["teacher"].get("overrides") else "")
+    dit = dc["model"] + (" + DDT head" if dc.get("head") else "")
+    model = (f"{teacher} at {hw} px -> {m.grid[0]}x{m.grid[1]}x{m.channels} latents; decoder "
+             f"widths {a['decoder']['widths']}; DiT {dit}")
+    shards = ("from the manifests" if per_image is None else
+              f"{per_image / 1e3:.1f} kB per image, measured on scikit-image photographs")
+    notes = [
+        f"data: train {data.train:,} / val {data.val:,} images, {data.classes} classes "
+        f"({data.source})",
+        f"shards: {d['format']} q{d['quality']} at {hw} px, {shards}; latent cache: tokens "
+        f"fp16 + norms fp32{' + flipped copies' if lc.get('flip') else ''}, uncompressed",
+        "checkpoints (fp32): an AE stage's checkpoint.pt holds stem + decoder (weights and "
+        "EMA) and the discriminator, the frozen teacher referenced; last.pt adds AdamW",
+    ]
+    return Plan(model, spec, gpus, mfu, data, rows, disk, notes)
+
+
+# ---------------------------------------------------------------- printing
+
+def _si(x: float, unit: str = "") -> str:
+    """3 significant digits with k/M/G/T/P."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _num(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}" if x >= 0.001 else "< 0.001"
+
+
+def _hours(h: float) -> str:
+    if h < 1 / 3600:
+        return "< 1 s"
+    if h < 1 / 60:
+        return f"{h * 3600:.0f} s"
+    if h < 1:
+        return f"{h * 60:.0f} min"
+    if h < 48:
+        return f"{h:.1f} h"
+    return f"{h / 24:.1f} d"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as one table with a few lines of context."""
+    g = plan.gpu
+    head = [
+        f"dinosae plan: {plan.model}",
+        f"on {plan.gpus} x {g['name']} (dense bf16 {g['bf16']:g} / tf32 {g['tf32']:g} / fp32 "
+        f"{g['fp32']:g} TFLOPS, {g['memory_gb']:g} GB) at MFU {plan.mfu:g}",
+        *plan.notes,
+        "",
+    ]
+    cols = ["rule", "GPUs", "jobs", "images", "steps", "FLOP/img", "FLOP/step", "act/img",
+            "batch/GPU", "state", "peak mem", "GPU-h", "wall"]
+    rows = [[r.rule, str(r.gpus), str(r.jobs), _si(r.images), _si(r.steps),
+             _si(r.flops_per_image), _si(r.flops_per_step), _si(r.act_bytes, "B"),
+             str(r.batch), _si(r.state_bytes, "B"),
+             _si(r.peak_bytes, "B") + ("" if r.fits else " !"),
+             _num(r.gpu_hours), _hours(r.wall_hours)] for r in plan.rules]
+    total = ["total", *[""] * 10, _num(sum(r.gpu_hours for r in plan.rules)),
+             _hours(sum(r.wall_hours for r in plan.rules))]
+    widths = [max(len(c), *(len(row[i]) for row in [*rows, total])) for i, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    rule = line(["-" * w for w in widths])
+    foot = [""]
+    misfits = [r.rule for r in plan.rules if not r.fits]
+    if misfits:
+        foot.append(f"! peak memory above {FIT_FRACTION:.0%} of {g['memory_gb']:g} GB: "
+                    f"{', '.join(misfits)}: more GPUs, a smaller batch or activation "
+                    "checkpointing")
+    foot += [
+        "disk: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in plan.disk.items()),
+        "FLOP/img: torch.utils.flop_counter on the configured networks (training: forward + "
+        "backward + recomputation); FLOP/step: per GPU; act/img: activation memory per image; "
+        "state: weights, AdamW, EMA, DDP buckets; peak mem: per GPU at batch/GPU; GPU-h at the "
+        "MFU; wall: "
+        "training rules data-parallel over the GPUs, encode parts side by side, the rest on "
+        "one GPU each, one rule after another",
+    ]
+    return "\n".join([*head, line(cols), rule, *map(line, rows), rule, line(total), *foot])
+
+
+def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
+         train_images: int | None = None, val_images: int | None = None) -> Plan:
+    """`dinosae plan`: print the plan's table for `cfg` (a whole config); return the plan."""
+    missing = [s for s in SECTIONS if s not in cfg]
+    if missing:
+        raise ConfigError(f"the config lacks section(s) {', '.join(missing)}; give a "
+                          "whole config file (--configfile)")
+    p = make_plan(cfg, gpu, gpus, DEFAULT_MFU if mfu is None else mfu, train_images, val_images)
+    print(format_plan(p))
+    return p
