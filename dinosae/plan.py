@@ -53,7 +53,7 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from dinosae.config import ConfigError
+from dinosae.errors import ConfigError
 
 GPUS_FILE = Path(__file__).with_name("gpus.yaml")
 DEFAULT_MFU = 0.05  # calibrated on published DiT-XL training throughputs: README "Planning a run"
@@ -366,7 +366,7 @@ def _measure_work(key: str, num_classes: int) -> Measured:
         ae.set_grad_checkpointing(False)
         ae.eval().requires_grad_(False)
 
-    # ---- the four AE stages (dinosae.train.ae._train: one generator step, then the D step)
+    # ---- the four AE stages (dinosae.train.ae generator_step, then discriminator_step, then the D step)
     def ae_step(b: int, amp: Callable[[], Any], stage: int) -> None:
         ae.set_grad_checkpointing(checkpointing)
         ae.train()
