@@ -366,7 +366,7 @@ def _measure_work(key: str, num_classes: int) -> Measured:
         ae.set_grad_checkpointing(False)
         ae.eval().requires_grad_(False)
 
-    # ---- the four AE stages (dinosae.train.ae generator_step, then discriminator_step, then the D step)
+    # ---- the four AE stages (dinosae.train.ae: generator_step, then discriminator_step)
     def ae_step(b: int, amp: Callable[[], Any], stage: int) -> None:
         ae.set_grad_checkpointing(checkpointing)
         ae.train()
