@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dinosae import rfm, sphere
 from dinosae.config import ConfigError
 from dinosae.faults import fault_point
-from dinosae.models.dit import build_dit
+from dinosae.models.dit import SWITCHES, build_dit, dit_from_config, for_sampling, switches_of
 from dinosae.train.common import (
     CheckpointError,
     MetricsCSV,
@@ -141,7 +141,8 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
                    meta["radius"], meta["alpha"], gen,
                    shape=(meta["tokens"], meta["channels"]),
                    guidance_interval=tuple(sample_cfg.get("guidance_interval", (0.0, 1.0))),
-                   path=path, amp=device.type == "cuda")
+                   path=path, amp=device.type == "cuda",
+                   integrator=sample_cfg.get("integrator", "euler_project"))
     if ae is None:
         return
     s_vae = sample_cfg.get("s_vae") or meta.get("mean_norm")
@@ -194,7 +195,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
 
     # model, EMA, optimiser
     torch.manual_seed(seed)
-    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"]).to(device)
+    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"],
+                      **switches_of(dc)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
                             weight_decay=dc["weight_decay"], fused=device.type == "cuda")
@@ -311,10 +313,12 @@ def _check_resume(ck: dict, config: dict, path: Path) -> None:
         if old[key] != config[key]:
             raise CheckpointError(f"{path}: {key} {old[key]} differs from the cache's "
                                   f"{config[key]}; remove it to start over")
-    for key in ("model", "head", "path"):
-        if old["dit"][key] != config["dit"][key]:
-            raise ConfigError(f"config: 'dit.{key}' ({config['dit'][key]!r}) differs from the "
-                              f"one {path} was trained with ({old['dit'][key]!r})")
+    for key in ("model", "head", "path", *SWITCHES):
+        was, now = {**old["dit"], **switches_of(old["dit"])}, {**config["dit"],
+                                                             **switches_of(config["dit"])}
+        if was[key] != now[key]:
+            raise ConfigError(f"config: 'dit.{key}' ({now[key]!r}) differs from the "
+                              f"one {path} was trained with ({was[key]!r})")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -332,16 +336,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"
                    ) -> tuple[torch.nn.Module, dict]:
-    """(EMA DiT in eval mode without grads, meta) from a DiT checkpoint. meta = the checkpoint's
-    config (dit, tokens, channels, num_classes, grid, radius, alpha, mean_norm) plus step, ae,
-    cache and path."""
+    """(EMA DiT in eval mode without grads, as the sampler calls it, meta) from a DiT
+    checkpoint. meta = the checkpoint's config (dit, tokens, channels, num_classes, grid, radius,
+    alpha, mean_norm, convention of an imported generator) plus step, ae, cache and path."""
     ck = load_checkpoint(path, map_location="cpu")
     if ck.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a DiT checkpoint (kind {ck.get('kind')!r})")
     c = ck["config"]
-    model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
-                      c["dit"]["head"])
+    model = dit_from_config(c)
     model.load_state_dict(ck["ema"])
     model.to(device).eval().requires_grad_(False)
     meta = dict(c, step=ck["step"], ae=ck.get("ae"), cache=ck.get("cache"), path=str(path))
-    return model, meta
+    return for_sampling(model, c), meta
