@@ -529,36 +529,51 @@ def reference_dit_kind(sd: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _dim(sd: Mapping[str, Any], key: str, axis: int, ndim: int | None = None) -> int | None:
+    """sd[key].shape[axis], or None when the file has no such tensor or it has another rank."""
+    t = sd.get(key)
+    shape = getattr(t, "shape", None)
+    if shape is None or len(shape) <= axis or (ndim is not None and len(shape) != ndim):
+        return None
+    return int(shape[axis])
+
+
 def _file_dit_shape(sd: Mapping[str, torch.Tensor], kind: str) -> dict[str, Any]:
-    """What a reference state dict says about its network: trunk width/depth/heads, head
-    depth/width/heads, channels, classes, tokens, switches."""
+    """What a reference state dict says about its network (None where it cannot tell): trunk
+    width/depth/heads, head depth/width/heads, channels, classes, tokens, switches."""
     trunk = "s_embedder" if kind == "ddt" else "x_embedder"
-    hidden, channels = (int(v) for v in sd[f"{trunk}.proj.weight"].shape[:2])
-    widths = {int(k.split(".")[1]): int(v.shape[0]) for k, v in sd.items()
+    hidden = _dim(sd, f"{trunk}.proj.weight", 0, 4)
+    widths = {int(k.split(".")[1]): _dim(sd, k, 0, 1) for k in sd
               if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k)}
-    depth = sum(1 for w in widths.values() if w == hidden) if kind == "ddt" else len(widths)
+    depth = (sum(1 for w in widths.values() if w == hidden) if kind == "ddt" else len(widths))
 
-    def heads(rope: str, width: int) -> int | None:
-        t = sd.get(f"{rope}.freqs_cos")
-        return width // int(t.shape[-1]) if t is not None and t.ndim == 2 else None
+    def heads(rope: str, width: int | None) -> int | None:
+        hd = _dim(sd, f"{rope}.freqs_cos", 1, 2)
+        return width // hd if width and hd else None
 
+    classes = _dim(sd, "y_embedder.embedding_table.weight", 0, 2)
     out: dict[str, Any] = {
-        "hidden": hidden, "depth": depth, "channels": channels,
+        "hidden": hidden, "depth": depth, "channels": _dim(sd, f"{trunk}.proj.weight", 1, 4),
         "heads": heads("enc_feat_rope" if kind == "ddt" else "feat_rope", hidden),
-        "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1
-        if "y_embedder.embedding_table.weight" in sd else None,
+        "num_classes": classes - 1 if classes else None,
         "qk_norm": any(k.endswith("attn.q_norm.weight") for k in sd),
         "pos_embed": "pos_embed" in sd,
         "time_embed": "fourier" if "t_embedder.W" in sd else "sinusoidal",
         "head": None,
     }
     if kind == "ddt":
-        width = int(sd["x_embedder.proj.weight"].shape[0])
+        width = _dim(sd, "x_embedder.proj.weight", 0, 4)
         out["head"] = {"depth": len(widths) - depth, "width": width,
                        "heads": heads("dec_feat_rope", width)}
-    tables = [v for k, v in sd.items() if k in ("pos_embed", "feat_rope.freqs_cos",
-                                                 "enc_feat_rope.freqs_cos")]
-    out["tokens"] = int(tables[0].shape[-2]) if tables else None
+    out["tokens"] = (_dim(sd, "pos_embed", 1, 3) or _dim(sd, "feat_rope.freqs_cos", 0, 2)
+                     or _dim(sd, "enc_feat_rope.freqs_cos", 0, 2))
+    missing = [k for k in ("hidden", "channels", "num_classes") if out[k] is None]
+    if missing or (kind == "ddt" and out["head"]["width"] is None):
+        raise ConfigError(
+            f"the file's {trunk}.proj.weight, x_embedder.proj.weight or "
+            "y_embedder.embedding_table.weight are missing or not shaped as the reference's "
+            f"(cannot tell its {', '.join(missing) or 'head width'}); it holds "
+            f"{len(sd)} tensors: {_grouped(sd, limit=40)}")
     return out
 
 
@@ -566,7 +581,7 @@ def _reference_hints(file: dict[str, Any], cfg_dit: dict) -> list[str]:
     """Which config keys to change so that the configured network is the file's."""
     from dinosae.models.dit import HEAD_DIM_DH, SIZES, switches_of
 
-    hints = []
+    hints: list[str] = []
     size = next((n for n, (h, d, nh) in SIZES.items() if h == file["hidden"]
                  and d == file["depth"] and file["heads"] in (None, nh)), None)
     if size != cfg_dit.get("model"):
@@ -577,7 +592,7 @@ def _reference_hints(file: dict[str, Any], cfg_dit: dict) -> list[str]:
     head, want = cfg_dit.get("head"), file["head"]
     if want is None and head is not None:
         hints.append("the file is a LightningDiT: set dit.head: null.")
-    elif want is not None:
+    elif want is not None and want["width"] and want["depth"]:
         norm = dict(want)
         if norm["heads"] in (None, max(1, norm["width"] // HEAD_DIM_DH)):
             norm.pop("heads")
@@ -662,7 +677,10 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
                           "checkpoint or export nor RAE's DiTwDDTHead / LightningDiT nor "
                           f"hustvl's LightningDiT ({what})")
     else:
-        file = _file_dit_shape(sd, kind)
+        try:
+            file = _file_dit_shape(sd, kind)
+        except ConfigError as e:
+            raise ConfigError(f"{spec}: {e}") from None
         grid = _grid(file, cfg, spec)
         convention = "rae" if file["time_embed"] == "fourier" else "sit"
         if convention == "sit" and dc.get("path") != "euclidean":
