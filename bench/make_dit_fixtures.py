@@ -4,7 +4,7 @@
         --lightningdit /path/to/hustvl/LightningDiT --rae /path/to/bytetriper/RAE
 
 Runs, OUTSIDE this package (nothing of dinosae is imported), at a tiny size (4x4 token grid, 32
-channels, widths 32-48, two blocks):
+channels, widths 32-40, two blocks):
   * hustvl/LightningDiT `models/lightningdit.py` LightningDiT (sinusoidal time embedding),
   * RAE `src/stage2/models/lightningDiT.py` LightningDiT (Gaussian-Fourier time embedding),
   * RAE `src/stage2/models/DDT.py` DiTwDDTHead,
@@ -168,7 +168,7 @@ def rae(root: Path, out: Path) -> None:
           {"reference": "RAE src/stage2/models/lightningDiT.py LightningDiT", "kwargs": kw,
            "grid": [GRID, GRID]})
 
-    kw = dict(input_size=GRID, patch_size=1, in_channels=C, hidden_size=[32, 48], depth=[2, 1],
+    kw = dict(input_size=GRID, patch_size=1, in_channels=C, hidden_size=[32, 40], depth=[2, 1],
               num_heads=[2, 2], mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=K,
               use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
               use_pos_embed=True)

@@ -92,7 +92,7 @@ def test_our_position_tables_are_the_references(name):
     sd, _, meta = fixture(name)
     kw = meta["kwargs"]
     if "ddt" in name:
-        model = D.DiTDH(16, 32, 10, (4, 4), 32, 2, 2, head_depth=1, head_width=48, head_heads=2)
+        model = D.DiTDH(16, 32, 10, (4, 4), 32, 2, 2, head_depth=1, head_width=40, head_heads=2)
     else:
         model = D.LightningDiT(16, 32, 10, (4, 4), kw["hidden_size"], kw["depth"],
                                kw["num_heads"])
@@ -152,7 +152,7 @@ def test_pos_embed_switch_matters():
 def test_qk_norm_switch_matters():
     sd, rest, _ = fixture("ddt_rae")
     args = (16, 32, 10, (4, 4), 32, 2, 2)
-    kw = dict(head_depth=1, head_width=48, head_heads=2)
+    kw = dict(head_depth=1, head_width=40, head_heads=2)
     plain = _load(D.DiTDH(*args, **kw), sd)
     normed = D.DiTDH(*args, **kw, qk_norm=True)
     extra = {k: torch.ones_like(v) for k, v in normed.state_dict().items()
@@ -176,7 +176,7 @@ def test_mismatches_are_listed_with_the_config_keys_to_change(tmp_path, ref_size
     assert "wrong shape head_blocks.0.attn.qkv.weight (in the file: blocks.2.attn.qkv.weight)" \
         in msg
     assert "missing head_blocks.1.norm1.weight (in the file: blocks.3.norm1.weight)" in msg
-    assert 'set dit.head: {"depth": 1, "width": 48, "heads": 2}' in msg
+    assert 'set dit.head: {"depth": 1, "width": 40, "heads": 2}' in msg
     assert "set dit.qk_norm: false" in msg
     # a LightningDiT configured where the file is a DiTDH, and the wrong time embedding
     with pytest.raises(WeightsMismatchError) as e:
