@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="batch (default dit.batch_size)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--sample-steps", type=int, default=None, help="default sample.steps")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=None,
+                   help="sampler steps, one or several (default sample.steps)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -151,7 +152,7 @@ def main() -> None:
     for key, value in (("steps", args.steps), ("batch_size", args.batch), ("lr", args.lr)):
         if value is not None:
             dc[key] = value
-    steps = args.sample_steps or cfg["sample"]["steps"]
+    step_list = args.sample_steps or [cfg["sample"]["steps"]]
     device = torch.device("cuda" if cfg["device"] != "cpu" and torch.cuda.is_available()
                           else "cpu")
 
@@ -171,7 +172,7 @@ def main() -> None:
     print(f"data: {'synthetic' if args.synthetic else args.cache}, {len(data)} samples, "
           f"{T} tokens x {C} ch, alpha {rfm.alpha_for(T, C):.3g}; model {args.model}, "
           f"{dc['steps']} steps x batch {dc['batch_size']}, seed {args.seed}; sampling "
-          f"{args.samples} at {steps} steps, cfg {args.cfg_scale}, device {device}")
+          f"{args.samples} at {step_list} steps, cfg {args.cfg_scale}, device {device}")
 
     ae = None
     if args.ae:
@@ -189,31 +190,36 @@ def main() -> None:
         t0 = time.time()
         ckpt = train_dit(run_cfg, cache, None, out_root / path)
         train_s = time.time() - t0
-        for integrator in args.integrators if path == "rfm" else ["euler"]:
-            t1 = time.time()
-            z, _ = generate(ckpt, args.samples, steps, args.cfg_scale, args.seed, device,
-                            integrator="euler_project" if integrator == "euler" else integrator)
-            name = path if path == "euclidean" else f"rfm {integrator}"
-            row = {"path": name, "train_s": train_s, "sample_s": time.time() - t1,
-                   **token_fds(z, ref, args.flat_max)}
-            if ae is not None:
-                row["FD_teacher"] = frechet(teacher_features(ae, z, s_vae, device), ref_teacher)
-            rows.append(row)
-            by_integrator[integrator] = z
+        for steps in step_list:
+            for integrator in args.integrators if path == "rfm" else ["euler"]:
+                t1 = time.time()
+                z, _ = generate(ckpt, args.samples, steps, args.cfg_scale, args.seed, device,
+                                integrator="euler_project" if integrator == "euler"
+                                else integrator)
+                name = path if path == "euclidean" else f"rfm {integrator}"
+                row = {"path": f"{name} @{steps}", "train_s": train_s,
+                       "sample_s": time.time() - t1, **token_fds(z, ref, args.flat_max)}
+                if ae is not None:
+                    row["FD_teacher"] = frechet(teacher_features(ae, z, s_vae, device),
+                                                ref_teacher)
+                rows.append(row)
+                by_integrator[(integrator, steps)] = z
     if floor is not None:
         rows.append({"path": "data (floor)", "train_s": math.nan,
                      **token_fds(floor, ref, args.flat_max)})
 
     keys = [k for k in rows[0] if k not in ("path", "train_s", "sample_s")]
-    print(f"{'path':>13} {'train s':>8} {'sample s':>8} " + " ".join(f"{k:>11}" for k in keys))
+    print(f"{'path @steps':>22} {'train s':>8} {'sample s':>8} "
+          + " ".join(f"{k:>11}" for k in keys))
     for r in rows:
-        print(f"{r['path']:>13} {r['train_s']:>8.1f} {r.get('sample_s', math.nan):>8.1f} "
+        print(f"{r['path']:>22} {r['train_s']:>8.1f} {r.get('sample_s', math.nan):>8.1f} "
               + " ".join(f"{r[k]:>11.4f}" for k in keys))
-    if "expmap" in by_integrator and "euler_project" in by_integrator:
-        a, b = by_integrator["expmap"], by_integrator["euler_project"]
-        angle = torch.rad2deg(sphere.geodesic_distance(sphere.project(a), sphere.project(b)))
-        print(f"expmap vs euler_project, same model and noise: token angle mean "
-              f"{angle.mean():.2f} deg, max {angle.max():.2f} deg")
+    for steps in step_list:
+        a, b = by_integrator.get(("expmap", steps)), by_integrator.get(("euler_project", steps))
+        if a is not None and b is not None:
+            angle = torch.rad2deg(sphere.geodesic_distance(sphere.project(a), sphere.project(b)))
+            print(f"@{steps} steps, expmap vs euler_project (same model and noise): token "
+                  f"angle mean {angle.mean():.3f} deg, max {angle.max():.3f} deg")
     print(f"(runs in {out_root})")
 
 

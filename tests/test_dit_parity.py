@@ -207,3 +207,20 @@ def test_released_ddt_xl_layout_maps_without_mismatch():
         (1152, 28, 2, 2048)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(839, rel=0.02)
     assert math.isclose(model.head_blocks[0].attn.head_dim, 128)
+
+
+def test_import_from_the_hub_as_the_released_config_names_it(tmp_path, monkeypatch, ref_size):
+    """hf-hub:wkdgnsgo/dino-sae (a stand-in Hugging Face cache, offline): the generator file is
+    picked among the repository's files and imported exactly as the local file is."""
+    from test_import import _stand_in_hub
+
+    sd, rest, meta = fixture("ddt_rae")
+    local = tmp_path / "local.pt"
+    torch.save({"ema": sd}, local)
+    _stand_in_hub(tmp_path, monkeypatch, {"ddt_xl_80ep.pt": local.read_bytes(),
+                                          "dino_sae_ae.pth": b"not read", "README.md": b"hi"})
+    cfg = {"dit": dit_section(meta)}
+    a = importers.import_generator(cfg, str(local), tmp_path / "a.pt")
+    b = importers.import_generator(cfg, "hf-hub:wkdgnsgo/dino-sae", tmp_path / "b.pt")
+    ea, eb = (torch.load(p, weights_only=True)["ema"] for p in (a, b))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)

@@ -28,7 +28,11 @@ rule sample:
     input:
         dit="results/dit/checkpoint.pt",
         ae="results/ae/stage4/checkpoint.pt",
-        cache=[] if PRETRAINED_DIT else f"results/latents/{config['latents']['split']}.zarr",
+        cache=(
+            []
+            if PRETRAINED_DIT
+            else f"results/latents/{config['latents']['split']}.zarr"
+        ),
     output:
         "results/samples/samples.h5",
     log:
