@@ -621,6 +621,8 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
       training checkpoint; `ema` is taken before `model`, as both codes' own loaders do. It is
       mapped by explicit key tables onto the network the config describes (dit.model, dit.head,
       dit.qk_norm, dit.pos_embed, dit.time_embed), every mismatch listed with the key to change.
+      Variants no released config uses (patch size > 1, wo_shift, GELU MLP, LayerNorm, no RoPE,
+      learn_sigma) are not built here: such files show up as mismatches.
 
     Conventions (recorded as config["convention"], used by the sampler: see
     dinosae.models.dit.CONVENTIONS). RAE (stage2/transport: ICPlan alpha_t = 1 - t, sigma_t = t;
