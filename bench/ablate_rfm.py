@@ -1,5 +1,7 @@
 """Ablation: Riemannian flow matching vs Euclidean (rectified) flow matching, same data, steps,
-seed and network (the paper: 15.95 Euclidean vs 2.65 RFM gFID at full scale).
+seed and network (the paper: 15.95 Euclidean vs 2.65 RFM gFID at full scale); and, for the RFM
+model, its two sphere integrators (the exponential map vs an Euler step projected back to the
+sphere, which a summary of the paper reports generating better) from the same noise.
 
     .venv/bin/python bench/ablate_rfm.py --synthetic                  # no pipeline needed
     .venv/bin/python bench/ablate_rfm.py --cache results/latents/train.zarr \\
@@ -29,7 +31,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 from dinosae import rfm, sphere
 from dinosae.config import load_config
-from dinosae.train.dit import load_generator, train_dit
+from dinosae.models.dit import load_dit
+from dinosae.train.dit import train_dit
 
 
 class SyntheticCache:
@@ -84,9 +87,11 @@ def token_fds(x: torch.Tensor, ref: torch.Tensor, flat_max: int) -> dict[str, fl
 
 
 def generate(ckpt: Path, n: int, steps: int, cfg_scale: float, seed: int, device: torch.device,
-             batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """n class-balanced samples (directions at radius R) from a trained DiT checkpoint."""
-    model, meta = load_generator(ckpt, device)
+             batch: int = 256, integrator: str = "euler_project"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples (directions at radius R) from a trained DiT checkpoint; the
+    noise depends only on `seed` (the same for every integrator)."""
+    model, meta = load_dit(ckpt, device)
     labels = torch.arange(n) % meta["num_classes"]
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -94,7 +99,7 @@ def generate(ckpt: Path, n: int, steps: int, cfg_scale: float, seed: int, device
         y = labels[i:i + batch].to(device)
         out.append(rfm.sample(model, y, steps, cfg_scale, meta["radius"], meta["alpha"], gen,
                               shape=(meta["tokens"], meta["channels"]), path=meta["dit"]["path"],
-                              amp=device.type == "cuda").cpu())
+                              amp=device.type == "cuda", integrator=integrator).cpu())
     return torch.cat(out), labels
 
 
@@ -120,7 +125,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="batch (default dit.batch_size)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--sample-steps", type=int, default=None, help="default sample.steps")
+    p.add_argument("--sample-steps", type=int, nargs="+", default=None,
+                   help="sampler steps, one or several (default sample.steps)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -131,6 +137,10 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=4000, help="synthetic: training samples")
     p.add_argument("--grid", type=int, nargs=2, default=[2, 2], help="synthetic: token grid")
     p.add_argument("--channels", type=int, default=32, help="synthetic: channels")
+    p.add_argument("--paths", nargs="+", default=["rfm", "euclidean"],
+                   choices=["rfm", "euclidean"])
+    p.add_argument("--integrators", nargs="+", default=["expmap", "euler_project"],
+                   choices=["expmap", "euler_project"], help="the RFM model's samplers")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +153,7 @@ def main() -> None:
     for key, value in (("steps", args.steps), ("batch_size", args.batch), ("lr", args.lr)):
         if value is not None:
             dc[key] = value
-    steps = args.sample_steps or cfg["sample"]["steps"]
+    step_list = args.sample_steps or [cfg["sample"]["steps"]]
     device = torch.device("cuda" if cfg["device"] != "cpu" and torch.cuda.is_available()
                           else "cpu")
 
@@ -163,7 +173,7 @@ def main() -> None:
     print(f"data: {'synthetic' if args.synthetic else args.cache}, {len(data)} samples, "
           f"{T} tokens x {C} ch, alpha {rfm.alpha_for(T, C):.3g}; model {args.model}, "
           f"{dc['steps']} steps x batch {dc['batch_size']}, seed {args.seed}; sampling "
-          f"{args.samples} at {steps} steps, cfg {args.cfg_scale}, device {device}")
+          f"{args.samples} at {step_list} steps, cfg {args.cfg_scale}, device {device}")
 
     ae = None
     if args.ae:
@@ -174,28 +184,43 @@ def main() -> None:
         ref_teacher = teacher_features(ae, ref, s_vae, device)
 
     out_root = Path(args.out or tempfile.mkdtemp(prefix="ablate_rfm_"))
-    rows = []
-    for path in ("rfm", "euclidean"):
+    rows, by_integrator = [], {}
+    for path in args.paths:
         run_cfg = {k: cfg[k] for k in ("seed", "device", "dit", "sample")}
         run_cfg["dit"] = dict(dc, path=path)
         t0 = time.time()
         ckpt = train_dit(run_cfg, cache, None, out_root / path)
         train_s = time.time() - t0
-        z, _ = generate(ckpt, args.samples, steps, args.cfg_scale, args.seed, device)
-        row = {"path": path, "train_s": train_s, "sample_s": time.time() - t0 - train_s,
-               **token_fds(z, ref, args.flat_max)}
-        if ae is not None:
-            row["FD_teacher"] = frechet(teacher_features(ae, z, s_vae, device), ref_teacher)
-        rows.append(row)
+        for steps in step_list:
+            for integrator in args.integrators if path == "rfm" else ["euler"]:
+                t1 = time.time()
+                z, _ = generate(ckpt, args.samples, steps, args.cfg_scale, args.seed, device,
+                                integrator="euler_project" if integrator == "euler"
+                                else integrator)
+                name = path if path == "euclidean" else f"rfm {integrator}"
+                row = {"path": f"{name} @{steps}", "train_s": train_s,
+                       "sample_s": time.time() - t1, **token_fds(z, ref, args.flat_max)}
+                if ae is not None:
+                    row["FD_teacher"] = frechet(teacher_features(ae, z, s_vae, device),
+                                                ref_teacher)
+                rows.append(row)
+                by_integrator[(integrator, steps)] = z
     if floor is not None:
         rows.append({"path": "data (floor)", "train_s": math.nan,
                      **token_fds(floor, ref, args.flat_max)})
 
     keys = [k for k in rows[0] if k not in ("path", "train_s", "sample_s")]
-    print(f"{'path':>13} {'train s':>8} {'sample s':>8} " + " ".join(f"{k:>11}" for k in keys))
+    print(f"{'path @steps':>22} {'train s':>8} {'sample s':>8} "
+          + " ".join(f"{k:>11}" for k in keys))
     for r in rows:
-        print(f"{r['path']:>13} {r['train_s']:>8.1f} {r.get('sample_s', math.nan):>8.1f} "
+        print(f"{r['path']:>22} {r['train_s']:>8.1f} {r.get('sample_s', math.nan):>8.1f} "
               + " ".join(f"{r[k]:>11.4f}" for k in keys))
+    for steps in step_list:
+        a, b = by_integrator.get(("expmap", steps)), by_integrator.get(("euler_project", steps))
+        if a is not None and b is not None:
+            angle = torch.rad2deg(sphere.geodesic_distance(sphere.project(a), sphere.project(b)))
+            print(f"@{steps} steps, expmap vs euler_project (same model and noise): token "
+                  f"angle mean {angle.mean():.3f} deg, max {angle.max():.3f} deg")
     print(f"(runs in {out_root})")
 
 

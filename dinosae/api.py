@@ -209,12 +209,15 @@ class Generator:
     def sample_tokens(self, labels: Any, steps: int = 50, cfg_scale: float = 1.0,
                       generator: torch.Generator | None = None, *, seeds: Any = None,
                       guidance_interval: tuple[float, float] = (0.0, 1.0),
-                      batch_size: int | None = None) -> Tensor:
+                      batch_size: int | None = None,
+                      integrator: str = "euler_project") -> Tensor:
         """Class-conditional samples as tokens (B, T, C) float32 on the flow's radius sqrt(C).
         Noise from `generator`, or with `seeds` per sample exactly as `dinosae sample` draws it
-        (sample i from torch.Generator().manual_seed(seeds[i]))."""
+        (sample i from torch.Generator().manual_seed(seeds[i])). `steps` as the generator's
+        own code counts them (an imported generator: see dinosae.models.dit.CONVENTIONS);
+        `integrator`: euler_project | expmap (the sphere path)."""
         from dinosae import rfm
-        from dinosae.generate import start_noise
+        from dinosae.generate import sampler_settings, start_noise
 
         y = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -230,16 +233,18 @@ class Generator:
             yb = y[i:i + bs].to(self.device)
             z1 = None if seeds is None else start_noise(seeds[i:i + bs], shape, self.radius,
                                                        self.path)
-            out.append(rfm.sample(_Wrapped(self), yb, steps, cfg_scale, self.radius,
-                                  self.alpha, generator, shape=shape, path=self.path, z1=z1,
-                                  guidance_interval=tuple(guidance_interval)))
+            out.append(rfm.sample(_Wrapped(self), yb, cfg_scale=cfg_scale, r=self.radius,
+                                  alpha=self.alpha, generator=generator, shape=shape, z1=z1,
+                                  guidance_interval=tuple(guidance_interval),
+                                  **sampler_settings(self.meta, steps, integrator)))
         return torch.cat(out).cpu() if out else torch.empty(0, *shape)
 
     @torch.no_grad()
     def sample(self, labels: Any, steps: int = 50, cfg_scale: float = 1.0,
                generator: torch.Generator | None = None, *, seeds: Any = None,
                guidance_interval: tuple[float, float] = (0.0, 1.0), radius: float | None = None,
-               batch_size: int | None = None, clamp: bool = True) -> Tensor:
+               batch_size: int | None = None, clamp: bool = True,
+               integrator: str = "euler_project") -> Tensor:
         """Class-conditional images (B, 3, H, W) float32 on the CPU, in [0, 1] with `clamp`:
         sample_tokens, then decoded at `radius` (default: the decode radius recorded with the
         generator, i.e. the latent cache's mean token norm, or give s_vae, paper: 14)."""
@@ -250,7 +255,8 @@ class Generator:
         if r is None:
             raise ValueError("no decode radius recorded with this generator: give radius=")
         z = self.sample_tokens(labels, steps, cfg_scale, generator, seeds=seeds,
-                               guidance_interval=guidance_interval, batch_size=batch_size)
+                               guidance_interval=guidance_interval, batch_size=batch_size,
+                               integrator=integrator)
         return self.autoencoder.decode(z, radius=float(r), clamp=clamp,
                                        batch_size=batch_size or 64)
 
@@ -274,8 +280,7 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
     Autoencoder or a path), else the export's bundled autoencoder/, else the AE checkpoint the
     DiT was trained with (if that file exists), else none (sample_tokens only)."""
     from dinosae.export import AE_DIR, DIT_KIND, bundled_dir, is_export, read_export
-    from dinosae.models.dit import build_dit
-    from dinosae.models.keymap import check, mismatches
+    from dinosae.models.dit import dit_from_checkpoint, for_sampling
 
     path = _resolve(path, "dit")
     decode_radius = None
@@ -286,21 +291,17 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
         meta, decode_radius = doc["config"], doc.get("decode_radius")
         bundled = bundled_dir(path, doc["autoencoder"]) if doc.get("autoencoder") else None
     else:
-        from dinosae.checkpoint import load_checkpoint
+        from dinosae.checkpoint import read_checkpoint
 
-        ck = load_checkpoint(path)
-        if ck.get("kind") != DIT_KIND:
-            raise ConfigError(f"{path}: not a DiT checkpoint (kind {ck.get('kind')!r})")
+        ck = read_checkpoint(path, DIT_KIND)
         meta, state = ck["config"], ck["ema"]
         bundled = Path(ck["ae"]) if ck.get("ae") and Path(ck["ae"]).is_file() else None
     if bundled is None and is_export(path) and is_export(path / AE_DIR):
         bundled = path / AE_DIR
     device, dtype = _device(device), _dtype(dtype)
-    model = build_dit(meta["dit"]["model"], meta["tokens"], meta["channels"],
-                      meta["num_classes"], meta["grid"], meta["dit"]["head"])
-    check(f"{path} does not fit its own config", mismatches(model.state_dict(), state))
-    model.load_state_dict(state)
+    model = dit_from_checkpoint({"config": meta, "ema": state}, str(path))
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    model = for_sampling(model, meta)  # an imported generator in dinosae's time convention
     if autoencoder is None and bundled is not None:
         autoencoder = bundled
     if autoencoder is not None and not isinstance(autoencoder, Autoencoder):

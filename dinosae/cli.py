@@ -85,7 +85,28 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "sample": (
         "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",
         [("--dit", dict(required=True)), ("--ae", dict(required=True)),
-         ("--cache", dict(required=True)), ("--out", dict(required=True))],
+         ("--cache", dict(default=None, help="the latent cache the DiT was trained on (class "
+                                            "names, checks); none for an imported generator")),
+         ("--out", dict(required=True))],
+    ),
+    "generate": (
+        "dinosae.generate", "generate_images",
+        "samples of chosen classes and seeds from a generator -> a PNG grid or an npz",
+        [("--model", dict(required=True, help="export folder, DiT checkpoint or hf-hub:...")),
+         ("--classes", dict(required=True, help="class indices, e.g. 207,360 or 0-9")),
+         ("--seeds", dict(default="0-7", help="noise seeds, e.g. 0-7 (default) or 1,5,9")),
+         ("--out", dict(required=True, help="grid.png (a row per class) or samples.npz")),
+         ("--steps", dict(type=int, default=50)),
+         ("--cfg-scale", dict(type=float, default=1.0, help="classifier-free guidance (1: off)")),
+         ("--interval", dict(default="0,1", help="guidance interval lo,hi in t (1 = noise)")),
+         ("--s-vae", dict(type=float, default=None,
+                          help="decode radius (default: the generator's recorded one; paper 14)")),
+         ("--integrator", dict(default="euler_project", choices=["euler_project", "expmap"])),
+         ("--ae", dict(default=None, help="autoencoder (default: bundled with the export or "
+                                          "recorded in the checkpoint)")),
+         ("--batch-size", dict(type=int, default=16)),
+         ("--device", dict(default="auto", help="auto | cpu | cuda[:N]")),
+         ("--force", dict(action="store_true", help="replace an existing --out"))],
     ),
     "fid-reference": (
         "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
@@ -115,7 +136,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     ),
     "import-dit": (
         "dinosae.importers", "import_generator",
-        "an exported or dinosae DiT -> results/dit/checkpoint.pt",
+        "a dinosae, RAE (DiTwDDTHead, LightningDiT) or hustvl LightningDiT generator -> a "
+        "DiT checkpoint",
         [("--source", dict(default=None, help="file, folder or hf-hub:...; default "
                                               "dit.pretrained")),
          ("--out", dict(required=True))],
@@ -164,7 +186,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     ),
 }
 # commands that need no config (the checkpoint or the results files carry it)
-NO_CONFIG = {"export-model", "status", "stage-figures", "sample-grids", "metrics-table"}
+NO_CONFIG = {"export-model", "status", "stage-figures", "sample-grids", "metrics-table",
+             "generate"}
 # commands that read config.yaml when given no config, and need none of its paths to exist
 DEFAULT_CONFIG = {"plan": "config.yaml"}
 

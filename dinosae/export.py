@@ -251,12 +251,12 @@ def export_model(cfg: dict, checkpoint: str | Path, out: str | Path,
 
 
 def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> None:
-    from dinosae.models.dit import build_dit
+    from dinosae.models.dit import dit_from_checkpoint
 
     c = ck["config"]
-    model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
-                      c["dit"]["head"])
-    model.load_state_dict(ck["ema"])  # checks the names/shapes
+    dit_from_checkpoint(ck, str(path))  # checks the names/shapes
+    if ae is None and ck.get("ae") and Path(ck["ae"]).is_file():
+        ae = ck["ae"]
     extra: dict[str, Any] = {"autoencoder": None, "decode_radius": c.get("mean_norm")}
     _write(folder, DIT_KIND, c, ck["ema"], _source(path, ck), extra)
     if ae is None:

@@ -1,21 +1,32 @@
-"""Class-balanced samples from the RFM DiT, decoded by the AE decoder, into one HDF5 file.
+"""Samples from a generator, decoded by the AE decoder: class-balanced into one HDF5 file (rule
+`sample`), or a few chosen classes and seeds into a PNG grid or an npz (`dinosae generate`).
 
     samples.h5   images uint8 (N, H, W, 3), labels int64 (N,), seeds int64 (N,); attributes:
                  checkpoints used (with sha256), steps, cfg_scale, guidance_interval, s_vae, ...
     samples.png  a grid: a few classes (rows) x a few samples
     samples.npz  optional ADM-style export (arr_0 uint8 NHWC, arr_1 labels), sample.export_npz
 
-Sample i is label i mod K (K = the cache's classes, so every prefix is balanced) and starts from
+Sample i is label i mod K (K = the generator's classes, so every prefix is balanced) and starts from
 noise drawn with its own generator, torch.Generator().manual_seed(seeds[i]) on the CPU: its image
 depends only on its seed, whatever else shares its batch. The file is written one batch at a
 time under a temporary name (`<out>.partial`) with a `done` counter; a killed job rerun with the
 same settings continues after the last finished batch, and the file is renamed when complete.
+The latent cache, when given, is checked to be the one the generator was trained on and gives
+the class names and, with sample.s_vae null, the decode radius; an imported generator needs none.
+
+    dinosae generate --model EXPORT_OR_CHECKPOINT --classes 207,360 --seeds 0-7 --out grid.png
+                     [--out samples.npz] [--steps 50 --cfg-scale 1.5 --s-vae 14 --ae AE ...]
+
+writes one row per class, one column per seed (sample (class, seed) starts from the noise of
+torch.Generator().manual_seed(seed), as Generator.sample(seeds=...) draws it), or an ADM-style
+npz (arr_0 uint8 NHWC, arr_1 labels, arr_2 seeds).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +34,7 @@ import numpy as np
 import torch
 
 from dinosae.dist import pick_device
-from dinosae.errors import CheckpointError, NumericsError
+from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.faults import fault_point
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
@@ -58,29 +69,44 @@ def start_noise(seeds: np.ndarray, shape: tuple[int, int], r: float, path: str) 
     return torch.cat(out)
 
 
+def sampler_settings(meta: dict, steps: int, integrator: str = "euler_project") -> dict:
+    """rfm.sample's keyword arguments (steps, path, t_end, cfg_channels, integrator) that make
+    this generator sample as its own code does: `steps` counted as that code counts them (RAE's
+    and SiT's num_steps are grid points, one more than the Euler steps)."""
+    from dinosae.models.dit import convention_of
+
+    conv = convention_of(meta)
+    n = int(steps) - 1 if conv["grid_points"] else int(steps)
+    if n < 1:
+        raise ConfigError(f"sample.steps: {steps} is too few for a generator of the "
+                          f"{conv['name']!r} convention (its steps count grid points: >= 2)")
+    return {"steps": n, "path": meta["dit"]["path"], "t_end": conv["t_end"],
+            "cfg_channels": conv["cfg_channels"], "integrator": integrator}
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) ≈[0, 1] -> uint8 (B, H, W, 3)."""
     x = (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _decode_radius(cfg_s_vae: float | None, cache_attrs: dict) -> float:
+def _decode_radius(cfg_s_vae: float | None, cache_attrs: dict | None) -> float:
     if cfg_s_vae is not None:
         return float(cfg_s_vae)
+    if cache_attrs is None:
+        raise ConfigError("config: 'sample.s_vae' is null and there is no latent cache to take "
+                          "the mean token norm from: set it (paper: 14)")
     if "mean_norm" not in cache_attrs:
         raise ValueError("sample.s_vae is null and the latent cache has no 'mean_norm' attribute")
     return float(cache_attrs["mean_norm"])
 
 
-def _check_generator_fits(meta: dict, cache_attrs: dict, dit: str, cache: str) -> None:
-    """The DiT must have been trained on latents shaped like this cache's (same classes)."""
-    have = {"tokens": int(cache_attrs["grid"][0]) * int(cache_attrs["grid"][1]),
-            "channels": int(cache_attrs["channels"]),
-            "num_classes": int(cache_attrs["num_classes"])}
+def _check_generator_fits(meta: dict, have: dict, dit: str, what: str) -> None:
+    """The DiT must have been trained on latents shaped like these (same classes)."""
     wrong = [f"{k} {meta[k]} vs {v}" for k, v in have.items() if int(meta[k]) != v]
     if wrong:
-        raise CheckpointError(f"DiT {dit} does not fit the latent cache {cache} "
-                              f"({', '.join(wrong)}): it was trained on another cache")
+        raise CheckpointError(f"DiT {dit} does not fit {what} ({', '.join(wrong)}): it was "
+                              "trained on other latents")
 
 
 def _open_partial(tmp: Path, settings: dict[str, Any], n: int, hw: tuple[int, int],
@@ -119,24 +145,35 @@ def _attr_equal(a: Any, b: Any) -> bool:
     return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
-def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
+def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> None:
     """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
-    sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample."""
-    from dinosae.latents import open_cache
+    sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample. `cache`: the
+    latent cache the generator was trained on, or None (an imported generator)."""
     from dinosae.models.autoencoder import DinoSAE
+    from dinosae.models.dit import load_dit
     from dinosae.rfm import sample
-    from dinosae.train.dit import load_generator
 
     sc = cfg["sample"]
     out = Path(out)
     device = pick_device(cfg.get("device", "auto"))
-    model, meta = load_generator(dit, device=str(device))
+    model, meta = load_dit(dit, device=str(device))
     autoencoder = DinoSAE.load(ae, device=str(device))
-    cache_attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
-    _check_generator_fits(meta, cache_attrs, dit, cache)
-    num_classes = int(cache_attrs["num_classes"])
-    classes = [str(c) for c in cache_attrs.get("classes", range(num_classes))]
+    _check_generator_fits(meta, {"tokens": autoencoder.grid[0] * autoencoder.grid[1],
+                                 "channels": autoencoder.channels}, dit, f"the autoencoder {ae}")
+    cache_attrs = None
+    if cache:
+        from dinosae.latents import open_cache
+
+        cache_attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
+        have = {"tokens": int(cache_attrs["grid"][0]) * int(cache_attrs["grid"][1]),
+                "channels": int(cache_attrs["channels"]),
+                "num_classes": int(cache_attrs["num_classes"])}
+        _check_generator_fits(meta, have, dit, f"the latent cache {cache}")
+    num_classes = int(meta["num_classes"])
+    classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
+    integrator = sc.get("integrator", "euler_project")
+    settings_kw = sampler_settings(meta, int(sc["steps"]), integrator)
     n, bs = int(sc["num_samples"]), int(sc["batch_size"])
     if n % num_classes:
         log.warning("sample.num_samples=%d is not a multiple of %d classes: counts differ by one",
@@ -144,7 +181,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
     labels = balanced_labels(n, num_classes)
     seeds = sample_seeds(n, int(cfg.get("seed", 0)))
     shape = (int(meta["tokens"]), int(meta["channels"]))
-    r, alpha, path = float(meta["radius"]), float(meta["alpha"]), meta["dit"]["path"]
+    r, alpha, path = float(meta["radius"]), float(meta["alpha"]), settings_kw["path"]
     settings = {
         "format": FORMAT, "version": VERSION, "num_samples": n, "num_classes": num_classes,
         "classes": classes, "batch_size": bs, "seed": int(cfg.get("seed", 0)),
@@ -153,16 +190,17 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str, out: str) -> None:
         "s_vae": s_vae, "radius": r, "alpha": alpha, "flow_path": path,
         "dit_checkpoint": str(dit), "dit_sha256": sha256_file(dit),
         "ae_checkpoint": str(ae), "ae_sha256": sha256_file(ae),
-        "cache": str(cache), "device_type": device.type,
+        "cache": str(cache or ""), "device_type": device.type, "integrator": integrator,
+        "convention": str(meta.get("convention") or "dinosae"),
         "seeding": "sample i: rfm.noise from torch.Generator().manual_seed(seeds[i]) (cpu)",
     }
 
     def generate(lo: int, hi: int) -> np.ndarray:
         z1 = start_noise(seeds[lo:hi], shape, r, path)
         y = torch.from_numpy(labels[lo:hi]).to(device)
-        z = sample(model, y, int(sc["steps"]), float(sc["cfg_scale"]), r, alpha, shape=shape,
-                   guidance_interval=tuple(sc["guidance_interval"]), path=path, z1=z1,
-                   amp=device.type == "cuda")
+        z = sample(model, y, cfg_scale=float(sc["cfg_scale"]), r=r, alpha=alpha, shape=shape,
+                   guidance_interval=tuple(sc["guidance_interval"]), z1=z1,
+                   amp=device.type == "cuda", **settings_kw)
         images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
         if not torch.isfinite(images).all():
             raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "
@@ -227,3 +265,78 @@ def export_npz(samples: str | Path, npz: str | Path) -> None:
     with open(tmp, "wb") as fh:
         np.savez(fh, arr_0=images, arr_1=labels)
     os.replace(tmp, npz)
+
+
+# ---------------------------------------------------------------- dinosae generate
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """"207,360" or "0-7" or "0-3,9" -> a list of non-negative ints (ranges inclusive)."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ConfigError(f"--{what}: {part.strip()!r} is not a number or a range a-b "
+                              "(e.g. 207,360 or 0-7)")
+        out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return out
+
+
+def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = "0-7",
+                    steps: int = 50, cfg_scale: float = 1.0, interval: str = "0,1",
+                    s_vae: float | None = None, integrator: str = "euler_project",
+                    ae: str | None = None, batch_size: int = 16, device: str = "auto",
+                    force: bool = False) -> Path:
+    """Samples of the given classes x seeds from a generator (an export folder, a DiT checkpoint
+    or hf-hub:...), decoded by its bundled or recorded autoencoder (or `ae`) at radius `s_vae`
+    (default: the radius recorded with the generator) -> `out`: a .png grid (a row per class,
+    a column per seed) or an .npz (arr_0 uint8 NHWC, arr_1 labels, arr_2 seeds). An existing
+    `out` is replaced only with `force`. `cfg` is not used."""
+    from dinosae import api
+    from dinosae.files import atomic_path
+
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise ConfigError(f"--out {out}: give a .png (image grid) or .npz (arrays) file name")
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists; remove it or pass --force to replace it")
+    labels_, seeds_ = parse_ints(classes, "classes"), parse_ints(seeds, "seeds")
+    try:
+        lo, hi = (float(v) for v in interval.split(","))
+    except ValueError:
+        raise ConfigError(f"--interval {interval!r}: expected lo,hi (e.g. 0,1)") from None
+    gen = api.load_generator(model, device=None if device == "auto" else device,
+                             autoencoder=ae)
+    bad = [c for c in labels_ if not 0 <= c < gen.num_classes]
+    if bad:
+        raise ConfigError(f"--classes {bad}: the generator has classes 0..{gen.num_classes - 1}")
+    if gen.autoencoder is None:
+        raise ConfigError(f"{model}: no autoencoder bundled or recorded with this generator: "
+                          "give --ae (a dinosae AE checkpoint or export)")
+    radius = s_vae if s_vae is not None else gen.decode_radius
+    if radius is None:
+        raise ConfigError(f"{model}: no decode radius recorded with this generator: give "
+                          "--s-vae (paper: 14)")
+    labels = np.repeat(np.asarray(labels_, dtype=np.int64), len(seeds_))  # a row per class
+    seeds_all = np.tile(np.asarray(seeds_, dtype=np.int64), len(labels_))
+    n, images = len(labels), []
+    progress = Progress(n, desc="generate", unit="img")
+    for i in range(0, n, batch_size):
+        x = gen.sample(labels[i:i + batch_size], steps=steps, cfg_scale=cfg_scale,
+                       seeds=seeds_all[i:i + batch_size], guidance_interval=(lo, hi),
+                       radius=float(radius), integrator=integrator)
+        if not torch.isfinite(x).all():
+            raise NumericsError(f"samples {i}..{i + len(x) - 1} are not finite ({model})")
+        images.append(x)
+        progress.update(len(x))
+    progress.close()
+    images = torch.cat(images)
+    if out.suffix == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out, nrow=len(seeds_))
+    else:
+        with atomic_path(out, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, arr_0=to_uint8(images), arr_1=labels, arr_2=seeds_all)
+    log.info("%d samples (classes %s, seeds %s, %d steps, cfg %.2f, s_vae %.3f, %s) -> %s",
+             n, labels_, seeds_, steps, cfg_scale, float(radius), integrator, out)
+    return out

@@ -55,17 +55,17 @@ change.
 
 Generator sources
 -----------------
-A dinosae DiT checkpoint or export folder. The authors' DiTDH/"DDT-XL" release follows RAE's
-`DiTwDDTHead` (s_embedder, s_projector, Gaussian-Fourier time embedding, absolute sin-cos
-positions, one `blocks` list for trunk and head); dinosae's DiTDH is a different network (no
-s_embedder/absolute positions, a sinusoidal time embedding, the head conditioned through
-cond_proj/c_proj), so no key map exists: such a file is refused with every key it holds.
+A dinosae DiT checkpoint or export folder, or a reference generator: RAE's DiTwDDTHead (the
+authors' released DDT-XL follows it) or LightningDiT, hustvl's LightningDiT. See
+`import_generator` for the key tables, the conventions (which end of t is noise, the time grid,
+EMA weights) and what is known and assumed about the authors' release.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -214,7 +214,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if obj.get("kind") == DIT_KIND:
         return obj["ema"], {"kind": obj["kind"], "config": obj["config"], "container": "ema",
                             "step": obj.get("step"), "stage": obj.get("stage")}
-    trail = []
+    trail, top = [], obj
     while isinstance(obj, dict) and not _tensors_only(obj):
         key = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
         if key is None:
@@ -223,7 +223,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise ConfigError(f"{path}: no tensors found (looked in {trail or 'the top level'})")
-    return _strip(sd), {"kind": None, "container": ".".join(trail) or None}
+    step = top.get("step") if isinstance(top, dict) else None  # RAE's training checkpoints
+    return _strip(sd), {"kind": None, "container": ".".join(trail) or None,
+                        "step": step if isinstance(step, int) else None}
 
 
 def _grouped(keys: Iterable[str], limit: int = 400) -> str:
@@ -399,12 +401,6 @@ def is_official_ae(sd: Mapping[str, Any]) -> bool:
                for k in sd)
 
 
-def is_ddt(sd: Mapping[str, Any]) -> bool:
-    """RAE's DiTwDDTHead naming (the authors' DDT-XL generator follows it)."""
-    return any(k.startswith(("s_embedder.", "s_projector.", "enc_feat_rope.", "dec_feat_rope."))
-               for k in sd)
-
-
 # ---------------------------------------------------------------- autoencoder
 
 def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
@@ -455,48 +451,301 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- generator key maps
+
+_CONV = "conv"  # their PatchEmbed is a 1x1 Conv2d, weight (D, C, 1, 1); ours a Linear, (D, C)
+
+# ours -> the reference's name. Inside a block the names are the reference's own (norm1, attn.qkv,
+# attn.q_norm, attn.k_norm, attn.proj, norm2, mlp.w12, mlp.w3, adaLN_modulation.1).
+_LDIT_NAMES: list[tuple[str, Any, str | None]] = [
+    (r"x_embedder\.weight", "x_embedder.proj.weight", _CONV),
+    (r"x_embedder\.bias", "x_embedder.proj.bias", None),
+    (r"pos_embed", "pos_embed", None),
+    (r"t_embedder\.(W|mlp\.[02]\.weight|mlp\.[02]\.bias)", r"t_embedder.\1", None),
+    (r"y_embedder\.embedding_table\.weight", "y_embedder.embedding_table.weight", None),
+    (r"blocks\.(\d+)\.(.+)", r"blocks.\1.\2", None),
+    (r"final_layer\.(norm_final\.weight|linear\.\w+|adaLN_modulation\.1\.\w+)",
+     r"final_layer.\1", None),
+]
+
+
+def _ddt_names(depth: int) -> list[tuple[str, Any, str | None]]:
+    """RAE's DiTwDDTHead keeps trunk and head in one `blocks` list: head block j is
+    blocks.{depth + j}."""
+    return [
+        (r"([sx])_embedder\.weight", r"\1_embedder.proj.weight", _CONV),
+        (r"([sx])_embedder\.bias", r"\1_embedder.proj.bias", None),
+        (r"s_projector\.(weight|bias)", r"s_projector.\1", None),
+        (r"head_blocks\.(\d+)\.(.+)", lambda m: f"blocks.{depth + int(m[1])}.{m[2]}", None),
+        *[row for row in _LDIT_NAMES if not row[0].startswith(r"x_embedder")],
+    ]
+
+
+def _derived_tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's persistent RoPE buffers (their names -> the values our tables give):
+    VisionRotaryEmbeddingFast's freqs_cos / freqs_sin (T, head_dim), each angle twice."""
+    from dinosae.models.dit import DiTDH
+
+    pairs = ([("enc_feat_rope", "rope"), ("dec_feat_rope", "head_rope")]
+             if isinstance(model, DiTDH) else [("feat_rope", "rope")])
+    out = {}
+    for theirs, ours in pairs:
+        for fn in ("cos", "sin"):
+            out[f"{theirs}.freqs_{fn}"] = getattr(model, f"{ours}_{fn}").repeat_interleave(2, -1)
+    return out
+
+
+def map_reference_dit(sd: Mapping[str, torch.Tensor], model: torch.nn.Module
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """A reference generator's state dict (RAE's LightningDiT or DiTwDDTHead, hustvl's
+    LightningDiT) -> (our key -> tensor, our key -> their name, problems) for `model`. The
+    reference's RoPE buffers are checked against ours (same grid and head width), not loaded."""
+    from dinosae.models.dit import DiTDH
+
+    table = _ddt_names(len(model.blocks)) if isinstance(model, DiTDH) else _LDIT_NAMES
+    own = model.state_dict()
+    given, names, used, problems = {}, {}, set(), []
+    for ours in own:
+        theirs, how = _map(ours, table) or (ours, None)
+        names[ours] = theirs
+        if theirs in sd:
+            t = sd[theirs]
+            if how == _CONV and t.ndim == 4 and t.shape[2:] == (1, 1):
+                t = t.reshape(t.shape[0], -1)
+            given[ours] = t
+            used.add(theirs)
+    for theirs, want in _derived_tables(model).items():
+        if theirs not in sd:
+            continue
+        used.add(theirs)
+        got = sd[theirs]
+        if list(got.shape) != list(want.shape) or not torch.allclose(got.float(), want,
+                                                                     atol=1e-5):
+            problems.append(f"wrong values {theirs} {list(got.shape)}: not the RoPE table of "
+                            f"this grid and head width {list(want.shape)}")
+    problems = mismatches(own, given, names) + problems
+    problems += [f"unexpected {k} {list(sd[k].shape)} (no counterpart in dinosae's modules)"
+                 for k in sorted(set(sd) - used)]
+    return given, names, problems
+
+
+def reference_dit_kind(sd: Mapping[str, Any]) -> str | None:
+    """"ddt" (RAE's DiTwDDTHead), "lightningdit" (RAE's or hustvl's) or None."""
+    if "s_embedder.proj.weight" in sd:
+        return "ddt"
+    if "x_embedder.proj.weight" in sd and "final_layer.linear.weight" in sd:
+        return "lightningdit"
+    return None
+
+
+def _dim(sd: Mapping[str, Any], key: str, axis: int, ndim: int | None = None) -> int | None:
+    """sd[key].shape[axis], or None when the file has no such tensor or it has another rank."""
+    t = sd.get(key)
+    shape = getattr(t, "shape", None)
+    if shape is None or len(shape) <= axis or (ndim is not None and len(shape) != ndim):
+        return None
+    return int(shape[axis])
+
+
+def _file_dit_shape(sd: Mapping[str, torch.Tensor], kind: str) -> dict[str, Any]:
+    """What a reference state dict says about its network (None where it cannot tell): trunk
+    width/depth/heads, head depth/width/heads, channels, classes, tokens, switches."""
+    trunk = "s_embedder" if kind == "ddt" else "x_embedder"
+    hidden = _dim(sd, f"{trunk}.proj.weight", 0, 4)
+    widths = {int(k.split(".")[1]): _dim(sd, k, 0, 1) for k in sd
+              if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k)}
+    depth = (sum(1 for w in widths.values() if w == hidden) if kind == "ddt" else len(widths))
+
+    def heads(rope: str, width: int | None) -> int | None:
+        hd = _dim(sd, f"{rope}.freqs_cos", 1, 2)
+        return width // hd if width and hd else None
+
+    classes = _dim(sd, "y_embedder.embedding_table.weight", 0, 2)
+    out: dict[str, Any] = {
+        "hidden": hidden, "depth": depth, "channels": _dim(sd, f"{trunk}.proj.weight", 1, 4),
+        "heads": heads("enc_feat_rope" if kind == "ddt" else "feat_rope", hidden),
+        "num_classes": classes - 1 if classes else None,
+        "qk_norm": any(k.endswith("attn.q_norm.weight") for k in sd),
+        "pos_embed": "pos_embed" in sd,
+        "time_embed": "fourier" if "t_embedder.W" in sd else "sinusoidal",
+        "head": None,
+    }
+    if kind == "ddt":
+        width = _dim(sd, "x_embedder.proj.weight", 0, 4)
+        out["head"] = {"depth": len(widths) - depth, "width": width,
+                       "heads": heads("dec_feat_rope", width)}
+    out["tokens"] = (_dim(sd, "pos_embed", 1, 3) or _dim(sd, "feat_rope.freqs_cos", 0, 2)
+                     or _dim(sd, "enc_feat_rope.freqs_cos", 0, 2))
+    missing = [k for k in ("hidden", "channels", "num_classes") if out[k] is None]
+    if missing or (kind == "ddt" and out["head"]["width"] is None):
+        raise ConfigError(
+            f"the file's {trunk}.proj.weight, x_embedder.proj.weight or "
+            "y_embedder.embedding_table.weight are missing or not shaped as the reference's "
+            f"(cannot tell its {', '.join(missing) or 'head width'}); it holds "
+            f"{len(sd)} tensors: {_grouped(sd, limit=40)}")
+    return out
+
+
+def _reference_hints(file: dict[str, Any], cfg_dit: dict) -> list[str]:
+    """Which config keys to change so that the configured network is the file's."""
+    from dinosae.models.dit import HEAD_DIM_DH, SIZES, switches_of
+
+    hints: list[str] = []
+    size = next((n for n, (h, d, nh) in SIZES.items() if h == file["hidden"]
+                 and d == file["depth"] and file["heads"] in (None, nh)), None)
+    if size != cfg_dit.get("model"):
+        what = (f"a trunk {file['hidden']} wide, {file['depth']} blocks deep"
+                + (f", {file['heads']} heads" if file["heads"] else ""))
+        hints.append(f"the file holds {what}: set dit.model: {size}." if size else
+                     f"the file holds {what}, which is none of dinosae's sizes {SIZES}.")
+    head, want = cfg_dit.get("head"), file["head"]
+    if want is None and head is not None:
+        hints.append("the file is a LightningDiT: set dit.head: null.")
+    elif want is not None and want["width"] and want["depth"]:
+        norm = dict(want)
+        if norm["heads"] in (None, max(1, norm["width"] // HEAD_DIM_DH)):
+            norm.pop("heads")
+        have = dict(head or {})
+        if have.get("heads") in (None, max(1, int(have.get("width", 0)) // HEAD_DIM_DH)):
+            have.pop("heads", None)
+        if have != norm:
+            hints.append(f"the file is a DiTDH (RAE's DiTwDDTHead): set dit.head: "
+                         f"{json.dumps(norm)}.")
+    for key, value in switches_of(cfg_dit).items():
+        if file[key] != value:
+            hints.append(f"set dit.{key}: {json.dumps(file[key])}.")
+    return hints
+
+
 # ---------------------------------------------------------------- generator
 
 def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
-    """An exported or dinosae DiT -> a dinosae DiT checkpoint at `out` (config section dit:
-    model/head/path must match the file's). `source` defaults to dit.pretrained."""
+    """A generator -> a dinosae DiT checkpoint at `out` (config sections: dit; data, when
+    given, to check the token grid). `source` defaults to dit.pretrained. Sources:
+
+    * a dinosae DiT checkpoint or `dinosae export-model` folder (dit.model/head/path and the
+      switches must match the file's own config);
+    * a reference generator's state dict: RAE's `DiTwDDTHead` (DDT.py) or `LightningDiT`
+      (lightningDiT.py), or hustvl/LightningDiT's `LightningDiT`, as a bare state dict or a
+      training checkpoint; `ema` is taken before `model`, as both codes' own loaders do. It is
+      mapped by explicit key tables onto the network the config describes (dit.model, dit.head,
+      dit.qk_norm, dit.pos_embed, dit.time_embed), every mismatch listed with the key to change.
+      Variants no released config uses (patch size > 1, wo_shift, GELU MLP, LayerNorm, no RoPE,
+      learn_sigma) are not built here: such files show up as mismatches.
+
+    Conventions (recorded as config["convention"], used by the sampler: see
+    dinosae.models.dit.CONVENTIONS). RAE (stage2/transport: ICPlan alpha_t = 1 - t, sigma_t = t;
+    velocity target x0_noise - x1_data; the network reads t in [0, 1], no 1000x; sampler
+    `1 - linspace(0, 1 - 1/1000, num_steps)` shifted by sqrt(T·C/4096), torchdiffeq Euler, CFG
+    for t_min <= t <= t_max on all channels): t = 1 is noise and v = dz/dt, dinosae's own
+    convention; only the grid differs (stops at t = 1e-3; num_steps points = num_steps - 1
+    steps). hustvl/LightningDiT (SiT's transport: alpha_t = t, sigma_t = 1 - t, target data -
+    noise; sampler linspace(0, 1, num_steps) shifted with timestep_shift = 0.3 in its released
+    config, i.e. alpha = 1/0.3 in dinosae's time; forward_with_cfg guides only the first 3
+    channels, for t >= cfg_interval_start): t = 0 is noise, presented as ours by
+    dinosae.models.dit.FlippedTime; its flow is Euclidean (dit.path: euclidean). The time
+    embedding tells them apart: RAE's networks have Gaussian-Fourier features (`t_embedder.W`),
+    hustvl's DiT sinusoids.
+
+    The authors' DINO-SAE generator ("DDT-XL, 80 epochs", announced 2026-02-14 with the
+    hub link https://huggingface.co/wkdgnsgo/dino-sae, since commented out of the README of
+    github.com/wkdgnsgo/HAE, formerly wkdgnsgo/dino-sae): its training and sampling code is not
+    public (the repository holds only the autoencoder, src/model.py). Assumed, from the paper,
+    the issue and RAE (whose DiTDH-XL config it reproduces): RAE's DiTwDDTHead state dict
+    (widths [1152, 2048], depths [28, 2], 16/16 heads, no qk-norm, pos-embed on), RAE's time
+    convention and shift (alpha = 8 at 16x16x1024), Riemannian flow matching on the sphere of
+    radius sqrt(C) = 32 (dit.path: rfm), decoded at s_vae 14; file name, container keys (EMA or
+    not) unknown: `ema` is preferred when present, the container used is recorded.
+    """
+    from dinosae import rfm
     from dinosae.checkpoint import save_checkpoint
     from dinosae.files import sha256_file
-    from dinosae.models.dit import build_dit
+    from dinosae.models.dit import DiTDH, build_dit, dit_from_config, switches_of
 
-    spec = source or cfg.get("dit", {}).get("pretrained")
+    dc = cfg.get("dit", {})
+    spec = source or dc.get("pretrained")
     if not spec:
         raise ConfigError("config: 'dit.pretrained' is not set and no --source given")
     path = resolve_source(spec, "dit")
     sd, info = read_weights(path)
-    if info["kind"] != DIT_KIND:
-        if is_ddt(sd):
-            raise ConfigError(
-                f"{spec}: a DiTDH in RAE's DiTwDDTHead format (the authors' DDT-XL release): "
-                "dinosae's DiTDH is a different network (sinusoidal time embedding, no absolute "
-                "positions, head conditioned through cond_proj/c_proj), so these weights cannot "
-                f"be mapped onto it. Keys without a counterpart: {_grouped(sd)}. Train the DiT "
-                "instead (dit.pretrained: null).")
+    kind = reference_dit_kind(sd)
+    if info["kind"] == DIT_KIND:
+        config = info["config"]
+        mine = {**config["dit"], **switches_of(config["dit"])}
+        for key in ("model", "head", "path", *switches_of({})):
+            want = dc.get(key, mine[key])
+            if want != mine[key]:
+                raise ConfigError(f"config: 'dit.{key}' ({want!r}) differs from the imported "
+                                  f"generator's ({mine[key]!r}): set it to match")
+        model = dit_from_config(config)
+        check(f"generator weights {spec} do not fit its own config",
+              mismatches(model.state_dict(), sd))
+        given, fmt = sd, "dinosae"
+    elif info["kind"] is not None or kind is None:
         what = f"a {info['kind']} checkpoint" if info["kind"] else \
             f"{len(sd)} tensors: {_grouped(sd, limit=40)}"
-        raise ConfigError(f"{spec}: not a dinosae DiT checkpoint or export ({what})")
-    config = info["config"]
-    for key in ("model", "head", "path"):
-        want = cfg.get("dit", {}).get(key, config["dit"][key])
-        if want != config["dit"][key]:
-            raise ConfigError(f"config: 'dit.{key}' ({want!r}) differs from the imported "
-                              f"generator's ({config['dit'][key]!r}): set it to match")
-    model = build_dit(config["dit"]["model"], config["tokens"], config["channels"],
-                      config["num_classes"], config["grid"], config["dit"]["head"])
-    check(f"generator weights {spec} do not fit its own config", mismatches(model.state_dict(), sd))
-    model.load_state_dict(sd)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        raise ConfigError(f"{spec}: not a generator dinosae can import: neither a dinosae DiT "
+                          "checkpoint or export nor RAE's DiTwDDTHead / LightningDiT nor "
+                          f"hustvl's LightningDiT ({what})")
+    else:
+        try:
+            file = _file_dit_shape(sd, kind)
+        except ConfigError as e:
+            raise ConfigError(f"{spec}: {e}") from None
+        grid = _grid(file, cfg, spec)
+        convention = "rae" if file["time_embed"] == "fourier" else "sit"
+        if convention == "sit" and dc.get("path") != "euclidean":
+            raise ConfigError(f"config: 'dit.path': {spec} is hustvl's LightningDiT, a Euclidean "
+                              "(linear) flow: set dit.path: euclidean")
+        C, T = file["channels"], grid[0] * grid[1]
+        model = build_dit(dc.get("model"), T, C, file["num_classes"], grid, dc.get("head"),
+                          **switches_of(dc)) if dc.get("model") else None
+        problems = ["config: 'dit.model' is not set"] if model is None else []
+        if model is not None:
+            given, _, problems = map_reference_dit(sd, model)
+        check(f"generator weights {spec} do not fit the configured DiT", problems,
+              _reference_hints(file, dc))
+        fmt = f"{'rae' if convention == 'rae' else 'hustvl'}-" + \
+            ("ddt" if isinstance(model, DiTDH) else "lightningdit")
+        config = {"dit": {**dc, **switches_of(dc)}, "tokens": T, "channels": C,
+                  "num_classes": file["num_classes"], "grid": list(grid),
+                  "radius": math.sqrt(C),
+                  "alpha": rfm.alpha_for(T, C) if convention == "rae" else 1 / 0.3,
+                  "mean_norm": None, "seed": 0, "convention": convention}
+    state = model.state_dict()
+    state.update({k: v.to(state[k].dtype) for k, v in given.items()})
+    model.load_state_dict(state)  # strict: the names are now exactly ours
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     save_checkpoint(out, {
         "kind": DIT_KIND, "step": int(info.get("step") or 0), "config": config, "model": state,
         "ema": state, "ae": None, "cache": None,
         "imported": {"source": str(spec), "file": str(path),
-                     "sha256": sha256_file(path) if path.is_file() else None}})
-    log.info("imported generator %s (%s, step %s) -> %s", spec, config["dit"]["model"],
-             info.get("step"), out)
+                     "sha256": sha256_file(path) if path.is_file() else None,
+                     "format": fmt, "container": info.get("container")}})
+    log.info("imported generator %s (%s, %s, convention %s, container %s) -> %s", spec, fmt,
+             config["dit"]["model"], config.get("convention", "dinosae"),
+             info.get("container"), out)
     return out
+
+
+def _grid(file: dict[str, Any], cfg: dict, spec: str) -> tuple[int, int]:
+    """The reference networks' square token grid: from the file's position/RoPE tables, checked
+    against data.image_size / 16 when the config has a data section."""
+    want = None
+    if "data" in cfg:
+        side = int(cfg["data"]["image_size"]) // 16
+        want = (side, side)
+    if file["tokens"] is None:
+        if want is None:
+            raise ConfigError(f"{spec}: the file has no position tables to tell its token grid; "
+                              "give the data section (data.image_size)")
+        return want
+    side = math.isqrt(file["tokens"])
+    if side * side != file["tokens"]:
+        raise ConfigError(f"{spec}: {file['tokens']} tokens are not a square grid")
+    if want is not None and want != (side, side):
+        raise ConfigError(f"config: 'data.image_size' ({cfg['data']['image_size']}) gives a "
+                          f"{want[0]}x{want[1]} token grid; the generator {spec} was trained "
+                          f"on {side}x{side}")
+    return side, side

@@ -6,7 +6,10 @@ sphere of radius r (R = √C for training). Two paths share one interface, chose
 * "rfm" (Riemannian flow matching, the paper): z1 = per-token Gaussian projected to radius r;
   z_t = slerp(z0, z1, t); target u_t = dz_t/dt (tangent at z_t). Loss: the prediction is split
   into a radial part (along ẑ_t) and a tangent part, L = mean‖v_tan − u_t‖² + λ_rad·mean‖v_rad‖².
-  Sampler: exponential-map steps along the tangent-projected velocity, renormalised to r.
+  Sampler: the velocity projected to the tangent space, then one of two integrators
+  (`integrator`): "euler_project", a plain Euler step projected back to radius r (the paper's
+  choice: a summary of the paper reports it generating better than the rotation), or "expmap",
+  the exponential map (a rotation along the geodesic).
 * "euclidean" (rectified flow, the paper's baseline): z1 = Gaussian N(0, (r²/C)·I), i.e. the
   same expected norm r but not projected; z_t = (1−t)·z0 + t·z1; target z1 − z0; plain MSE.
   Sampler: Euler steps; the final tokens are projected to radius r (the data live there and the
@@ -27,6 +30,7 @@ from torch import Tensor
 from dinosae import sphere
 
 PATHS = ("rfm", "euclidean")
+INTEGRATORS = ("euler_project", "expmap")
 
 
 # ---------------------------------------------------------------- time
@@ -49,9 +53,11 @@ def sample_time(n: int, alpha: float, generator: torch.Generator | None = None,
     return shift_time(t_base, alpha).to(device if device is not None else draw_on)
 
 
-def time_grid(steps: int, alpha: float, device: torch.device | str | None = None) -> Tensor:
-    """The sampler's grid: `steps + 1` times from 1 to 0, uniform before the shift."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), alpha)
+def time_grid(steps: int, alpha: float, device: torch.device | str | None = None,
+              t_end: float = 0.0) -> Tensor:
+    """The sampler's grid: `steps + 1` times from 1 to `t_end` (0: the data), uniform before
+    the shift."""
+    return shift_time(torch.linspace(1.0, t_end, steps + 1, device=device), alpha)
 
 
 # ---------------------------------------------------------------- noise and paths
@@ -134,8 +140,10 @@ Model = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _guided_velocity(model: Model, z: Tensor, t: float, labels: Tensor, null: int,
-                     cfg_scale: float, guide: bool, amp: bool) -> Tensor:
-    """v = v_u + w·(v_c − v_u) (one batched call), or v_c alone when not guiding."""
+                     cfg_scale: float, guide: bool, amp: bool,
+                     cfg_channels: int | None = None) -> Tensor:
+    """v = v_u + w·(v_c − v_u) (one batched call), or v_c alone when not guiding; with
+    `cfg_channels` = k, guided on the first k channels only (v_c on the others)."""
     b = z.shape[0]
     if guide:
         z_in = torch.cat([z, z])
@@ -149,14 +157,18 @@ def _guided_velocity(model: Model, z: Tensor, t: float, labels: Tensor, null: in
     if not guide:
         return v
     v_c, v_u = v[:b], v[b:]
-    return v_u + cfg_scale * (v_c - v_u)
+    guided = v_u + cfg_scale * (v_c - v_u)
+    if cfg_channels is None:
+        return guided
+    return torch.cat([guided[..., :cfg_channels], v_c[..., cfg_channels:]], dim=-1)
 
 
 @torch.no_grad()
 def sample(model: Model, labels: Tensor, steps: int, cfg_scale: float, r: float, alpha: float,
            generator: torch.Generator | None = None, *, shape: Sequence[int] | None = None,
            guidance_interval: Sequence[float] = (0.0, 1.0), path: str = "rfm",
-           amp: bool = False, z1: Tensor | None = None) -> Tensor:
+           amp: bool = False, z1: Tensor | None = None, integrator: str = "euler_project",
+           t_end: float = 0.0, cfg_channels: int | None = None) -> Tensor:
     """Integrate from noise (t = 1) to data (t = 0) on the shifted grid; tokens (B, T, C) fp32
     on radius r.
 
@@ -165,8 +177,14 @@ def sample(model: Model, labels: Tensor, steps: int, cfg_scale: float, r: float,
     whose current time t lies in `guidance_interval` = (lo, hi) (t = 1 is noise); a scale of 1
     means no guidance. `shape` = (T, C), by default (model.tokens, model.channels). `amp` runs
     the network under bf16 autocast on CUDA. `z1` replaces the drawn starting noise.
+    `integrator` (path "rfm"): "euler_project" (z <- project(z + dt·v_tan, r)) or "expmap"
+    (z <- expmap(z, dt·v_tan)); the Euclidean path always takes plain Euler steps. `t_end` and
+    `cfg_channels` reproduce another code's sampler (dinosae.models.dit.CONVENTIONS): the grid
+    stops at t_end, guidance acts on the first cfg_channels channels only.
     """
     _check_path(path)
+    if integrator not in INTEGRATORS:
+        raise ValueError(f"unknown integrator {integrator!r}; expected one of {INTEGRATORS}")
     labels = labels.long()
     device = labels.device
     if shape is None:
@@ -179,16 +197,19 @@ def sample(model: Model, labels: Tensor, steps: int, cfg_scale: float, r: float,
         z = z1.float().to(device)
     null = int(getattr(model, "num_classes", -1))
     lo, hi = guidance_interval
-    grid = time_grid(steps, alpha).tolist()
+    grid = time_grid(steps, alpha, t_end=t_end).tolist()
     for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         guide = cfg_scale != 1.0 and lo <= t <= hi
         if guide and null < 0:
             raise ValueError("classifier-free guidance needs model.num_classes (the null class)")
-        v = _guided_velocity(model, z, t, labels, null, cfg_scale, guide, amp)
+        v = _guided_velocity(model, z, t, labels, null, cfg_scale, guide, amp, cfg_channels)
         dt = t_next - t  # negative: integrating towards the data
         if path == "rfm":
             v = sphere.tangent(z, v)
-            z = sphere.project(sphere.expmap(z, dt * v, r), r)
+            if integrator == "expmap":
+                z = sphere.project(sphere.expmap(z, dt * v, r), r)
+            else:
+                z = sphere.project(z + dt * v, r)
         else:
             z = z + dt * v
     return sphere.project(z, r)

@@ -1,11 +1,13 @@
-"""LightningDiT / DiTDH and the DiT training loop: shapes, adaLN-zero, RoPE, attention vs a
-manual softmax, DDP (2 gloo processes) vs one process, resume after a kill / SIGTERM, non-finite
+"""LightningDiT / DiTDH (parity with the reference code: test_dit_parity.py) and the DiT training
+loop: shapes, adaLN-zero, RoPE, sin-cos positions, time embeddings, attention vs a manual
+softmax, DDP (2 gloo processes) vs one process, resume after a kill / SIGTERM, non-finite
 steps, checkpoints."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import math
 import os
 import signal
 import sys
@@ -16,11 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from helpers import tiny_config
 
 from dinosae.checkpoint import load_checkpoint
 from dinosae.models import dit as D
 from dinosae.models.autoencoder import DinoSAE
+from dinosae.models.dit import load_dit
 from dinosae.train import dit as TD
 
 
@@ -130,9 +134,11 @@ def test_rope_relative_position_property():
     np.testing.assert_allclose(got[1::2], qc.imag, atol=1e-5)
 
 
-def test_attention_matches_manual_softmax():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_matches_manual_softmax(qk_norm):
     torch.manual_seed(0)
-    attn = D.Attention(32, 2)
+    attn = D.Attention(32, 2, qk_norm=qk_norm)
+    assert attn.qkv.bias is not None  # qkv bias, as the references
     cos, sin = D.rope_tables((2, 3), 16)
     x = torch.randn(2, 6, 32)
     q, k, v = attn.qkv(x).reshape(2, 6, 3, 2, 16).permute(2, 0, 3, 1, 4)
@@ -140,11 +146,79 @@ def test_attention_matches_manual_softmax():
     def rms(z, w):
         return z / z.square().mean(-1, keepdim=True).add(1e-6).sqrt() * w
 
-    q = D.apply_rope(rms(q, attn.q_norm.weight), cos, sin)
-    k = D.apply_rope(rms(k, attn.k_norm.weight), cos, sin)
+    if qk_norm:
+        torch.nn.init.normal_(attn.q_norm.weight)
+        torch.nn.init.normal_(attn.k_norm.weight)
+        q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k = D.apply_rope(q, cos, sin), D.apply_rope(k, cos, sin)
     w = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
     ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(attn(x, (cos, sin)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_pos_embed_formula():
+    """Independent formula (MAE/DiT's get_2d_sincos_pos_embed, generalised to h != w): half
+    the channels for the column, half for the row, sin then cos, ω_k = 10000^(-4k/D)."""
+    grid, dim = (3, 5), 16
+    pe = D.sincos_pos_embed(grid, dim)
+    assert pe.shape == (15, 16)
+    i, j = 2, 3  # row, column
+    w = 10000.0 ** (-np.arange(4) / 4)
+    want = np.concatenate([np.sin(j * w), np.cos(j * w), np.sin(i * w), np.cos(i * w)])
+    np.testing.assert_allclose(pe[i * 5 + j].numpy(), want, rtol=1e-6, atol=1e-6)
+    model = D.build_dit("tiny", 15, 32, 4, grid)
+    torch.testing.assert_close(model.pos_embed[0], D.sincos_pos_embed(grid, 192))
+    assert "pos_embed" in model.state_dict()  # saved with the weights, as the references do
+    assert "pos_embed" not in D.build_dit("tiny", 15, 32, 4, grid, pos_embed=False).state_dict()
+
+
+def test_norms_have_learnable_weights_and_time_embeddings():
+    model = D.build_dit("tiny", 4, 16, 3, (2, 2))
+    names = dict(model.named_parameters())
+    assert "blocks.0.norm1.weight" in names and "final_layer.norm_final.weight" in names
+    assert "blocks.0.attn.q_norm.weight" not in names  # qk-norm off by default
+    assert "blocks.0.attn.q_norm.weight" in dict(
+        D.build_dit("tiny", 4, 16, 3, (2, 2), qk_norm=True).named_parameters())
+    # Gaussian-Fourier time features: fixed W (a saved buffer, not trained)
+    assert "t_embedder.W" in model.state_dict() and "t_embedder.W" not in names
+    t = torch.tensor([0.0, 0.3])
+    W = model.t_embedder.W
+    feats = torch.cat([torch.sin(2 * math.pi * t[:, None] * W), torch.cos(2 * math.pi * t[:, None]
+                                                                         * W)], dim=-1)
+    torch.testing.assert_close(model.t_embedder(t), model.t_embedder.mlp(feats))
+    sin = D.build_dit("tiny", 4, 16, 3, (2, 2), time_embed="sinusoidal")
+    half = 128
+    f = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    feats = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], dim=-1)
+    torch.testing.assert_close(sin.t_embedder(t), sin.t_embedder.mlp(feats))
+    with pytest.raises(ValueError, match="unknown DiT switches"):
+        D.build_dit("tiny", 4, 16, 3, (2, 2), qknorm=True)
+
+
+def test_ditdh_structure():
+    """RAE's DiTwDDTHead: the head reads the tokens again (x_embedder) and is conditioned per
+    token on s_projector(silu(trunk output + t_emb)); 128-wide attention heads by default."""
+    model = D.build_dit("tiny", 16, 32, 4, (4, 4), head={"depth": 2, "width": 256})
+    assert isinstance(model, D.DiTDH) and len(model.blocks) == 4 and len(model.head_blocks) == 2
+    assert model.head_blocks[0].attn.heads == 2 and model.blocks[0].attn.heads == 3
+    assert model.s_projector.weight.shape == (256, 192)
+    same = D.build_dit("tiny", 16, 32, 4, (4, 4), head={"depth": 1, "width": 192, "heads": 3})
+    assert isinstance(same.s_projector, torch.nn.Identity)
+    x, t, y = _inputs(2, 16, 32, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        # the head's condition, computed by hand from the trunk
+        t_emb = model.t_embedder(t)
+        c = F.silu(t_emb + model.y_embedder(y))
+        s = model.s_embedder(x) + model.pos_embed
+        for block in model.blocks:
+            s = block(s, c, (model.rope_cos, model.rope_sin))
+        s = model.s_projector(F.silu(s + t_emb[:, None]))
+        h = model.x_embedder(x)
+        for block in model.head_blocks:
+            h = block(h, s, (model.head_rope_cos, model.head_rope_sin))
+        torch.testing.assert_close(model(x, t, y), model.final_layer(h, s))
 
 
 # ---------------------------------------------------------------- DDP
@@ -294,7 +368,7 @@ def test_train_resume_after_crash_and_sigterm_matches_uninterrupted(tmp_path):
     assert steps == [2, 4, 6, 7]
 
     # the EMA generator loads and has the right shape
-    model, meta = TD.load_generator(ref, "cpu")
+    model, meta = load_dit(ref, "cpu")
     assert meta["num_classes"] == 3 and meta["step"] == 7 and not model.training
     x, t, y = _inputs(2, 4, 16, 3)
     assert model(x, t, y).shape == (2, 4, 16)

@@ -18,8 +18,7 @@ from PIL import Image
 from dinosae import generate, rfm, sphere
 from dinosae.checkpoint import save_checkpoint
 from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
-from dinosae.models.dit import build_dit
-from dinosae.train.dit import load_generator
+from dinosae.models.dit import build_dit, load_dit
 
 NUM_CLASSES = 3
 MEAN_NORM = 7.5
@@ -76,7 +75,7 @@ def test_samples_file_is_plain_hdf5_class_balanced_and_seeded(setup, tmp_path):
     assert images.std() > 1.0  # not a constant image
 
     # sample i, recomputed directly from its own seed, alone in its batch
-    model, meta = load_generator(dit)
+    model, meta = load_dit(dit)
     autoencoder = DinoSAE.load(ae)
     T, C, r = meta["tokens"], meta["channels"], meta["radius"]
     for i in (0, 7):
@@ -152,3 +151,58 @@ def test_changed_settings_start_again(setup, tmp_path, monkeypatch):
     assert len(calls) == 3
     with h5py.File(out, "r") as f:
         assert f.attrs["cfg_scale"] == 2.0 and int(f.attrs["done"]) == 12
+
+
+def test_without_a_cache_the_generator_gives_classes_and_s_vae_is_needed(setup, tmp_path):
+    """An imported generator has no latent cache: classes from the generator, s_vae from the
+    config (no mean norm to fall back on)."""
+    cfg, dit, ae, _ = setup
+    with pytest.raises(generate.ConfigError, match=r"sample\.s_vae"):
+        run(cfg, dit, ae, None, tmp_path / "a.h5")
+    cfg["sample"]["s_vae"] = MEAN_NORM
+    run(cfg, dit, ae, None, tmp_path / "b.h5")
+    with h5py.File(tmp_path / "b.h5", "r") as f:
+        assert f.attrs["cache"] == "" and f.attrs["num_classes"] == NUM_CLASSES
+        assert f.attrs["integrator"] == "euler_project" and f.attrs["convention"] == "dinosae"
+        assert np.bincount(f["labels"][:]).tolist() == [4, 4, 4]
+
+
+def test_generate_command_grid_and_npz(setup, tmp_path, capsys):
+    import dinosae
+    from dinosae import cli, export
+
+    _, dit, ae, _ = setup
+    args = ["--classes", "0,2", "--seeds", "3-5", "--steps", "2", "--cfg-scale", "1.5"]
+    png, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
+    # a checkpoint: its recorded autoencoder; decode radius given
+    assert cli.main(["generate", "--model", dit, "--out", str(png), "--s-vae", "7.5", *args]) == 0
+    with Image.open(png) as im:
+        assert im.size == (3 * 34 + 2, 2 * 34 + 2)  # a row per class, a column per seed
+    assert cli.main(["generate", "--model", dit, "--out", str(npz), "--s-vae", "7.5", *args]) == 0
+    with np.load(npz) as z:
+        images, labels, seeds = z["arr_0"], z["arr_1"], z["arr_2"]
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 2, 2, 2] and seeds.tolist() == [3, 4, 5, 3, 4, 5]
+    want = dinosae.load_dit(dit, device="cpu").sample([2], steps=2, cfg_scale=1.5,
+                                                           seeds=[4], radius=7.5)
+    assert np.abs(generate.to_uint8(want)[0].astype(int) - images[4].astype(int)).max() <= 1
+    assert not np.array_equal(images[0], images[1])  # seeds differ
+    # an export folder: its bundled autoencoder and recorded decode radius (the cache's mean)
+    folder = export.export_model({}, dit, tmp_path / "export")
+    out2 = tmp_path / "export.npz"
+    assert cli.main(["generate", "--model", str(folder), "--out", str(out2), *args]) == 0
+    with np.load(out2) as z:
+        assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
+    capsys.readouterr()
+    # one line and exit 2 for bad input; an existing --out is kept unless --force
+    for extra, why in ((["--out", str(npz)], "exists"),
+                       (["--out", str(tmp_path / "x.png"), "--classes", "0,9"], "--classes [9]"),
+                       (["--out", str(tmp_path / "x.jpg")], ".png"),
+                       (["--out", str(tmp_path / "x.png"), "--seeds", "5-1"], "--seeds")):
+        assert cli.main(["generate", "--model", dit, "--s-vae", "7.5", *args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and why in err, err
+    before = npz.read_bytes()
+    assert cli.main(["generate", "--model", dit, "--out", str(npz), "--s-vae", "7.5", "--force",
+                     "--classes", "1", "--seeds", "0", "--steps", "2"]) == 0
+    assert npz.read_bytes() != before

@@ -371,12 +371,18 @@ def test_meta_format_mismatches_are_listed(cfg, tmp_path):
 # ------------------------------------------------------------------ generators
 
 
-def test_ddt_generator_is_refused_with_its_keys(cfg, tmp_path):
+def test_malformed_reference_generator_is_one_error(cfg, tmp_path):
+    """Reference names with shapes no reference network has: one message listing the file's
+    keys, not a traceback (the real layouts are tested in test_dit_parity.py)."""
     sd = {"s_embedder.proj.weight": torch.zeros(2), "s_projector.weight": torch.zeros(2),
           "t_embedder.mlp.0.weight": torch.zeros(2), "pos_embed": torch.zeros(2)}
     sd.update({f"blocks.{i}.attn.qkv.weight": torch.zeros(2) for i in range(30)})
     torch.save({"ema": sd}, tmp_path / "ddt.pth")
-    with pytest.raises(Exception, match=r"DiTwDDTHead") as e:
+    with pytest.raises(importers.ConfigError, match=r"not shaped as the reference's") as e:
         importers.import_generator(cfg, str(tmp_path / "ddt.pth"), tmp_path / "dit.pt")
     assert "blocks.{0..29}.attn.qkv.weight" in str(e.value)
     assert "s_projector.weight" in str(e.value)
+    torch.save({"model": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(importers.ConfigError, match=r"not a generator dinosae can import"):
+        importers.import_generator(cfg, str(tmp_path / "other.pth"), tmp_path / "dit.pt")
+    assert not (tmp_path / "dit.pt").exists()

@@ -189,3 +189,71 @@ def test_sampler_starts_from_generator_noise_on_the_sphere():
     torch.testing.assert_close(a, r * g / g.norm(dim=-1, keepdim=True))
     b = rfm.sample(ZeroModel(), y, 3, 1.5, r, 2.0, torch.Generator().manual_seed(6), shape=(T, C))
     assert not torch.allclose(a, b)
+
+
+class ConstantModel(torch.nn.Module):
+    """v = a for the classes, b for the null class (index num_classes)."""
+
+    def __init__(self, a, b, num_classes=2):
+        super().__init__()
+        self.a, self.b, self.num_classes = a, b, num_classes
+
+    def forward(self, z, t, y):
+        null = (y == self.num_classes).reshape(-1, 1, 1)
+        return torch.where(null, self.b.expand_as(z), self.a.expand_as(z))
+
+
+def test_one_step_of_each_integrator():
+    """From z1 with velocity a over dt = -1: euler_project = r·unit(z1 − a_tan); expmap =
+    cos θ·z1 − r·sin θ·â_tan with θ = ‖a_tan‖/r (formulas written out here)."""
+    C, T, r = 8, 3, 2.0
+    z1 = _unit_points(1, T, C, r=r, seed=40)
+    a = torch.randn(1, T, C, generator=torch.Generator().manual_seed(41))
+    zhat = z1 / r
+    a_tan = a - (a * zhat).sum(-1, keepdim=True) * zhat
+    model = ConstantModel(a, a)
+    y = torch.tensor([0])
+    kw = dict(shape=(T, C), z1=z1)
+    got = rfm.sample(model, y, 1, 1.0, r, 1.0, integrator="euler_project", **kw)
+    e = z1 - a_tan
+    torch.testing.assert_close(got, r * e / e.norm(dim=-1, keepdim=True))
+    got = rfm.sample(model, y, 1, 1.0, r, 1.0, integrator="expmap", **kw)
+    n = a_tan.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, torch.cos(n / r) * z1 - r * torch.sin(n / r) * a_tan / n)
+    assert not torch.allclose(rfm.sample(model, y, 1, 1.0, r, 1.0, **kw), got)  # default: euler
+    with pytest.raises(ValueError, match="unknown integrator"):
+        rfm.sample(model, y, 1, 1.0, r, 1.0, integrator="rk4", **kw)
+
+
+@pytest.mark.parametrize("integrator", ["expmap", "euler_project"])
+def test_both_integrators_follow_the_geodesic_flow(integrator):
+    C, T, B, r = 32, 2, 3, math.sqrt(32)
+    p = _unit_points(B, T, C, r=r, seed=50)
+    model = GeodesicModel(p, p, num_classes=3)
+    model.r = r
+    z = rfm.sample(model, torch.tensor([0, 1, 2]), 20, 1.0, r, 2.0, shape=(T, C),
+                   integrator=integrator, generator=torch.Generator().manual_seed(1))
+    # the exponential map follows the exact geodesic velocity exactly; Euler + projection
+    # undershoots each step's angle (atan(f·θ) instead of f·θ) and closes in at the end
+    atol = 1e-4 * r if integrator == "expmap" else 5e-3 * r
+    torch.testing.assert_close(z, p, rtol=0, atol=atol)
+
+
+def test_grid_end_and_guided_channels():
+    C, T, B, steps, alpha = 16, 4, 3, 4, 2.0
+    r = math.sqrt(C)
+    p = _unit_points(B, T, C, r=r, seed=60)
+    model = GeodesicModel(p, p, num_classes=2)
+    model.r = r
+    rfm.sample(model, torch.tensor([0, 1, 1]), steps, 1.0, r, alpha, shape=(T, C), t_end=0.2)
+    s = np.linspace(1.0, 0.2, steps + 1)[:-1]
+    np.testing.assert_allclose([c[0][0].item() for c in model.calls],
+                               alpha * s / (1 + (alpha - 1) * s), rtol=1e-6)
+    # guidance on the first 3 channels only: v = (w·1 + (1−w)·0) there, v_c = 1 elsewhere
+    model = ConstantModel(torch.ones(1, 1, C), torch.zeros(1, 1, C))
+    w = 4.0
+    z = rfm.sample(model, torch.tensor([0, 1]), 1, w, r, 1.0, shape=(T, C),
+                   z1=torch.zeros(2, T, C), path="euclidean", cfg_channels=3)
+    v = torch.ones(C)
+    v[:3] = w
+    torch.testing.assert_close(z, (-r * v / v.norm()).expand(2, T, C))

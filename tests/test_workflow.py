@@ -71,30 +71,47 @@ def test_multi_gpu_training_rules_launch_torchrun():
     assert stage1 and "torchrun" not in stage1[0]  # one GPU: a plain process
 
 
-def test_released_weights_config_skips_autoencoder_training(tmp_path):
-    # workflow/configs/imagenet256_released.yaml: import the authors' autoencoder, then encode,
-    # train the DiT (or import one), sample and FID; no AE stage, not even stage 1 for FD
+def test_released_config_imports_both_models_and_trains_nothing(tmp_path):
+    # workflow/configs/imagenet256_released.yaml: the authors' autoencoder and DDT-XL, imported;
+    # val shards -> import_autoencoder, import_dit -> sample -> fid (+ eval_recon on val)
+    workflow_copy(tmp_path / "wf")
+    (tmp_path / "imagenet" / "val").mkdir(parents=True)
+    ae, dit = tmp_path / "dino_sae_ae.pth", tmp_path / "ddt_xl.pt"  # stand-in local files
+    ae.write_bytes(b"")
+    dit.write_bytes(b"")
+    released = ["--configfile", "workflow/configs/imagenet256_released.yaml", "--config",
+                f"data={{root: {tmp_path / 'imagenet'}}}"]
+    for pretrained in ([f"autoencoder={{pretrained: {ae}}}", f"dit={{pretrained: {dit}}}"], []):
+        r = dry_run("-p", *released, *pretrained, cwd=tmp_path / "wf")
+        assert r.returncode == 0, r.stderr
+        counts = job_counts(r.stdout)
+        assert not [j for j in counts if j.startswith(("ae_stage", "encode", "train_dit"))]
+        assert counts.get("report_ae_stage", 0) == 0 and "report_dit" not in counts
+        counts = {j: n for j, n in counts.items() if not j.startswith("report_")}
+        assert counts == {"shard": 1, "import_autoencoder": 1, "import_dit": 1,
+                          "eval_recon": 1, "sample": 1, "fid_reference": 1, "fid": 1, "all": 1}
+        assert "shards/train" not in r.stdout and "shards/val/manifest.json" in r.stdout
+        cmd = [ln for ln in r.stdout.splitlines() if "dinosae sample " in ln][0]
+        assert "--cache" not in cmd
+    # the hub defaults (no stand-in files): the specs go to the import commands as given
+    for name in ("import-ae", "import-dit"):
+        cmd = [ln for ln in r.stdout.splitlines() if f"dinosae {name}" in ln][0]
+        assert "--source hf-hub:wkdgnsgo/dino-sae --out" in cmd
+
+
+def test_released_autoencoder_with_a_trained_generator(tmp_path):
+    # dit.pretrained: null: the DiT is trained on the encoded train split (no AE stage)
     workflow_copy(tmp_path / "wf")
     for split in ("train", "val"):  # both are sharded: the config check wants both folders
         (tmp_path / "imagenet" / split).mkdir(parents=True)
-    released = ["--configfile", "workflow/configs/imagenet256_released.yaml",
-                "--config", f"data={{root: {tmp_path / 'imagenet'}}}"]
-    r = dry_run("-p", *released, cwd=tmp_path / "wf")
+    (tmp_path / "train_dit.yaml").write_text("dit:\n  pretrained: null\n")
+    r = dry_run("-p", "--configfile", "workflow/configs/imagenet256_released.yaml",
+                str(tmp_path / "train_dit.yaml"), "--config",
+                f"data={{root: {tmp_path / 'imagenet'}}}", cwd=tmp_path / "wf")
     assert r.returncode == 0, r.stderr
-    counts = job_counts(r.stdout)
-    assert not [j for j in counts if j.startswith("ae_stage")], counts
-    assert counts.get("report_ae_stage", 0) == 0  # no training curves to draw
-    counts = {j: n for j, n in counts.items() if not j.startswith("report_")}
+    counts = {j: n for j, n in job_counts(r.stdout).items() if not j.startswith("report_")}
     assert counts == {"shard": 2, "import_autoencoder": 1, "eval_recon": 1, "encode_init": 1,
                       "encode_part": 16, "encode": 1, "train_dit": 1, "sample": 1,
                       "fid_reference": 1, "fid": 1, "all": 1}
-    cmd = [ln for ln in r.stdout.splitlines() if "dinosae import-ae" in ln][0]
-    assert "--source hf-hub:wkdgnsgo/dino-sae --out results/ae/stage4/checkpoint.pt" in cmd
-    # a generator to import instead of training: a local file becomes an input
-    dit = tmp_path / "dit_export"
-    dit.mkdir()
-    r = dry_run(*released[:3], f"data={{root: {tmp_path / 'imagenet'}}}",
-                f"dit={{pretrained: {dit}}}", cwd=tmp_path / "wf")
-    assert r.returncode == 0, r.stderr
-    counts = job_counts(r.stdout)
-    assert counts["import_dit"] == 1 and "train_dit" not in counts
+    cmd = [ln for ln in r.stdout.splitlines() if "dinosae sample " in ln][0]
+    assert "--cache results/latents/train.zarr" in cmd

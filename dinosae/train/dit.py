@@ -27,12 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dinosae import rfm
-from dinosae.checkpoint import DIT_KIND, expect_kind, read_checkpoint
+from dinosae.checkpoint import DIT_KIND, expect_kind
 from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
 from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
-from dinosae.models.dit import build_dit
+from dinosae.models.dit import SWITCHES, build_dit, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
@@ -114,7 +114,8 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
                    meta["radius"], meta["alpha"], gen,
                    shape=(meta["tokens"], meta["channels"]),
                    guidance_interval=tuple(sample_cfg.get("guidance_interval", (0.0, 1.0))),
-                   path=path, amp=device.type == "cuda")
+                   path=path, amp=device.type == "cuda",
+                   integrator=sample_cfg.get("integrator", "euler_project"))
     if ae is None:
         return
     s_vae = sample_cfg.get("s_vae") or meta.get("mean_norm")
@@ -172,7 +173,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
 
     # model, EMA, optimiser
     torch.manual_seed(seed)
-    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"]).to(device)
+    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"],
+                      **switches_of(dc)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
                             weight_decay=dc["weight_decay"], fused=device.type == "cuda")
@@ -268,24 +270,9 @@ def _check_resume(ck: dict, config: dict, path: Path) -> None:
         if old[key] != config[key]:
             raise CheckpointError(f"{path}: {key} {old[key]} differs from the cache's "
                                   f"{config[key]}; remove it to start over")
-    for key in ("model", "head", "path"):
-        if old["dit"][key] != config["dit"][key]:
-            raise ConfigError(f"config: 'dit.{key}' ({config['dit'][key]!r}) differs from the "
-                              f"one {path} was trained with ({old['dit'][key]!r})")
-
-
-# ---------------------------------------------------------------- loading
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[torch.nn.Module, dict]:
-    """(EMA DiT in eval mode without grads, meta) from a DiT checkpoint. meta = the checkpoint's
-    config (dit, tokens, channels, num_classes, grid, radius, alpha, mean_norm) plus step, ae,
-    cache and path."""
-    ck = read_checkpoint(path, DIT_KIND)
-    c = ck["config"]
-    model = build_dit(c["dit"]["model"], c["tokens"], c["channels"], c["num_classes"], c["grid"],
-                      c["dit"]["head"])
-    model.load_state_dict(ck["ema"])
-    model.to(device).eval().requires_grad_(False)
-    meta = dict(c, step=ck["step"], ae=ck.get("ae"), cache=ck.get("cache"), path=str(path))
-    return model, meta
+    for key in ("model", "head", "path", *SWITCHES):
+        was, now = {**old["dit"], **switches_of(old["dit"])}, {**config["dit"],
+                                                             **switches_of(config["dit"])}
+        if was[key] != now[key]:
+            raise ConfigError(f"config: 'dit.{key}' ({now[key]!r}) differs from the "
+                              f"one {path} was trained with ({was[key]!r})")

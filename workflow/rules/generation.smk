@@ -1,5 +1,9 @@
 # RFM DiT on the latent cache; class-balanced samples decoded by the stage-4 decoder.
 
+# A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export,
+# or a reference generator such as the authors' DDT-XL): no latent cache is needed then.
+PRETRAINED_DIT = config["dit"].get("pretrained")
+
 
 rule train_dit:
     input:
@@ -24,7 +28,11 @@ rule sample:
     input:
         dit="results/dit/checkpoint.pt",
         ae="results/ae/stage4/checkpoint.pt",
-        cache=f"results/latents/{config['latents']['split']}.zarr",
+        cache=(
+            []
+            if PRETRAINED_DIT
+            else f"results/latents/{config['latents']['split']}.zarr"
+        ),
     output:
         "results/samples/samples.h5",
     log:
@@ -33,13 +41,11 @@ rule sample:
         "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "sample"),
+        cache=lambda w, input: f"--cache {input.cache}" if input.cache else "",
     shell:
         "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
-        " --cache {input.cache} --out {output} > {log} 2>&1"
+        " {params.cache} --out {output} > {log} 2>&1"
 
-
-# A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export).
-PRETRAINED_DIT = config["dit"].get("pretrained")
 
 if PRETRAINED_DIT:
 
