@@ -127,13 +127,23 @@ def _check_semantics(cfg: dict) -> None:
         raise ConfigError("config: 'data.mini.min_scale' must not exceed 'data.mini.max_scale'")
 
 
+def _splits_needed(cfg: dict) -> tuple[str, ...]:
+    """The image folders a run reads: val always (evaluation); train unless both models are
+    imported (released weights: nothing is trained or encoded). A job that gets only some
+    sections (the rules' --cfg) checks val; its own reader names a missing train/."""
+    ae, dit = cfg.get("autoencoder"), cfg.get("dit")
+    if ae is None or dit is None or (ae.get("pretrained") and dit.get("pretrained")):
+        return ("val",)
+    return ("train", "val")
+
+
 def _check_paths(cfg: dict) -> None:
     """Paths that must exist before any job starts (outputs are created by the pipeline)."""
     data = cfg.get("data")
     if data and data["source"] == "folder":
         if not Path(data["root"]).is_dir():
             raise ConfigError(f"config: 'data.root': folder {data['root']!r} does not exist")
-        for split in ("train", "val"):  # the pipeline shards both
+        for split in _splits_needed(cfg):
             if not (Path(data["root"]) / split).is_dir():
                 raise ConfigError(f"config: 'data.root': {data['root']!r} has no {split}/ "
                                   "folder (ImageNet layout: train/<wnid>/*, val/<wnid>/* or a "

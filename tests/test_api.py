@@ -21,8 +21,7 @@ from dinosae.checkpoint import save_checkpoint
 from dinosae.errors import ConfigError
 from dinosae.latents import encode_images
 from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
-from dinosae.models.dit import build_dit
-from dinosae.train.dit import load_generator
+from dinosae.models.dit import build_dit, load_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +74,7 @@ def test_export_round_trip_gives_identical_outputs(ckpts, tmp_path):
         assert torch.equal(api.model.encode(x), z)
         assert torch.equal(api.model.decode(z), ref.decode(z))
 
-    model, meta = load_generator(dit_path)
+    model, meta = load_dit(dit_path)
     gen = dinosae.load_generator(dit_dir, device="cpu")
     assert gen.autoencoder is not None and gen.decode_radius == MEAN_NORM
     zt, t, y = torch.randn(4, 4, 64), torch.rand(4), torch.tensor([0, 1, 2, 3])
@@ -92,7 +91,7 @@ def test_export_round_trip_gives_identical_outputs(ckpts, tmp_path):
     sd = torch.load(out, weights_only=True)["ema"]
     assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
     out = importers.import_generator(cfg, str(dit_dir), tmp_path / "re" / "dit.pt")
-    m2, _ = load_generator(out)
+    m2, _ = load_dit(out)
     with torch.no_grad():
         assert torch.equal(m2(zt, t, y), model(zt, t, y))
     cfg["dit"]["model"] = "S"  # the config must describe the generator it imports

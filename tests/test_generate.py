@@ -183,7 +183,7 @@ def test_generate_command_grid_and_npz(setup, tmp_path, capsys):
         images, labels, seeds = z["arr_0"], z["arr_1"], z["arr_2"]
     assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
     assert labels.tolist() == [0, 0, 0, 2, 2, 2] and seeds.tolist() == [3, 4, 5, 3, 4, 5]
-    want = dinosae.load_dit(dit, device="cpu").sample([2], steps=2, cfg_scale=1.5,
+    want = dinosae.load_generator(dit, device="cpu").sample([2], steps=2, cfg_scale=1.5,
                                                            seeds=[4], radius=7.5)
     assert np.abs(generate.to_uint8(want)[0].astype(int) - images[4].astype(int)).max() <= 1
     assert not np.array_equal(images[0], images[1])  # seeds differ
