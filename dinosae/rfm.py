@@ -1,7 +1,9 @@
 """Flow matching on the token sphere: time sampling, paths, loss and the sampler.
 
 Convention (DESIGN.md): z0 = data, z1 = noise, t = 1 is pure noise; each token is a point on the
-sphere of radius r (R = √C for training). Two paths share one interface, chosen by `path`:
+sphere of radius r (R = √C for training). Two small path objects share one interface (noise,
+interpolate, velocity, loss, step; as facebookresearch/flow_matching's ProbPath), picked once by
+`flow_path(name, r)` from config dit.path; the module functions below take the name:
 
 * "rfm" (Riemannian flow matching, the paper): z1 = per-token Gaussian projected to radius r;
   z_t = slerp(z0, z1, t); target u_t = dz_t/dt (tangent at z_t). Loss: the prediction is split
@@ -60,11 +62,77 @@ def time_grid(steps: int, alpha: float, device: torch.device | str | None = None
     return shift_time(torch.linspace(1.0, t_end, steps + 1, device=device), alpha)
 
 
-# ---------------------------------------------------------------- noise and paths
+# ---------------------------------------------------------------- the two paths
 
-def _check_path(path: str) -> None:
-    if path not in PATHS:
+class SpherePath:
+    """Riemannian flow matching (the paper): noise = per-token Gaussian projected to radius r;
+    z_t = slerp(z0, z1, t); u_t = dz_t/dt, tangent at z_t; loss on the tangent part of the
+    prediction plus λ_rad times its radial part; steps stay on the sphere."""
+
+    name = "rfm"
+
+    def __init__(self, r: float) -> None:
+        self.r = r
+
+    def noise(self, g: Tensor) -> Tensor:
+        return sphere.project(g, self.r)
+
+    def interpolate(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+        return sphere.slerp(z0, z1, t, self.r)
+
+    def velocity(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+        return sphere.slerp_velocity(z0, z1, t, self.r)
+
+    def loss(self, model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
+             lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
+        tan, rad = rfm_loss_parts(model_out, z0, z1, t, self.r)
+        return tan + lambda_rad * rad, {"loss_tan": tan.detach(), "loss_rad": rad.detach()}
+
+    def step(self, z: Tensor, v: Tensor, dt: float, integrator: str) -> Tensor:
+        """One sampler step from z along the tangent part of v."""
+        v = sphere.tangent(z, v)
+        if integrator == "expmap":
+            return sphere.project(sphere.expmap(z, dt * v, self.r), self.r)
+        return sphere.project(z + dt * v, self.r)  # euler_project
+
+
+class EuclideanPath:
+    """Rectified flow (the paper's baseline): noise = Gaussian N(0, (r²/C)·I), the same expected
+    norm r, not projected; z_t = (1−t)·z0 + t·z1; u_t = z1 − z0; plain MSE; Euler steps."""
+
+    name = "euclidean"
+
+    def __init__(self, r: float) -> None:
+        self.r = r
+
+    def noise(self, g: Tensor) -> Tensor:
+        return g * (self.r / math.sqrt(g.shape[-1]))
+
+    def interpolate(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+        z0, z1 = z0.float(), z1.float()
+        t = sphere.broadcast_time(t, z0)
+        return (1.0 - t) * z0 + t * z1
+
+    def velocity(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
+        return z1.float() - z0.float()
+
+    def loss(self, model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
+             lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
+        return euclidean_loss(model_out, z0, z1, t), {}
+
+    def step(self, z: Tensor, v: Tensor, dt: float, integrator: str) -> Tensor:
+        return z + dt * v
+
+
+FlowPath = SpherePath | EuclideanPath
+PATH_CLASSES: dict[str, type] = {"rfm": SpherePath, "euclidean": EuclideanPath}
+
+
+def flow_path(path: str, r: float) -> FlowPath:
+    """The path object named by config dit.path ("rfm" | "euclidean") at radius r."""
+    if path not in PATH_CLASSES:
         raise ValueError(f"unknown flow path {path!r}; expected one of {PATHS}")
+    return PATH_CLASSES[path](r)
 
 
 def noise(shape: Sequence[int], r: float, path: str = "rfm",
@@ -72,31 +140,15 @@ def noise(shape: Sequence[int], r: float, path: str = "rfm",
           device: torch.device | str | None = None) -> Tensor:
     """z1: per-token Gaussian, projected to radius r ("rfm") or scaled to E‖z‖² = r²
     ("euclidean")."""
-    _check_path(path)
+    fp = flow_path(path, r)
     draw_on = generator.device if generator is not None else device
     g = torch.randn(*shape, generator=generator, device=draw_on)
-    g = g.to(device if device is not None else draw_on)
-    if path == "rfm":
-        return sphere.project(g, r)
-    return g * (r / math.sqrt(shape[-1]))
+    return fp.noise(g.to(device if device is not None else draw_on))
 
 
 def interpolate(z0: Tensor, z1: Tensor, t: Tensor, r: float, path: str = "rfm") -> Tensor:
     """z_t on the chosen path (fp32)."""
-    _check_path(path)
-    if path == "rfm":
-        return sphere.slerp(z0, z1, t, r)
-    z0, z1 = z0.float(), z1.float()
-    t = sphere._t(t, z0)
-    return (1.0 - t) * z0 + t * z1
-
-
-def target(z0: Tensor, z1: Tensor, t: Tensor, r: float, path: str = "rfm") -> Tensor:
-    """u_t = dz_t/dt on the chosen path (fp32)."""
-    _check_path(path)
-    if path == "rfm":
-        return sphere.slerp_velocity(z0, z1, t, r)
-    return z1.float() - z0.float()
+    return flow_path(path, r).interpolate(z0, z1, t)
 
 
 # ---------------------------------------------------------------- losses
@@ -127,11 +179,7 @@ def euclidean_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor) -> Tens
 def flow_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor, r: float,
               path: str = "rfm", lambda_rad: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, parts for logging) for either path."""
-    _check_path(path)
-    if path == "rfm":
-        tan, rad = rfm_loss_parts(model_out, z0, z1, t, r)
-        return tan + lambda_rad * rad, {"loss_tan": tan.detach(), "loss_rad": rad.detach()}
-    return euclidean_loss(model_out, z0, z1, t), {}
+    return flow_path(path, r).loss(model_out, z0, z1, t, lambda_rad)
 
 
 # ---------------------------------------------------------------- sampler
@@ -182,7 +230,7 @@ def sample(model: Model, labels: Tensor, steps: int, cfg_scale: float, r: float,
     `cfg_channels` reproduce another code's sampler (dinosae.models.dit.CONVENTIONS): the grid
     stops at t_end, guidance acts on the first cfg_channels channels only.
     """
-    _check_path(path)
+    fp = flow_path(path, r)
     if integrator not in INTEGRATORS:
         raise ValueError(f"unknown integrator {integrator!r}; expected one of {INTEGRATORS}")
     labels = labels.long()
@@ -203,13 +251,5 @@ def sample(model: Model, labels: Tensor, steps: int, cfg_scale: float, r: float,
         if guide and null < 0:
             raise ValueError("classifier-free guidance needs model.num_classes (the null class)")
         v = _guided_velocity(model, z, t, labels, null, cfg_scale, guide, amp, cfg_channels)
-        dt = t_next - t  # negative: integrating towards the data
-        if path == "rfm":
-            v = sphere.tangent(z, v)
-            if integrator == "expmap":
-                z = sphere.project(sphere.expmap(z, dt * v, r), r)
-            else:
-                z = sphere.project(z + dt * v, r)
-        else:
-            z = z + dt * v
+        z = fp.step(z, v, t_next - t, integrator)  # dt < 0: integrating towards the data
     return sphere.project(z, r)

@@ -31,7 +31,7 @@ def _f(x: Tensor) -> Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
-def _t(t: float | Tensor, like: Tensor) -> Tensor:
+def broadcast_time(t: float | Tensor, like: Tensor) -> Tensor:
     """Time as a tensor broadcastable against `like` (..., C): scalar, (B,) or a prefix shape."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.ndim == 0:
@@ -84,14 +84,14 @@ def tangent(x: Tensor, v: Tensor, r: float = 1.0) -> Tensor:
 def slerp(z0: Tensor, z1: Tensor, t: float | Tensor, r: float = 1.0) -> Tensor:
     """The point at time t on the geodesic from z0 (t=0) to z1 (t=1), on radius r."""
     xh, uh, omega = _frame(z0, z1)
-    t = _t(t, xh)
+    t = broadcast_time(t, xh)
     return r * (torch.cos(t * omega) * xh + torch.sin(t * omega) * uh)
 
 
 def slerp_velocity(z0: Tensor, z1: Tensor, t: float | Tensor, r: float = 1.0) -> Tensor:
     """d/dt slerp(z0, z1, t, r): tangent at z_t, norm r·Ω."""
     xh, uh, omega = _frame(z0, z1)
-    t = _t(t, xh)
+    t = broadcast_time(t, xh)
     return r * omega * (torch.cos(t * omega) * uh - torch.sin(t * omega) * xh)
 
 
