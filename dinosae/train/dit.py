@@ -32,7 +32,7 @@ from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
 from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
-from dinosae.models.dit import SWITCHES, build_dit, switches_of
+from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
@@ -148,10 +148,9 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
             cleanup_ddp()
 
 
-def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
-           device: torch.device) -> Path:
-    dc, sample_cfg = cfg["dit"], cfg.get("sample", {})
-    seed = int(cfg.get("seed", 0))
+def _open_data(cache: Any, ae: str | None) -> tuple[str, Any, dict]:
+    """(cache path, cache reader, meta: grid, tokens, channels, num_classes, mean_norm, radius
+    R = √C, alpha) of a cache path or an already open cache-like object."""
     if isinstance(cache, (str, Path)):
         from dinosae.latents import open_cache
 
@@ -161,25 +160,40 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     else:
         cache_path, data = str(getattr(cache, "path", "<in-memory>")), cache
     meta = _attrs_meta(data)
-    T, C, K = meta["tokens"], meta["channels"], meta["num_classes"]
-    meta["radius"], meta["alpha"] = math.sqrt(C), rfm.alpha_for(T, C)
-    R, alpha, path = meta["radius"], meta["alpha"], dc["path"]
+    meta["radius"] = math.sqrt(meta["channels"])
+    meta["alpha"] = rfm.alpha_for(meta["tokens"], meta["channels"])
+    return cache_path, data, meta
+
+
+def _build(dc: dict, meta: dict, seed: int, device: torch.device
+           ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, dict]:
+    """(model, EMA copy, AdamW, the checkpoint's model config) for a fresh run."""
+    config = {"dit": dc, "tokens": meta["tokens"], "channels": meta["channels"],
+              "num_classes": meta["num_classes"], "grid": meta["grid"],
+              "radius": meta["radius"], "alpha": meta["alpha"], "mean_norm": meta["mean_norm"],
+              "seed": seed}
+    torch.manual_seed(seed)
+    model = dit_from_config(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
+                            weight_decay=dc["weight_decay"], fused=device.type == "cuda")
+    return model, ema, opt, config
+
+
+def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
+           device: torch.device) -> Path:
+    """The loop: resume, then step, log, draw grids, checkpoint until done. Long because it is
+    the loop, read top to bottom like nanoGPT's train.py."""
+    dc, sample_cfg, seed = cfg["dit"], cfg.get("sample", {}), int(cfg.get("seed", 0))
+    cache_path, data, meta = _open_data(cache, ae)
+    K, R, alpha, path = meta["num_classes"], meta["radius"], meta["alpha"], dc["path"]
     if dc["batch_size"] % world:
         raise ConfigError(f"config: 'dit.batch_size' ({dc['batch_size']}) is not divisible by "
                           f"the {world} DDP ranks")
     local_batch = dc["batch_size"] // world
     max_bad = int(dc.get("max_bad_steps", MAX_BAD_STEPS))
     amp = device.type == "cuda"
-
-    # model, EMA, optimiser
-    torch.manual_seed(seed)
-    model = build_dit(dc["model"], T, C, K, meta["grid"], dc["head"],
-                      **switches_of(dc)).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
-                            weight_decay=dc["weight_decay"], fused=device.type == "cuda")
-    config = {"dit": dc, "tokens": T, "channels": C, "num_classes": K, "grid": meta["grid"],
-              "radius": R, "alpha": alpha, "mean_norm": meta["mean_norm"], "seed": seed}
+    model, ema, opt, config = _build(dc, meta, seed, device)
 
     # resume from out/last.pt
     files = RunCheckpoints(out, dc["ckpt_every"], dc["steps"], "dit", "train-dit", device)
