@@ -101,15 +101,27 @@ def target(z0: Tensor, z1: Tensor, t: Tensor, r: float, path: str = "rfm") -> Te
 
 # ---------------------------------------------------------------- losses
 
-def rfm_loss_parts(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
-                   r: float) -> tuple[Tensor, Tensor]:
-    """(mean‖v_tan − u_t‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
+def point_and_target(z0: Tensor, z1: Tensor, t: Tensor, r: float,
+                     path: str = "rfm") -> tuple[Tensor, Tensor]:
+    """(z_t, u_t) = (interpolate, target) on the chosen path, the path computed once (fp32)."""
+    _check_path(path)
+    if path == "rfm":
+        return sphere.slerp_and_velocity(z0, z1, t, r)
+    return interpolate(z0, z1, t, r, path), target(z0, z1, t, r, path)
+
+
+def rfm_loss_at(model_out: Tensor, zt: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean‖v_tan − u‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
     v = model_out.float()
-    zt = sphere.slerp(z0, z1, t, r)
-    u = sphere.slerp_velocity(z0, z1, t, r)
     v_tan = sphere.tangent(zt, v)
     v_rad = v - v_tan
     return (v_tan - u).square().mean(), v_rad.square().mean()
+
+
+def rfm_loss_parts(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
+                   r: float) -> tuple[Tensor, Tensor]:
+    """(mean‖v_tan − u_t‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
+    return rfm_loss_at(model_out, *sphere.slerp_and_velocity(z0, z1, t, r))
 
 
 def rfm_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor, r: float,
@@ -127,11 +139,17 @@ def euclidean_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor) -> Tens
 def flow_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor, r: float,
               path: str = "rfm", lambda_rad: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, parts for logging) for either path."""
+    return flow_loss_at(model_out, *point_and_target(z0, z1, t, r, path), path, lambda_rad)
+
+
+def flow_loss_at(model_out: Tensor, zt: Tensor, u: Tensor, path: str = "rfm",
+                 lambda_rad: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """flow_loss given the path's point z_t and target u_t (`point_and_target`)."""
     _check_path(path)
     if path == "rfm":
-        tan, rad = rfm_loss_parts(model_out, z0, z1, t, r)
+        tan, rad = rfm_loss_at(model_out, zt, u)
         return tan + lambda_rad * rad, {"loss_tan": tan.detach(), "loss_rad": rad.detach()}
-    return euclidean_loss(model_out, z0, z1, t), {}
+    return (model_out.float() - u).square().mean(), {}
 
 
 # ---------------------------------------------------------------- sampler
