@@ -1,30 +1,68 @@
-"""DiT training-step throughput: images/s and achieved FLOP/s next to this machine's own matmul
-FLOP/s, measured in the same run.
+"""DiT training step, ours next to the reference LightningDiT code, side by side in one process.
 
-    .venv/bin/python bench/dit_step.py                       # tiny and B, CPU, default grid
-    .venv/bin/python bench/dit_step.py --sizes tiny --grid 16 16 --channels 1024 --device cuda
+    PYTHONPATH=$PWD:/tmp/refdeps python bench/dit_step.py --reference /tmp/ref/LightningDiT
+    python bench/dit_step.py --sizes B --depth 12 --batch 8           # ours only (no reference)
+    python bench/dit_step.py --profile B                               # where our step's time goes
 
-A step = the real train_step (slerp path, forward, fp32 RFM loss, backward, clip, AdamW).
-Times are medians over steps (other jobs share the machine). FLOPs are counted by
-torch.utils.flop_counter.FlopCounterMode over one step (matmuls and attention, forward and
-backward; elementwise work is not counted), so the ratio to the matmul peak is the fraction of
-the machine the network's matrix work achieves. Where the attention kernel has no flop formula
-(CPU SDPA), its matmul FLOPs are added analytically (column "attention": added).
+Both columns train the same network (hustvl/LightningDiT: SwiGLU, RMSNorm, 2-D RoPE, qkv bias,
+adaLN-zero, patch size 1, sinusoidal time embedding) at the same size, on the same (B, T, C)
+batch, so both do the same matrix FLOPs. A step is what each code's training loop does per
+batch:
+
+* ours: dinosae.train.dit.draw_inputs + train_step (slerp path, forward, fp32 RFM loss,
+  backward, clip, AdamW) + train.loop.ema_update;
+* reference: its transport's linear path, forward (B, C, H, W), MSE to the velocity, backward,
+  clip_grad_norm_, torch AdamW (betas 0.9/0.95, weight decay 0) and its train.py's update_ema.
+
+The reference directory is a checkout of hustvl/LightningDiT (its `models/` is imported; it needs
+`einops`: put `pip install --target /tmp/refdeps einops` on PYTHONPATH for the bench only);
+without `--reference` (or when the path is absent) that column is skipped. Its modules that the
+model never uses (fairscale in models/rmsnorm.py) are stubbed, and its `@torch.compile`
+decorators are disabled (TORCHDYNAMO_DISABLE=1) so both run eagerly.
+
+The two are timed alternately (ours, ref, ours, ref, ...) and the medians are reported, so that
+other jobs on a shared machine slow both alike; the ratio column is ours / reference. `--depth`
+overrides the number of blocks (the per-block cost is what differs; XL's 28 blocks do not fit
+twice into a small machine's memory with optimizer and EMA).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import os
 import statistics
+import sys
 import time
+import types
+from collections import OrderedDict
+from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # hustvl decorates forwards with torch.compile
 
-from dinosae import rfm
-from dinosae.models.dit import build_dit
-from dinosae.train.dit import draw_inputs, train_step
+import torch  # noqa: E402
+
+from dinosae import rfm  # noqa: E402
+from dinosae.models.dit import SIZES, LightningDiT  # noqa: E402
+from dinosae.train.dit import draw_inputs, train_step  # noqa: E402
+from dinosae.train.loop import ema_update  # noqa: E402
+
+
+def stub_missing() -> None:
+    """fairscale is imported at the top of the reference's models/rmsnorm.py but never used."""
+    for name, attrs in [("fairscale", {}), ("fairscale.nn", {}),
+                        ("fairscale.nn.model_parallel", {}),
+                        ("fairscale.nn.model_parallel.initialize", {}),
+                        ("fairscale.nn.model_parallel.layers",
+                         dict(ColumnParallelLinear=object, ParallelEmbedding=object,
+                              RowParallelLinear=object))]:
+        try:
+            __import__(name)
+        except ImportError:
+            mod = types.ModuleType(name)
+            mod.__dict__.update(attrs)
+            sys.modules[name] = mod
 
 
 def sync(device: torch.device) -> None:
@@ -32,95 +70,170 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device: torch.device, n: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Achieved FLOP/s of an n×n×n matmul on this device (the machine's practical peak)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+class Ours:
+    """dinosae's step on dinosae's LightningDiT."""
+
+    def __init__(self, hidden: int, depth: int, heads: int, args: argparse.Namespace,
+                 device: torch.device) -> None:
+        g = args.grid
+        self.T, self.C, self.K = g * g, args.channels, args.classes
+        self.R, self.alpha = math.sqrt(self.C), rfm.alpha_for(self.T, self.C)
+        torch.manual_seed(0)
+        self.model = LightningDiT(self.T, self.C, self.K, (g, g), hidden, depth, heads,
+                                  time_embed="sinusoidal").to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                     weight_decay=0.0, fused=args.fused or None)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.z0 = rfm.noise((args.batch, self.T, self.C), self.R, "rfm", self.gen, device=device)
+        self.y = torch.randint(0, self.K, (args.batch,), device=device, generator=self.gen)
+        self.amp = device.type == "cuda"
+
+    def step(self) -> None:
+        z1, t, y = draw_inputs(self.z0, self.y, self.gen, r=self.R, alpha=self.alpha, path="rfm",
+                               label_dropout=0.1, null_class=self.K)
+        res = train_step(self.model, self.opt, self.z0, z1, t, y, r=self.R, path="rfm",
+                         lambda_rad=0.1, grad_clip=1.0, amp=self.amp)
+        if res["ok"]:
+            ema_update(self.ema, self.model, 0.9995)
+
+
+class Reference:
+    """hustvl/LightningDiT's model, with its train.py's loss, clip, AdamW and EMA."""
+
+    def __init__(self, root: Path, hidden: int, depth: int, heads: int,
+                 args: argparse.Namespace, device: torch.device) -> None:
+        stub_missing()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from models.lightningdit import LightningDiT as RefDiT
+
+        g, C = args.grid, args.channels
+        torch.manual_seed(0)
+        self.model = RefDiT(input_size=g, patch_size=1, in_channels=C, hidden_size=hidden,
+                            depth=depth, num_heads=heads, class_dropout_prob=0.1,
+                            num_classes=args.classes, use_qknorm=False, use_swiglu=True,
+                            use_rope=True, use_rmsnorm=True).to(device)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0,
+                                     betas=(0.9, 0.95))
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.x1 = torch.randn(args.batch, C, g, g, device=device, generator=gen)
+        self.y = torch.randint(0, args.classes, (args.batch,), device=device, generator=gen)
+        self.amp = device.type == "cuda"
+
+    @torch.no_grad()
+    def update_ema(self, decay: float = 0.9995) -> None:  # the reference train.py's loop
+        ema_params = OrderedDict(self.ema.named_parameters())
+        for name, param in OrderedDict(self.model.named_parameters()).items():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+    def step(self) -> None:
+        x1 = self.x1
+        x0 = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0], device=x1.device)
+        tt = t.view(-1, 1, 1, 1)
+        xt, ut = tt * x1 + (1 - tt) * x0, x1 - x0  # its Transport, linear path
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(xt, t, self.y)
+        loss = ((out.float() - ut) ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.update_ema()
+
+
+def timed(fn, device: torch.device) -> float:
     sync(device)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dict:
-    grid = tuple(args.grid)
-    T, C, K, B = grid[0] * grid[1], args.channels, args.classes, args.batch
-    R, alpha = math.sqrt(C), rfm.alpha_for(T, C)
-    torch.manual_seed(0)
-    model = build_dit(size, T, C, K, grid).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    gen = torch.Generator(device=device).manual_seed(0)
-    z0 = rfm.noise((B, T, C), R, "rfm", gen, device=device)
-    y = torch.randint(0, K, (B,), device=device, generator=gen)
-    amp = device.type == "cuda"
-
-    def step() -> None:
-        z1, t, yy = draw_inputs(z0, y, gen, r=R, alpha=alpha, path="rfm", label_dropout=0.1,
-                                null_class=K)
-        train_step(model, opt, z0, z1, t, yy, r=R, path="rfm", lambda_rad=0.1, grad_clip=1.0,
-                   amp=amp)
-
+    hidden, depth, heads = SIZES[size]
+    depth = args.depth or depth
+    ours = Ours(hidden, depth, heads, args, device)
+    ref = Reference(args.reference, hidden, depth, heads, args, device) if args.reference \
+        else None
+    runners = [("ours", ours)] + ([("ref", ref)] if ref else [])
     for _ in range(args.warmup):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    counted = {str(op) for op in counter.get_flop_counts()["Global"]}
-    attn_missing = not any("attention" in op for op in counted)
-    if attn_missing:  # CPU SDPA kernels have no flop formula: QKᵀ and AV, forward + backward
-        hidden, depth = model.hidden, len(model.blocks)
-        flops += 3 * depth * 2 * (2 * B * T * T * hidden)
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)  # robust to other jobs on a shared machine
-    return {"size": size, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "step_s": dt, "img_per_s": B / dt, "gflop_step": flops / 1e9,
-            "achieved": flops / dt, "attn": "added" if attn_missing else "counted"}
+        for _, r in runners:
+            r.step()
+    times: dict[str, list[float]] = {name: [] for name, _ in runners}
+    for i in range(args.steps):
+        order = runners if i % 2 == 0 else runners[::-1]  # alternate who goes first
+        for name, r in order:
+            times[name].append(timed(r.step, device))
+    row = {"size": f"{size}/d{depth}",
+           "params_M": sum(p.numel() for p in ours.model.parameters()) / 1e6,
+           "ours": statistics.median(times["ours"])}
+    if ref:
+        row["ref"] = statistics.median(times["ref"])
+        ref_params = sum(p.numel() for p in ref.model.parameters()) / 1e6
+        row["params_ref_M"] = ref_params
+    return row
+
+
+def profile(size: str, args: argparse.Namespace, device: torch.device) -> None:
+    """torch.profiler table of our step (self CPU/CUDA time per op)."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as tprofile
+
+    hidden, depth, heads = SIZES[size]
+    ours = Ours(hidden, args.depth or depth, heads, args, device)
+    ours.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(args.steps):
+            with record_function("step"):
+                ours.step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "B"])
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], help="token grid (h w)")
-    p.add_argument("--channels", type=int, default=192, help="token channels C")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="hustvl/LightningDiT checkout (its models/ directory is imported)")
+    p.add_argument("--sizes", nargs="+", default=["B", "XL"], choices=list(SIZES))
+    p.add_argument("--depth", type=int, default=None, help="blocks (default: the size's)")
+    p.add_argument("--grid", type=int, default=16, help="token grid side")
+    p.add_argument("--channels", type=int, default=1024, help="token channels C")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per column (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--matmul-n", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="our AdamW fused (as the training loop), or torch's default")
+    p.add_argument("--profile", metavar="SIZE", default=None,
+                   help="print a torch.profiler table of our step at this size instead")
+    p.add_argument("--rows", type=int, default=30)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_flops(device, args.matmul_n, mm_dtype)
+    if args.reference is not None and not (args.reference / "models" / "lightningdit.py").is_file():
+        print(f"no reference checkout at {args.reference}: reference column skipped")
+        args.reference = None
+    if args.profile:
+        profile(args.profile, args, device)
+        return
     rows = [bench_size(s, args, device) for s in args.sizes]
-    peak_after = matmul_flops(device, args.matmul_n, mm_dtype)
-
-    print(f"device {device}, threads {torch.get_num_threads()}, grid {args.grid[0]}x"
-          f"{args.grid[1]} tokens x {args.channels} ch, batch {args.batch}, "
-          f"median of {args.steps} timed steps")
-    print(f"matmul {args.matmul_n}^3 {str(mm_dtype).replace('torch.', '')}: "
-          f"{peak / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} GFLOP/s after the steps")
-    ref = max(peak, peak_after)
-    print(f"{'size':>5} {'params(M)':>10} {'GFLOP/step':>11} {'s/step':>8} {'img/s':>8} "
-          f"{'GFLOP/s':>9} {'/matmul':>8} {'attention':>10}")
+    print(f"device {device}, threads {torch.get_num_threads()}, {args.grid}x{args.grid} tokens x "
+          f"{args.channels} ch, batch {args.batch}, median of {args.steps} steps, alternating")
+    print(f"{'size':>8} {'params(M)':>10} {'ours s':>8} {'ref s':>8} {'ours/ref':>9} "
+          f"{'ours img/s':>11}")
     for r in rows:
-        print(f"{r['size']:>5} {r['params_M']:>10.2f} {r['gflop_step']:>11.2f} "
-              f"{r['step_s']:>8.3f} {r['img_per_s']:>8.1f} {r['achieved'] / 1e9:>9.1f} "
-              f"{r['achieved'] / ref:>8.2f} {r['attn']:>10}")
+        ref = r.get("ref")
+        print(f"{r['size']:>8} {r['params_M']:>10.1f} {r['ours']:>8.3f} "
+              f"{ref if ref else float('nan'):>8.3f} "
+              f"{r['ours'] / ref if ref else float('nan'):>9.2f} "
+              f"{args.batch / r['ours']:>11.2f}")
 
 
 if __name__ == "__main__":

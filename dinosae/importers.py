@@ -490,8 +490,9 @@ def _derived_tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
              if isinstance(model, DiTDH) else [("feat_rope", "rope")])
     out = {}
     for theirs, ours in pairs:
-        for fn in ("cos", "sin"):
-            out[f"{theirs}.freqs_{fn}"] = getattr(model, f"{ours}_{fn}").repeat_interleave(2, -1)
+        table = getattr(model, ours)  # (T, head_dim/2, 2): cos, sin
+        for i, fn in enumerate(("cos", "sin")):
+            out[f"{theirs}.freqs_{fn}"] = table[..., i].repeat_interleave(2, -1)
     return out
 
 

@@ -768,8 +768,12 @@ class LatentCache:
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 rank: int = 0, world_size: int = 1, radius: float = 1.0, drop_last: bool = True,
-                window: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                window: int | None = None, raw: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(tokens float32 (B, T, C) on the sphere of `radius`, labels int64 (B,)) for one epoch.
+        `raw`: the tokens as stored instead (float16, unit norm up to fp16 rounding; in pinned
+        memory when CUDA is available), for a training loop that moves them to its device as
+        they are and projects them to its radius there (`radius` is then unused).
 
         Reads `window` rows at a time in a background thread (default: 8 batches, at least 8
         units); shuffled, the rows of a window (whole units picked at random) are shuffled among
@@ -788,9 +792,14 @@ class LatentCache:
                 r = rows[w:w + window]
                 yield self.read_rows(rng.permutation(r) if shuffle else r)
 
+        pin = raw and torch.cuda.is_available()
         for tokens, labels in _background(windows()):
             for i in range(0, len(labels), batch_size):
-                z = torch.from_numpy(tokens[i:i + batch_size]).float()
+                z = torch.from_numpy(tokens[i:i + batch_size])
+                if raw:
+                    yield (z.pin_memory() if pin else z), torch.from_numpy(labels[i:i + batch_size])
+                    continue
+                z = z.float()
                 z.mul_(radius / z.norm(dim=-1, keepdim=True))  # exact radius after fp16
                 yield z, torch.from_numpy(labels[i:i + batch_size])
 

@@ -2,8 +2,9 @@
 
 Convention (DESIGN.md): z0 = data, z1 = noise, t = 1 is pure noise; each token is a point on the
 sphere of radius r (R = √C for training). Two small path objects share one interface (noise,
-interpolate, velocity, loss, step; as facebookresearch/flow_matching's ProbPath), picked once by
-`flow_path(name, r)` from config dit.path; the module functions below take the name:
+interpolate, velocity, point_and_target, loss_at, step; as facebookresearch/flow_matching's
+ProbPath), picked once by `flow_path(name, r)` from config dit.path; the module functions below
+take the name:
 
 * "rfm" (Riemannian flow matching, the paper): z1 = per-token Gaussian projected to radius r;
   z_t = slerp(z0, z1, t); target u_t = dz_t/dt (tangent at z_t). Loss: the prediction is split
@@ -83,9 +84,12 @@ class SpherePath:
     def velocity(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
         return sphere.slerp_velocity(z0, z1, t, self.r)
 
-    def loss(self, model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
-             lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
-        tan, rad = rfm_loss_parts(model_out, z0, z1, t, self.r)
+    def point_and_target(self, z0: Tensor, z1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return sphere.slerp_and_velocity(z0, z1, t, self.r)
+
+    def loss_at(self, model_out: Tensor, zt: Tensor, u: Tensor,
+                lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
+        tan, rad = rfm_loss_at(model_out, zt, u)
         return tan + lambda_rad * rad, {"loss_tan": tan.detach(), "loss_rad": rad.detach()}
 
     def step(self, z: Tensor, v: Tensor, dt: float, integrator: str) -> Tensor:
@@ -116,9 +120,12 @@ class EuclideanPath:
     def velocity(self, z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
         return z1.float() - z0.float()
 
-    def loss(self, model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
-             lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
-        return euclidean_loss(model_out, z0, z1, t), {}
+    def point_and_target(self, z0: Tensor, z1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.interpolate(z0, z1, t), self.velocity(z0, z1, t)
+
+    def loss_at(self, model_out: Tensor, zt: Tensor, u: Tensor,
+                lambda_rad: float) -> tuple[Tensor, dict[str, Tensor]]:
+        return (model_out.float() - u).square().mean(), {}
 
     def step(self, z: Tensor, v: Tensor, dt: float, integrator: str) -> Tensor:
         return z + dt * v
@@ -153,15 +160,24 @@ def interpolate(z0: Tensor, z1: Tensor, t: Tensor, r: float, path: str = "rfm") 
 
 # ---------------------------------------------------------------- losses
 
-def rfm_loss_parts(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
-                   r: float) -> tuple[Tensor, Tensor]:
-    """(mean‖v_tan − u_t‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
+def point_and_target(z0: Tensor, z1: Tensor, t: Tensor, r: float,
+                     path: str = "rfm") -> tuple[Tensor, Tensor]:
+    """(z_t, u_t) on the chosen path, the path computed once (fp32)."""
+    return flow_path(path, r).point_and_target(z0, z1, t)
+
+
+def rfm_loss_at(model_out: Tensor, zt: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean‖v_tan − u‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
     v = model_out.float()
-    zt = sphere.slerp(z0, z1, t, r)
-    u = sphere.slerp_velocity(z0, z1, t, r)
     v_tan = sphere.tangent(zt, v)
     v_rad = v - v_tan
     return (v_tan - u).square().mean(), v_rad.square().mean()
+
+
+def rfm_loss_parts(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor,
+                   r: float) -> tuple[Tensor, Tensor]:
+    """(mean‖v_tan − u_t‖², mean‖v_rad‖²) with v split at z_t into radial and tangent parts."""
+    return rfm_loss_at(model_out, *sphere.slerp_and_velocity(z0, z1, t, r))
 
 
 def rfm_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor, r: float,
@@ -179,7 +195,15 @@ def euclidean_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor) -> Tens
 def flow_loss(model_out: Tensor, z0: Tensor, z1: Tensor, t: Tensor, r: float,
               path: str = "rfm", lambda_rad: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, parts for logging) for either path."""
-    return flow_path(path, r).loss(model_out, z0, z1, t, lambda_rad)
+    fp = flow_path(path, r)
+    return fp.loss_at(model_out, *fp.point_and_target(z0, z1, t), lambda_rad)
+
+
+def flow_loss_at(model_out: Tensor, zt: Tensor, u: Tensor, path: str = "rfm",
+                 lambda_rad: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """flow_loss given the path's point z_t and target u_t (`point_and_target`); the radius
+    is not needed (z_t carries it)."""
+    return flow_path(path, 1.0).loss_at(model_out, zt, u, lambda_rad)
 
 
 # ---------------------------------------------------------------- sampler

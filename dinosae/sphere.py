@@ -95,6 +95,15 @@ def slerp_velocity(z0: Tensor, z1: Tensor, t: float | Tensor, r: float = 1.0) ->
     return r * omega * (torch.cos(t * omega) * uh - torch.sin(t * omega) * xh)
 
 
+def slerp_and_velocity(z0: Tensor, z1: Tensor, t: float | Tensor,
+                       r: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(slerp, slerp_velocity) from one computation of the frame."""
+    xh, uh, omega = _frame(z0, z1)
+    t = broadcast_time(t, xh)
+    c, s = torch.cos(t * omega), torch.sin(t * omega)
+    return r * (c * xh + s * uh), r * omega * (c * uh - s * xh)
+
+
 def logmap(x: Tensor, y: Tensor, r: float = 1.0) -> Tensor:
     """The tangent vector at x whose exponential map reaches y; its norm is the distance rΩ."""
     _, uh, omega = _frame(x, y)

@@ -109,8 +109,8 @@ def test_rope_relative_position_property():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
     T = grid[0] * grid[1]
-    qr = D.apply_rope(q.expand(T, hd), cos, sin)
-    kr = D.apply_rope(k.expand(T, hd), cos, sin)
+    qr = D.apply_rope(q.expand(T, hd), torch.stack([cos, sin], -1))
+    kr = D.apply_rope(k.expand(T, hd), torch.stack([cos, sin], -1))
     torch.testing.assert_close(qr.norm(dim=-1), q.norm().expand(T))  # rotations
     scores = qr @ kr.T  # (T, T)
     pos = [(i, j) for i in range(grid[0]) for j in range(grid[1])]
@@ -150,10 +150,11 @@ def test_attention_matches_manual_softmax(qk_norm):
         torch.nn.init.normal_(attn.q_norm.weight)
         torch.nn.init.normal_(attn.k_norm.weight)
         q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
-    q, k = D.apply_rope(q, cos, sin), D.apply_rope(k, cos, sin)
+    rope = torch.stack([cos, sin], -1)
+    q, k = D.apply_rope(q, rope), D.apply_rope(k, rope)
     w = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
     ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 6, 32))
-    torch.testing.assert_close(attn(x, (cos, sin)), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn(x, rope), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sincos_pos_embed_formula():
@@ -213,11 +214,11 @@ def test_ditdh_structure():
         c = F.silu(t_emb + model.y_embedder(y))
         s = model.s_embedder(x) + model.pos_embed
         for block in model.blocks:
-            s = block(s, c, (model.rope_cos, model.rope_sin))
+            s = block(s, c, model.rope)
         s = model.s_projector(F.silu(s + t_emb[:, None]))
         h = model.x_embedder(x)
         for block in model.head_blocks:
-            h = block(h, s, (model.head_rope_cos, model.head_rope_sin))
+            h = block(h, s, model.head_rope)
         torch.testing.assert_close(model(x, t, y), model.final_layer(h, s))
 
 
@@ -297,7 +298,7 @@ class FakeCache:
         return len(self.labels)
 
     def batches(self, batch_size, *, shuffle=True, seed=0, epoch=0, rank=0, world_size=1,
-                radius=1.0, drop_last=True):
+                radius=1.0, drop_last=True, raw=False):
         n = len(self)
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         order = order[rank::world_size]
@@ -306,7 +307,7 @@ class FakeCache:
             if self.hook is not None:
                 self.hook(self.served)
             idx = torch.as_tensor(order[i:i + batch_size])
-            x = self.tokens[idx] * radius
+            x = self.tokens[idx].half() if raw else self.tokens[idx] * radius
             if self.served in self.nan_batches:
                 x = torch.full_like(x, float("nan"))
             yield x, self.labels[idx]

@@ -48,7 +48,7 @@ TIME_EMBEDS = ("fourier", "sinusoidal")
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # x·(1 + scale) + shift in one kernel
 
 
 # ---------------------------------------------------------------- position tables
@@ -85,12 +85,13 @@ def rope_tables(grid: tuple[int, int], head_dim: int,
     return torch.cos(angles).float(), torch.sin(angles).float()  # (T, head_dim/2) each
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (..., T, head_dim) by the table angles."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (..., T, head_dim/2, 2)
-    a, b = xf[..., 0], xf[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (..., T, head_dim) by the angles of
+    rope = stack([cos, sin], -1) (T, head_dim/2, 2): each pair read as the complex number
+    x[2i] + i·x[2i+1] times e^{iθ} (one complex multiply), in fp32; returned in x's dtype."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rot = torch.view_as_complex(rope)  # (T, head_dim/2)
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------- embedders
@@ -156,20 +157,21 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.qk_norm = heads, dim // heads, qk_norm
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, Dh) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE in fp32 (also under autocast), then back to v's dtype for SDPA
-        q = apply_rope(q.float(), *rope).to(v.dtype)
-        k = apply_rope(k.float(), *rope).to(v.dtype)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        else:  # q and k rotated together: one RoPE kernel
+            q, k = apply_rope(qkv[:2], rope).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
@@ -201,13 +203,14 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: Tensor) -> Tensor:
         mod = self.adaLN_modulation(c)
         if mod.ndim == 2:
             mod = mod.unsqueeze(1)  # (B, 1, 6D): the same for every token
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
-        x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        # x + gate·f(...) as one addcmul kernel each
+        x = torch.addcmul(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), rope))
+        x = torch.addcmul(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
         return x  # (B, T, D)
 
 
@@ -257,9 +260,8 @@ class _GridModel(nn.Module):
         self.grid = (int(grid[0]), int(grid[1]))
 
     def _rope(self, name: str, head_dim: int) -> None:
-        cos, sin = rope_tables(self.grid, head_dim)
-        self.register_buffer(f"{name}_cos", cos, persistent=False)  # derived from the grid
-        self.register_buffer(f"{name}_sin", sin, persistent=False)
+        rope = torch.stack(rope_tables(self.grid, head_dim), dim=-1)  # (T, head_dim/2, 2)
+        self.register_buffer(name, rope, persistent=False)  # derived from the grid
 
 
 class LightningDiT(_GridModel):
@@ -301,9 +303,8 @@ class LightningDiT(_GridModel):
         if self.pos_embed is not None:
             h = h + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            h = block(h, c, rope)
+            h = block(h, c, self.rope)
         return self.final_layer(h, c)  # (B, T, C)
 
 
@@ -354,14 +355,12 @@ class DiTDH(_GridModel):
         s = self.s_embedder(x)  # (B, T, D)
         if self.pos_embed is not None:
             s = s + self.pos_embed
-        rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            s = block(s, c, rope)
+            s = block(s, c, self.rope)
         s = self.s_projector(F.silu(s + t_emb.unsqueeze(1)))  # (B, T, W): the head's condition
         h = self.x_embedder(x)  # (B, T, W)
-        rope = (self.head_rope_cos, self.head_rope_sin)
         for block in self.head_blocks:
-            h = block(h, s, rope)
+            h = block(h, s, self.head_rope)
         return self.final_layer(h, s)  # (B, T, C)
 
 

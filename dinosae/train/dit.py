@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dinosae import rfm
+from dinosae import rfm, sphere
 from dinosae.checkpoint import DIT_KIND, expect_kind
 from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
 from dinosae.errors import CheckpointError, ConfigError, NumericsError
@@ -70,23 +70,23 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Ten
     """Forward (network under bf16 autocast when `amp`), fp32 flow loss, backward, clip and
     AdamW step. Under DDP the reported losses are averages over ranks, and a non-finite loss or
     gradient norm skips the update on every rank alike. Returns loss parts, grad_norm, ok."""
-    zt = rfm.interpolate(z0, z1, t, r, path)
+    zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         out = model(zt, t, y)
-    loss, parts = rfm.flow_loss(out, z0, z1, t, r, path, lambda_rad)
+    loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
     loss.backward()
     stats = torch.stack([loss.detach(), *parts.values()]).float()
     if dist.is_initialized():
         dist.all_reduce(stats)
         stats /= dist.get_world_size()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    values = stats.tolist()
-    ok = all(math.isfinite(v) for v in values) and math.isfinite(float(grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    values = torch.cat([stats, grad_norm.detach().float().reshape(1)]).tolist()  # the one sync
+    ok = all(math.isfinite(v) for v in values)
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    result = {"loss": values[0], "grad_norm": float(grad_norm), "ok": ok}
-    result.update(zip(parts.keys(), values[1:], strict=True))
+    result = {"loss": values[0], "grad_norm": values[-1], "ok": ok}
+    result.update(zip(parts.keys(), values[1:-1], strict=True))
     return result
 
 
@@ -176,7 +176,7 @@ def _build(dc: dict, meta: dict, seed: int, device: torch.device
     model = dit_from_config(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=dc["lr"], betas=tuple(dc["betas"]),
-                            weight_decay=dc["weight_decay"], fused=device.type == "cuda")
+                            weight_decay=dc["weight_decay"], fused=True)  # CPU too
     return model, ema, opt, config
 
 
@@ -229,7 +229,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
 
     def epoch_batches(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return data.batches(local_batch, shuffle=True, seed=seed, epoch=e, rank=rank,
-                            world_size=world, radius=R, drop_last=True)
+                            world_size=world, drop_last=True, raw=True)
 
     batches = endless(epoch_batches, epoch, skip)
     window: list[dict] = []
@@ -238,7 +238,9 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     try:
         while step < dc["steps"]:
             (epoch, skip), (x, y) = next(batches)
-            z0, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+            # fp16 (pinned on CUDA) over the bus, fp32 and projected to radius R on the device
+            z0 = sphere.project(x.to(device, non_blocking=True).float(), R)
+            y = y.to(device, non_blocking=True)
             gen.manual_seed(step_seed(seed, rank, step))
             z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
                                    label_dropout=dc["label_dropout"], null_class=K)
