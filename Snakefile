@@ -25,6 +25,6 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        "results/gfid.txt",
-        "results/recon.txt",
+        rules.fid.output,
+        rules.eval_recon.output,
         REPORT_FILES,

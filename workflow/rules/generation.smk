@@ -3,11 +3,10 @@
 
 rule train_dit:
     input:
-        cache=f"results/latents/{config['latents']['split']}.zarr",
-        report=f"results/latents/{config['latents']['split']}.report.json",
-        ae="results/ae/stage4/checkpoint.pt",
+        latents=expand(rules.encode.output.report, split=config["latents"]["split"]),
+        ae=AE_CHECKPOINT,
     output:
-        "results/dit/checkpoint.pt",
+        DIT_CHECKPOINT,
     log:
         f"{LOGS}/train_dit.log",
     conda:
@@ -15,16 +14,18 @@ rule train_dit:
     params:
         cfg=cfg("seed", "device", "dit", "sample"),
         launch=launch,
+        cache=CACHE,
+        out=run_folder,
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {input.cache} --ae {input.ae}"
-        " --out results/dit > {log} 2>&1"
+        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae}"
+        " --out {params.out} > {log} 2>&1"
 
 
 rule sample:
     input:
-        dit="results/dit/checkpoint.pt",
-        ae="results/ae/stage4/checkpoint.pt",
-        cache=f"results/latents/{config['latents']['split']}.zarr",
+        dit=DIT_CHECKPOINT,
+        ae=AE_CHECKPOINT,
+        latents=rules.train_dit.input.latents,
     output:
         "results/samples/samples.h5",
     log:
@@ -33,21 +34,20 @@ rule sample:
         "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "sample"),
+        cache=CACHE,
     shell:
         "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
-        " --cache {input.cache} --out {output} > {log} 2>&1"
+        " --cache {params.cache} --out {output} > {log} 2>&1"
 
 
 # A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export).
-PRETRAINED_DIT = config["dit"].get("pretrained")
-
 if PRETRAINED_DIT:
 
     rule import_dit:
         input:
             [] if PRETRAINED_DIT.startswith("hf-hub:") else [PRETRAINED_DIT],
         output:
-            "results/dit/checkpoint.pt",
+            DIT_CHECKPOINT,
         log:
             f"{LOGS}/import_dit.log",
         conda:
