@@ -26,6 +26,6 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        "results/gfid.txt",
-        "results/recon.txt",
+        rules.fid.output,
+        rules.eval_recon.output,
         REPORT_FILES,

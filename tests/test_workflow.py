@@ -115,3 +115,26 @@ def test_released_autoencoder_with_a_trained_generator(tmp_path):
                       "fid_reference": 1, "fid": 1, "all": 1}
     cmd = [ln for ln in r.stdout.splitlines() if "dinosae sample " in ln][0]
     assert "--cache results/latents/train.zarr" in cmd
+
+
+def test_rules_are_formatted_and_lint_clean():
+    bindir = Path(sys.executable).parent
+    r = subprocess.run([str(bindir / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_each_result_path_is_spelled_once():
+    # later rules take earlier outputs through rules.X.output or a name in common.smk: a path
+    # literal under results/ appears once in all the rule files together
+    files = [ROOT / "Snakefile", *sorted((ROOT / "workflow/rules").glob("*.smk"))]
+    literals = [m.group(1) for f in files
+                for m in re.finditer(r"""f?["'](results/[^"']*)["']""", f.read_text())]
+    assert "results/ae/stage{stage}/checkpoint.pt" in literals  # the pattern is found at all
+    repeated = {p for p in literals if literals.count(p) > 1}
+    assert not repeated, repeated
+    # checkpoints (two producers each for stage 4 and the DiT, chosen by config) are named in
+    # common.smk only
+    assert [f.name for f in files if "checkpoint.pt" in f.read_text()] == ["common.smk"]

@@ -7,10 +7,10 @@ for k in (1, 2, 3, 4):
         name:
             f"ae_stage{k}"
         input:
-            shards=f"{SHARDS}/train/manifest.json",
-            init=[f"results/ae/stage{k - 1}/checkpoint.pt"] if k > 1 else [],
+            shards=expand(rules.shard.output.manifest, split="train"),
+            init=getattr(rules, f"ae_stage{k - 1}").output if k > 1 else [],
         output:
-            f"results/ae/stage{k}/checkpoint.pt",
+            ae_checkpoint(k),
         log:
             f"{LOGS}/ae_stage{k}.log",
         conda:
@@ -20,16 +20,17 @@ for k in (1, 2, 3, 4):
             stage=k,
             launch=launch,
             shards=shard_folder,
-            init=f"--init results/ae/stage{k - 1}/checkpoint.pt" if k > 1 else "",
+            init=lambda w, input: f"--init {input.init}" if input.init else "",
+            out=run_folder,
         shell:
             "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage} --shards {params.shards}"
-            " {params.init} --out results/ae/stage{params.stage} > {log} 2>&1"
+            " {params.init} --out {params.out} > {log} 2>&1"
 
 
 rule eval_recon:
     input:
-        ae="results/ae/stage4/checkpoint.pt",
-        shards=f"{SHARDS}/val/manifest.json",
+        ae=AE_CHECKPOINT,
+        shards=expand(rules.shard.output.manifest, split="val"),
     output:
         "results/recon.txt",
     log:
@@ -46,18 +47,13 @@ rule eval_recon:
 
 # Released weights instead of training (autoencoder.pretrained, e.g. the authors' DINO-SAE): one
 # import job writes the stage-4 checkpoint and no training stage runs.
-PRETRAINED_AE = config["autoencoder"].get("pretrained")
-# FD_teacher's extractor, the frozen teacher, is the same in every stage: stage 1 when training
-# (ready early), else the imported checkpoint
-TEACHER_AE = f"results/ae/stage{4 if PRETRAINED_AE else 1}/checkpoint.pt"
-
 if PRETRAINED_AE:
 
     rule import_autoencoder:
         input:
             [] if PRETRAINED_AE.startswith("hf-hub:") else [PRETRAINED_AE],
         output:
-            "results/ae/stage4/checkpoint.pt",
+            AE_CHECKPOINT,
         log:
             f"{LOGS}/import_autoencoder.log",
         conda:

@@ -1,5 +1,6 @@
-# Helpers shared by the rules: config validation (before any job starts) and the JSON of the
-# config sections each rule depends on (a changed value reruns exactly the rules that use it).
+# Included first, shared by every .smk: config validation before any job starts, the paths
+# that several files need, and the helpers that wire config sections and paths to `dinosae`.
+# Everything else a rule needs from an earlier one it takes through `rules.<name>.output`.
 import json
 import os
 import shlex
@@ -14,6 +15,34 @@ except ConfigError as err:
 
 SHARDS = config["data"]["shards"]
 LOGS = "results/logs"
+
+# Released weights instead of training (rules import_autoencoder, import_dit): the import writes
+# the very file training would (ruleorder picks it), so consumers name the file, not the rule.
+PRETRAINED_AE = config["autoencoder"].get("pretrained")
+PRETRAINED_DIT = config["dit"].get("pretrained")
+
+
+def ae_checkpoint(stage):
+    """The checkpoint of autoencoder stage `stage` (a number or "{k}")."""
+    return f"results/ae/stage{stage}/checkpoint.pt"
+
+
+# the autoencoder (from ae_stage4 or import_autoencoder) and the generator (train_dit, import_dit)
+AE_CHECKPOINT = ae_checkpoint(4)
+DIT_CHECKPOINT = "results/dit/checkpoint.pt"
+# FD_teacher's extractor, the frozen teacher, is the same in every stage: stage 1 when training
+# (ready early), else the imported checkpoint
+TEACHER_AE = ae_checkpoint(4 if PRETRAINED_AE else 1)
+
+
+def latent_store(split):
+    """The zarr store of a split's latent cache. Snakemake never writes into it (its files
+    would sit among zarr's): the encode rules output flag files beside it and pass it on as
+    a parameter."""
+    return f"results/latents/{split}.zarr"
+
+
+CACHE = latent_store(config["latents"]["split"])  # the cache the DiT trains on
 
 
 def cfg(*sections):
@@ -36,4 +65,14 @@ def launch(wildcards, resources):
 
 def shard_folder(wildcards, input):
     """The shard folder of a rule's `shards` input (its manifest.json)."""
-    return os.path.dirname(input.shards)
+    return os.path.dirname(str(input.shards))
+
+
+def run_folder(wildcards, output):
+    """The folder of a training rule's checkpoint.pt, where its metrics and grids go too."""
+    return os.path.dirname(output[0])
+
+
+def store_of(wildcards):
+    """The latent store of an encode job's split."""
+    return latent_store(wildcards.split)

@@ -20,7 +20,7 @@ rule shard:
     input:
         dataset_root(),
     output:
-        f"{SHARDS}/{{split}}/manifest.json",
+        manifest=f"{SHARDS}/{{split}}/manifest.json",
     log:
         f"{LOGS}/shard_{{split}}.log",
     wildcard_constraints:

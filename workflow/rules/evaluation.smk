@@ -3,7 +3,7 @@
 
 rule fid_reference:
     input:
-        shards=f"{SHARDS}/{config['eval']['reference']}/manifest.json",
+        shards=expand(rules.shard.output.manifest, split=config["eval"]["reference"]),
         ae=TEACHER_AE,
     output:
         f"results/fid/reference_{config['eval']['reference']}.npz",
@@ -21,7 +21,7 @@ rule fid_reference:
 
 rule fid:
     input:
-        samples="results/samples/samples.h5",
+        samples=rules.sample.output,
         reference=rules.fid_reference.output,
         ae=TEACHER_AE,
     output:

@@ -1,17 +1,12 @@
 # RFM DiT on the latent cache; class-balanced samples decoded by the stage-4 decoder.
 
-# A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export,
-# or a reference generator such as the authors' DDT-XL): no latent cache is needed then.
-PRETRAINED_DIT = config["dit"].get("pretrained")
-
 
 rule train_dit:
     input:
-        cache=f"results/latents/{config['latents']['split']}.zarr",
-        report=f"results/latents/{config['latents']['split']}.report.json",
-        ae="results/ae/stage4/checkpoint.pt",
+        latents=expand(rules.encode.output.report, split=config["latents"]["split"]),
+        ae=AE_CHECKPOINT,
     output:
-        "results/dit/checkpoint.pt",
+        DIT_CHECKPOINT,
     log:
         f"{LOGS}/train_dit.log",
     conda:
@@ -19,20 +14,18 @@ rule train_dit:
     params:
         cfg=cfg("seed", "device", "dit", "sample"),
         launch=launch,
+        cache=CACHE,
+        out=run_folder,
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {input.cache} --ae {input.ae}"
-        " --out results/dit > {log} 2>&1"
+        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae}"
+        " --out {params.out} > {log} 2>&1"
 
 
 rule sample:
     input:
-        dit="results/dit/checkpoint.pt",
-        ae="results/ae/stage4/checkpoint.pt",
-        cache=(
-            []
-            if PRETRAINED_DIT
-            else f"results/latents/{config['latents']['split']}.zarr"
-        ),
+        dit=DIT_CHECKPOINT,
+        ae=AE_CHECKPOINT,
+        latents=[] if PRETRAINED_DIT else rules.train_dit.input.latents,
     output:
         "results/samples/samples.h5",
     log:
@@ -41,19 +34,21 @@ rule sample:
         "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "sample"),
-        cache=lambda w, input: f"--cache {input.cache}" if input.cache else "",
+        cache="" if PRETRAINED_DIT else f"--cache {CACHE}",
     shell:
         "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
         " {params.cache} --out {output} > {log} 2>&1"
 
 
+# A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export,
+# or a reference generator such as the authors' DDT-XL): no latent cache is needed then.
 if PRETRAINED_DIT:
 
     rule import_dit:
         input:
             [] if PRETRAINED_DIT.startswith("hf-hub:") else [PRETRAINED_DIT],
         output:
-            "results/dit/checkpoint.pt",
+            DIT_CHECKPOINT,
         log:
             f"{LOGS}/import_dit.log",
         conda:

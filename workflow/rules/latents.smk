@@ -1,13 +1,15 @@
-# Encode once: create the cache, fill shard-aligned regions in parallel jobs, validate.
+# Encode once: create the cache, fill shard-aligned regions in parallel jobs, validate. The
+# store (latent_store) holds only zarr's files: each rule's output is a file beside it (the
+# `.init` flag, one `.done` per part, the gather report), the store a parameter.
 PARTS = range(config["latents"]["parts"])
 
 
 rule encode_init:
     input:
-        ae="results/ae/stage4/checkpoint.pt",
-        shards=f"{SHARDS}/{{split}}/manifest.json",
+        ae=AE_CHECKPOINT,
+        shards=rules.shard.output.manifest,
     output:
-        directory("results/latents/{split}.zarr"),
+        touch(f"{latent_store('{split}')}.init"),
     log:
         f"{LOGS}/encode_init_{{split}}.log",
     conda:
@@ -15,16 +17,17 @@ rule encode_init:
     params:
         cfg=cfg("device", "latents"),
         shards=shard_folder,
+        store=store_of,
     shell:
         "dinosae encode-init --cfg {params.cfg} --shards {params.shards}"
-        " --checkpoint {input.ae} --out {output} > {log} 2>&1"
+        " --checkpoint {input.ae} --out {params.store} > {log} 2>&1"
 
 
 rule encode_part:
     input:
-        cache="results/latents/{split}.zarr",
-        ae="results/ae/stage4/checkpoint.pt",
-        shards=f"{SHARDS}/{{split}}/manifest.json",
+        init=rules.encode_init.output,
+        ae=AE_CHECKPOINT,
+        shards=rules.shard.output.manifest,
     output:
         "results/latents/{split}.parts/{i}.done",
     log:
@@ -35,23 +38,24 @@ rule encode_part:
         cfg=cfg("device", "latents"),
         parts=config["latents"]["parts"],
         shards=shard_folder,
+        store=store_of,
     shell:
-        "dinosae encode-part --cfg {params.cfg} --cache {input.cache}"
+        "dinosae encode-part --cfg {params.cfg} --cache {params.store}"
         " --shards {params.shards} --checkpoint {input.ae} --index {wildcards.i}"
         " --parts {params.parts} --done {output} > {log} 2>&1"
 
 
 rule encode:
     input:
-        cache="results/latents/{split}.zarr",
-        parts=expand("results/latents/{{split}}.parts/{i}.done", i=PARTS),
+        parts=expand(rules.encode_part.output[0], i=PARTS, allow_missing=True),
     output:
-        "results/latents/{split}.report.json",
+        report="results/latents/{split}.report.json",
     log:
         f"{LOGS}/encode_{{split}}.log",
     conda:
         "../../envs/dinosae.yaml"
     params:
         cfg=cfg("latents"),
+        store=store_of,
     shell:
-        "dinosae encode-gather --cfg {params.cfg} --cache {input.cache} --out {output} > {log} 2>&1"
+        "dinosae encode-gather --cfg {params.cfg} --cache {params.store} --out {output} > {log} 2>&1"

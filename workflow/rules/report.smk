@@ -1,22 +1,9 @@
 # What `snakemake --report results/report.html` shows: loss curves and the last reconstruction
 # grid of every training stage, per-class sample grids, the results files as tables and the
 # config used. The figures are drawn by `dinosae` commands; Snakemake adds runtimes per rule.
+# REPORT_FILES (rule all's input) is gathered from the rules' outputs at the end.
 REPORT = "results/report"
 REPORT_CLASSES = 8  # per-class sample grids, for the first eight classes
-SAMPLE_GRIDS = expand(f"{REPORT}/samples/class_{{j}}.png", j=range(REPORT_CLASSES))
-REPORT_FILES = [
-    # imported weights (autoencoder.pretrained / dit.pretrained) have no training curves
-    *expand(
-        f"{REPORT}/ae_stage{{k}}_{{fig}}.png",
-        k=() if PRETRAINED_AE else (1, 2, 3, 4),
-        fig=("loss", "recon"),
-    ),
-    *([] if PRETRAINED_DIT else [f"{REPORT}/dit_loss.png"]),
-    *SAMPLE_GRIDS,
-    f"{REPORT}/recon.html",
-    f"{REPORT}/gfid.html",
-    f"{REPORT}/config.html",
-]
 
 
 # seconds of plotting each: run them where Snakemake runs, not as cluster jobs
@@ -31,7 +18,7 @@ localrules:
 
 rule report_ae_stage:
     input:
-        "results/ae/stage{k}/checkpoint.pt",
+        ae_checkpoint("{k}"),
     output:
         loss=report(
             f"{REPORT}/ae_stage{{k}}_loss.png",
@@ -60,7 +47,7 @@ rule report_ae_stage:
 
 rule report_dit:
     input:
-        "results/dit/checkpoint.pt",
+        DIT_CHECKPOINT,
     output:
         report(
             f"{REPORT}/dit_loss.png",
@@ -79,10 +66,10 @@ rule report_dit:
 
 rule report_samples:
     input:
-        "results/samples/samples.h5",
+        rules.sample.output,
     output:
         report(
-            SAMPLE_GRIDS,
+            expand(f"{REPORT}/samples/class_{{j}}.png", j=range(REPORT_CLASSES)),
             caption="../report/samples.rst",
             category="3. Samples",
             subcategory="Per class",
@@ -97,7 +84,7 @@ rule report_samples:
 
 rule report_recon:
     input:
-        "results/recon.txt",
+        rules.eval_recon.output,
     output:
         report(
             f"{REPORT}/recon.html",
@@ -116,7 +103,7 @@ rule report_recon:
 
 rule report_gfid:
     input:
-        "results/gfid.txt",
+        rules.fid.output,
     output:
         report(
             f"{REPORT}/gfid.html",
@@ -148,3 +135,14 @@ rule report_config:
         cfg=cfg(*config),
     shell:
         "dinosae config-page --cfg {params.cfg} --out {output} > {log} 2>&1"
+
+
+REPORT_FILES = [
+    # imported weights (autoencoder.pretrained / dit.pretrained) have no training curves
+    *expand(rules.report_ae_stage.output, k=() if PRETRAINED_AE else (1, 2, 3, 4)),
+    *([] if PRETRAINED_DIT else rules.report_dit.output),
+    *rules.report_samples.output,
+    *rules.report_recon.output,
+    *rules.report_gfid.output,
+    *rules.report_config.output,
+]
