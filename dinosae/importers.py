@@ -401,6 +401,16 @@ def is_official_ae(sd: Mapping[str, Any]) -> bool:
                for k in sd)
 
 
+def _read_source(source: str | None, cfg: dict, section: str, kind: str
+                 ) -> tuple[str, Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """(spec, local path, state dict, info) of --source, or of config `<section>.pretrained`."""
+    spec = source or (cfg.get(section) or {}).get("pretrained")
+    if not spec:
+        raise ConfigError(f"config: '{section}.pretrained' is not set and no --source given")
+    path = resolve_source(spec, kind)
+    return (spec, path, *read_weights(path))
+
+
 # ---------------------------------------------------------------- autoencoder
 
 def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
@@ -411,11 +421,7 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
     from dinosae.files import sha256_file
     from dinosae.models.autoencoder import ae_config, build_autoencoder
 
-    spec = source or cfg["autoencoder"].get("pretrained")
-    if not spec:
-        raise ConfigError("config: 'autoencoder.pretrained' is not set and no --source given")
-    path = resolve_source(spec, "ae")
-    sd, info = read_weights(path)
+    spec, path, sd, info = _read_source(source, cfg, "autoencoder", "ae")
     ae = build_autoencoder(cfg)
     if info["kind"] == AE_KIND:
         fmt, teacher = "dinosae", "the file"
@@ -664,11 +670,7 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
     from dinosae.models.dit import DiTDH, build_dit, dit_from_config, switches_of
 
     dc = cfg.get("dit", {})
-    spec = source or dc.get("pretrained")
-    if not spec:
-        raise ConfigError("config: 'dit.pretrained' is not set and no --source given")
-    path = resolve_source(spec, "dit")
-    sd, info = read_weights(path)
+    spec, path, sd, info = _read_source(source, cfg, "dit", "dit")
     kind = reference_dit_kind(sd)
     if info["kind"] == DIT_KIND:
         config = info["config"]
