@@ -90,7 +90,7 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     rope = stack([cos, sin], -1) (T, head_dim/2, 2): each pair read as the complex number
     x[2i] + i·x[2i+1] times e^{iθ} (one complex multiply), in fp32; returned in x's dtype."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rot = torch.view_as_complex(rope)  # (T, head_dim/2)
+    rot = torch.view_as_complex(rope.float())  # (T, head_dim/2); fp32 also in a bf16 model
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
