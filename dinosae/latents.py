@@ -25,6 +25,7 @@ few (at most S − 1) images of the next part's first tar; the next part skips t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -34,6 +35,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -198,25 +200,55 @@ def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_si
     return np.concatenate(tokens), np.concatenate(norms)
 
 
-def iter_images(shards: str | Path, manifest: dict, start: int, stop: int
+def _ordered_map(fn: Any, items: Iterable, pool: ThreadPoolExecutor | None, ahead: int
+                 ) -> Iterator:
+    """fn(*item) for each item, in order; with a pool, up to `ahead` calls run in its threads
+    while the caller consumes (bounded: a large tar is never decoded whole into memory)."""
+    if pool is None:
+        for item in items:
+            yield fn(*item)
+        return
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def iter_images(shards: str | Path, manifest: dict, start: int, stop: int,
+                pool: ThreadPoolExecutor | None = None, ahead: int = 32
                 ) -> Iterator[tuple[int, np.ndarray, int]]:
     """(index, image, label) for images start..stop-1 in manifest order, opening only the tars
-    that hold them; checks that the tars hold what the manifest says."""
-    from dinosae.data.shard import iter_shard
+    that hold them; checks that the tars hold what the manifest says. With `pool`, the JPEGs
+    are decoded in its threads (PIL releases the GIL), in order, at most `ahead` in flight."""
+    from dinosae.data.shard import decode_sample, iter_shard_bytes
 
     for s in manifest["shards"]:
         a, b = s["first_index"], s["first_index"] + s["count"]
         if b <= start or a >= stop:
             continue
-        expect = a
-        for index, image, label in iter_shard(Path(shards) / s["name"]):
+        tar = Path(shards) / s["name"]
+
+        def wanted(tar: Path = tar, a: int = a) -> Iterator[tuple[str, dict, Path]]:
+            """The undecoded samples from `start` on (those before are read, not decoded)."""
+            for i, (key, sample) in enumerate(iter_shard_bytes(tar)):
+                if a + i >= stop:
+                    return
+                if a + i >= start:
+                    yield key, sample, tar
+
+        expect = max(a, start)
+        for index, image, label in _ordered_map(decode_sample, wanted(), pool, ahead):
             if index != expect:
                 raise ValueError(f"{s['name']}: sample {index} where the manifest puts {expect}")
             expect += 1
-            if index >= start:
-                yield index, image, label
-            if expect >= stop:
-                break
+            yield index, image, label
         if expect < min(b, stop):
             raise ValueError(f"{s['name']}: holds {expect - a} samples, manifest says {s['count']}")
 
@@ -232,15 +264,23 @@ def _runs(units: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def iter_units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int
-               ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def iter_units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int,
+               workers: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(unit, images uint8 (n, H, W, 3), labels int64 (n,)) for each listed unit, streaming each
-    contiguous run of units through the tars once."""
+    contiguous run of units through the tars once; `workers` > 0 threads decode the JPEGs."""
     n = manifest["count"]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 0 else None
+        yield from _units(shards, manifest, units, unit_rows, n, pool, 4 * max(1, workers))
+
+
+def _units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int, n: int,
+           pool: ThreadPoolExecutor | None, ahead: int
+           ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     for u0, u1 in _runs(units):
         images, labels, u = [], [], u0
         for index, image, label in iter_images(shards, manifest, u0 * unit_rows,
-                                               min(u1 * unit_rows, n)):
+                                               min(u1 * unit_rows, n), pool, ahead):
             images.append(image)
             labels.append(label)
             if index + 1 == min((u + 1) * unit_rows, n):
@@ -391,7 +431,8 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
         batch_size = int(cfg.get("latents", {}).get("batch_size", attrs["batch_size"]))
         arrays = {name: group[name] for name in group.array_keys()}
         progress = Progress(n_todo, desc=f"encode part {index}", unit="img")
-        units = _background(iter_units(shards, manifest, todo, unit))  # decoding in a thread
+        workers = max(1, int(cfg.get("data", {}).get("workers", 1)))  # JPEG decoding threads
+        units = _background(iter_units(shards, manifest, todo, unit, workers))
         write_units(model, units, arrays, device, batch_size, flip, size, unit, progress, index)
         progress.close()
     seconds = time.time() - t0

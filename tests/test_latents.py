@@ -331,3 +331,19 @@ def test_part_refuses_another_encoder(world, cache3, tmp_path):
     with pytest.raises(latents.CacheError, match="not the checkpoint"):
         latents.encode_part(world["cfg"], cache3, world["shards"], other, 0, 3,
                             tmp_path / "x.done")
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_iter_units_with_decoding_threads_gives_the_tars_samples_in_order(world, workers):
+    from dinosae.data.shard import iter_shard
+
+    manifest = json.loads((world["shards"] / "manifest.json").read_text())
+    every = [s for sh in manifest["shards"] for s in iter_shard(world["shards"] / sh["name"])]
+    assert [s[0] for s in every] == list(range(world["n"]))
+    units = [0, 2, 3, 6]  # runs that start and stop inside tars
+    got = list(latents.iter_units(world["shards"], manifest, units, 4, workers))
+    assert [u for u, _, _ in got] == units
+    for u, images, labels in got:
+        rows = every[4 * u:4 * u + 4]
+        np.testing.assert_array_equal(images, np.stack([s[1] for s in rows]))
+        np.testing.assert_array_equal(labels, [s[2] for s in rows])

@@ -448,6 +448,13 @@ def shard_paths(shards_dir: str | Path) -> list[Path]:
 
 def iter_shard(tar_path: str | Path) -> Iterator[tuple[int, np.ndarray, int]]:
     """(index, image uint8 (H, W, 3), label) for each sample of one tar, in stored order."""
+    for key, sample in iter_shard_bytes(tar_path):
+        yield decode_sample(key, sample, tar_path)
+
+
+def iter_shard_bytes(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of one tar, in stored order, undecoded (to
+    decode with decode_sample, in other threads if wanted)."""
     sample: dict[str, bytes] = {}
     key = None
     try:
@@ -458,17 +465,20 @@ def iter_shard(tar_path: str | Path) -> Iterator[tuple[int, np.ndarray, int]]:
                                     "(not written by dinosae)")
                 k, ext = member_key(member.name, tar_path)
                 if key is not None and k != key:
-                    yield _decode_sample(key, sample, tar_path)
+                    yield key, sample
                     sample = {}
                 key = k
                 sample[ext] = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise DataError(f"{tar_path}: unreadable tar ({e}); rerun the shard rule") from None
     if key is not None:
-        yield _decode_sample(key, sample, tar_path)
+        yield key, sample
 
 
-def _decode_sample(key: str, sample: dict[str, bytes], tar_path) -> tuple[int, np.ndarray, int]:
+def decode_sample(key: str, sample: dict[str, bytes], tar_path: str | Path
+                  ) -> tuple[int, np.ndarray, int]:
+    """(index, image uint8 (H, W, 3), label) of one sample's members (PIL decodes without
+    the GIL: threads run in parallel)."""
     data = sample.get("jpg", sample.get("png"))
     if data is None or "cls" not in sample:
         raise DataError(f"{tar_path}: sample {key} lacks an image or a .cls member")

@@ -1,0 +1,32 @@
+"""bench/gpu_check.py --cpu-smoke: every row of the GPU session's table runs (tiny models, CPU)
+and reports finite numbers, and bf16 autocast stays within the tolerance of fp32."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ["AE stage-1 step", "AE stage-2 step", "encode_unit fp32", "encode_unit bf16",
+        "DiT-tiny train step", "sampling"]
+
+
+def test_gpu_check_cpu_smoke() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu-smoke"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    for name in ROWS:
+        row = [ln for ln in lines if ln.startswith(name)]
+        assert len(row) == 1, f"row {name!r} missing:\n{out.stdout}"
+        # batch, ms/call, img/s, peak GiB, TFLOP/call, MFU, [bf16 err], check
+        cells = row[0][38:].split()
+        numbers = [float(c.rstrip("%")) for c in cells[:6]]
+        assert all(math.isfinite(v) and v > 0 for v in numbers), row[0]
+        assert cells[-1] in ("ok", "-"), row[0]
+        if cells[-1] == "ok":  # the error against fp32 is measured, not zero (a vacuous check)
+            assert 0 < float(cells[6]) <= 0.05, row[0]
