@@ -61,17 +61,28 @@ def workflow_copy(dest: Path, config: dict | None = None) -> Path:
     return dest
 
 
-def run_snakemake(cwd: Path, *args: str, env: dict | None = None, check: bool = True):
+def run_snakemake(cwd: Path, *args: str, env: dict | None = None, check: bool = True,
+                  timeout: float = 1500):
     """`snakemake --cores 2 ARGS` in `cwd` with this environment's `dinosae` on PATH. With
-    `check`, a failure raises with the tail of Snakemake's output and of every job log."""
+    `check`, a failure raises with the tail of Snakemake's output and of every job log. On a
+    timeout (or a test timeout) Snakemake and its running jobs are killed together."""
     import os
+    import signal
     import subprocess
     import sys
 
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, **(env or {}), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run([str(Path(bindir) / "snakemake"), "--cores", "2", *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=1500, env=env)
+    cmd = [str(Path(bindir) / "snakemake"), "--cores", "2", *args]
+    # its own process group, which the jobs share: killing Snakemake alone would leave them
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    r = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     if check and r.returncode != 0:
         logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}"
                        for p in sorted((cwd / "results/logs").glob("*.log")))

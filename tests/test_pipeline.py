@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import h5py
@@ -81,6 +82,25 @@ def test_every_artifact_exists_and_parses(run_dir: Path):
                  (run_dir / "results/recon.txt").read_text().splitlines())
     assert 0 < float(recon["PSNR"]) < 100
     assert list(run_dir.glob("results/**/*.png"))
+
+
+def test_cache_store_holds_only_zarr_files(run_dir: Path):
+    # Snakemake's bookkeeping sits beside the store (the encode rules output flag files), so
+    # plain zarr reads the whole hierarchy without a single warning
+    store = run_dir / "results/latents/train.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = zarr.open_group(store, mode="r")
+        arrays = {name: a[:] for name, a in g.members(max_depth=None)}
+        attrs = g.attrs.asdict()
+    assert attrs["complete"] is True
+    assert set(arrays) == {"tokens", "norms", "labels", "written"}
+    files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+    zarr_own = re.compile(r"(zarr\.json|(tokens|norms|labels|written)/(zarr\.json|c(/\d+)+))")
+    assert files and [f for f in files if not zarr_own.fullmatch(f)] == []
+    assert "tokens/c/0/0/0" in files  # chunk files are there (v3 default chunk key encoding)
+    assert {p.name for p in (run_dir / "results/latents").iterdir()} == {
+        "train.zarr", "train.zarr.init", "train.parts", "train.report.json"}
 
 
 def kv_file(path: Path) -> dict[str, str]:
