@@ -207,8 +207,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
                                 f"{ae}); nothing of them was written")
         return to_uint8(images)
 
-    with torch.no_grad():  # the decoder's output size, from one token grid
-        hw = tuple(autoencoder.decode_at(torch.ones(1, *shape, device=device), s_vae).shape[-2:])
+    hw = autoencoder.image_hw
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     f = _open_partial(tmp, settings, n, hw, labels, seeds)

@@ -88,6 +88,9 @@ class DinoSAE(nn.Module):
         self.decoder = decoder
         self.grid = tuple(decoder.grid)  # (h, w)
         self.channels = encoder.vit.embed_dim  # C
+        # images are 16x the token grid: the stem's 16-pixel tokens, undone by the decoder's
+        # four x2 upsamplings (build_autoencoder enforces the 16)
+        self.image_hw = (16 * self.grid[0], 16 * self.grid[1])
 
     @property
     def teacher(self) -> nn.Module:

@@ -219,7 +219,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     autoencoder = None
-    if ae and is_main():
+    grids_due = bool(dc["image_every"]) and dc["image_every"] <= dc["steps"]
+    if ae and is_main() and grids_due:  # only a run that draws grids needs the decoder
         from dinosae.models.autoencoder import DinoSAE
 
         autoencoder = DinoSAE.load(ae, device)
