@@ -35,34 +35,18 @@ import os
 import statistics
 import sys
 import time
-import types
 from collections import OrderedDict
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # hustvl decorates forwards with torch.compile
 
 import torch  # noqa: E402
+from reference_stubs import stub_missing  # noqa: E402
 
 from dinosae import rfm  # noqa: E402
 from dinosae.models.dit import SIZES, LightningDiT  # noqa: E402
 from dinosae.train.dit import draw_inputs, train_step  # noqa: E402
 from dinosae.train.loop import ema_update  # noqa: E402
-
-
-def stub_missing() -> None:
-    """fairscale is imported at the top of the reference's models/rmsnorm.py but never used."""
-    for name, attrs in [("fairscale", {}), ("fairscale.nn", {}),
-                        ("fairscale.nn.model_parallel", {}),
-                        ("fairscale.nn.model_parallel.initialize", {}),
-                        ("fairscale.nn.model_parallel.layers",
-                         dict(ColumnParallelLinear=object, ParallelEmbedding=object,
-                              RowParallelLinear=object))]:
-        try:
-            __import__(name)
-        except ImportError:
-            mod = types.ModuleType(name)
-            mod.__dict__.update(attrs)
-            sys.modules[name] = mod
 
 
 def sync(device: torch.device) -> None:

@@ -33,35 +33,15 @@ import json
 import math
 import os
 import sys
-import types
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # hustvl decorates methods with torch.compile
 
 import torch  # noqa: E402
+from reference_stubs import stub_missing  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 GRID, C, K, B = 4, 32, 10, 3  # 4x4 tokens of 32 channels, 10 classes, batch 3
-
-
-def stub_missing() -> None:
-    """Modules the reference files import at the top but do not use on these code paths."""
-    def stub(name: str, **attrs) -> None:
-        try:
-            __import__(name)
-        except ImportError:
-            mod = types.ModuleType(name)
-            mod.__dict__.update(attrs)
-            sys.modules[name] = mod
-
-    stub("transformers", SwinModel=object)
-    stub("regex", B=None)
-    stub("fairscale")
-    stub("fairscale.nn")
-    stub("fairscale.nn.model_parallel")
-    stub("fairscale.nn.model_parallel.initialize")
-    stub("fairscale.nn.model_parallel.layers", ColumnParallelLinear=object,
-         ParallelEmbedding=object, RowParallelLinear=object)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
