@@ -405,6 +405,40 @@ def test_training_loop_runs_under_ddp(tmp_path):
     assert not dist.is_initialized()
 
 
+def _signalled_worker(rank, world, port, cfg, out):
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+    def term(n):  # only rank 1 is signalled, before its 2nd batch
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        TD.train_dit(cfg, FakeCache(hook=term if rank == 1 else None), None, out)
+        result = "finished"
+    except SystemExit as e:
+        result = str(e)
+    torch.save({"result": result}, os.path.join(out, f"result{rank}.pt"))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """The stop flag travels in the step's own reduction (one host sync per step): rank 0, never
+    signalled, stops after the same step as rank 1 and saves last.pt there."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(tmp_path, steps=6)  # ckpt_every 3: last.pt at step 2 only because of the signal
+    out = tmp_path / "ddp"
+    mp.spawn(_signalled_worker, args=(2, port, cfg, str(out)), nprocs=2)
+    for rank in range(2):
+        assert "stopped by signal after step 2" in torch.load(out / f"result{rank}.pt")["result"]
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     cfg = _cfg(tmp_path, steps=6)
     cfg["dit"]["max_bad_steps"] = 3

@@ -66,27 +66,31 @@ def draw_inputs(z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Tensor,
                z1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: float, path: str,
-               lambda_rad: float, grad_clip: float, amp: bool = False) -> dict[str, float]:
+               lambda_rad: float, grad_clip: float, amp: bool = False, stop: bool = False
+               ) -> dict[str, Any]:
     """Forward (network under bf16 autocast when `amp`), fp32 flow loss, backward, clip and
     AdamW step. Under DDP the reported losses are averages over ranks, and a non-finite loss or
-    gradient norm skips the update on every rank alike. Returns loss parts, grad_norm, ok."""
+    gradient norm skips the update on every rank alike. `stop` (this rank was signalled) rides
+    along in the same reduction, so the ranks agree on stopping without a second host sync.
+    Returns loss parts, grad_norm, ok, stop (True when any rank was signalled)."""
     zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         out = model(zt, t, y)
     loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
     loss.backward()
-    stats = torch.stack([loss.detach(), *parts.values()]).float()
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-        stats /= dist.get_world_size()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    stats = torch.cat([torch.stack([loss.detach(), *parts.values()]).float() / world,
+                       loss.new_full((1,), float(stop), dtype=torch.float32)])
+    if world > 1:
+        dist.all_reduce(stats)  # sum: the mean losses, and how many ranks were signalled
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     values = torch.cat([stats, grad_norm.detach().float().reshape(1)]).tolist()  # the one sync
     ok = all(math.isfinite(v) for v in values)
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    result = {"loss": values[0], "grad_norm": values[-1], "ok": ok}
-    result.update(zip(parts.keys(), values[1:-1], strict=True))
+    result = {"loss": values[0], "grad_norm": values[-1], "ok": ok, "stop": values[-2] > 0}
+    result.update(zip(parts.keys(), values[1:-2], strict=True))
     return result
 
 
@@ -248,7 +252,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
             lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant")
             set_lr(opt, lr)
             res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
-                             lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp)
+                             lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp,
+                             stop=files.signal.stop)
             step, n_window = step + 1, n_window + 1
             if res["ok"]:
                 ema_update(ema, model, dc["ema"])
@@ -273,7 +278,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                                     "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
                 _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
-            files.after_step(step, state)
+            files.after_step(step, state, stop=res["stop"])
         return files.finish(state)
     finally:
         progress.close()

@@ -109,7 +109,9 @@ class RunCheckpoints:
     `after_step(done, state)` is called by every rank after each step: it saves last.pt when
     due, and when SIGTERM/SIGINT reached any rank, saves and exits every rank with
     "<name>: stopped by signal after step N; rerun to resume from <out>/last.pt".
-    `state` is a function returning the dict to save (built only when saving).
+    `state` is a function returning the dict to save (built only when saving); `stop`, when
+    given, is the signal flag already agreed over the ranks (the DiT step reduces it together
+    with its losses: one host sync per step).
     """
 
     def __init__(self, out: Path, every: int, steps: int, name: str, fault: str,
@@ -124,9 +126,12 @@ class RunCheckpoints:
         return load_checkpoint(self.last, map_location=self.device) if self.last.is_file() \
             else None
 
-    def after_step(self, done: int, state: Callable[[], dict]) -> None:
+    def after_step(self, done: int, state: Callable[[], dict], stop: bool | None = None
+                   ) -> None:
         fault_point(self.fault, done)
-        stopping = any_rank(self.signal.stop, self.device) and done < self.steps
+        if stop is None:  # not yet agreed over the ranks by the caller
+            stop = any_rank(self.signal.stop, self.device)
+        stopping = stop and done < self.steps
         if (done % self.every == 0 and done < self.steps) or stopping:
             if is_main():
                 save_checkpoint(self.last, state())
