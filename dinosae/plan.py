@@ -565,12 +565,13 @@ def cache_bytes(count: int, tokens: int, channels: int, flip: bool) -> int:
 def checkpoint_bytes(m: Measured) -> dict[str, float]:
     """Checkpoints in fp32. An AE stage's checkpoint.pt: stem + decoder, weights and EMA, and
     from stage 2 the discriminator (the frozen teacher is referenced, not stored); its last.pt
-    adds the AdamW moments while the stage trains. The DiT's: weights, EMA and AdamW."""
+    adds the AdamW moments while the stage trains. The DiT's checkpoint.pt: weights and EMA;
+    its last.pt adds AdamW."""
     ae = 4 * 2 * (m.n_stem + m.n_dec)
     stages = [ae + (4 * m.n_disc if k >= 2 else 0) for k in (1, 2, 3, 4)]
     return {"ae checkpoints (4 stages)": sum(stages),
             "ae last.pt while training": stages[1] + 8 * (m.n_stem + m.n_dec + m.n_disc),
-            "dit checkpoint": 16 * m.n_dit}
+            "dit checkpoint": 8 * m.n_dit, "dit last.pt while training": 16 * m.n_dit}
 
 
 # ---------------------------------------------------------------- the plan
@@ -719,7 +720,8 @@ def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_
         f"shards: {d['format']} q{d['quality']} at {hw} px, {shards}; latent cache: tokens "
         f"fp16 + norms fp32{' + flipped copies' if lc.get('flip') else ''}, uncompressed",
         "checkpoints (fp32): an AE stage's checkpoint.pt holds stem + decoder (weights and "
-        "EMA) and the discriminator, the frozen teacher referenced; last.pt adds AdamW",
+        "EMA) and the discriminator, the frozen teacher referenced; the DiT's weights and EMA; "
+        "each last.pt adds AdamW",
     ]
     return Plan(model, spec, gpus, mfu, data, rows, disk, notes)
 

@@ -322,13 +322,12 @@ def _cfg(tmp_path, steps=7):
 
 
 def _assert_same_state(a, b):
+    """Equal weights and EMA; the final checkpoints hold no optimizer state, but the steps
+    after a resume only give equal weights when AdamW's moments were restored exactly."""
+    assert "optimizer" not in a and "optimizer" not in b
     for part in ("model", "ema"):
         for name, p in a[part].items():
             assert torch.equal(p, b[part][name]), (part, name)
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    for i in sa:
-        for key in sa[i]:
-            assert torch.equal(sa[i][key], sb[i][key])
 
 
 def test_train_resume_after_crash_and_sigterm_matches_uninterrupted(tmp_path):

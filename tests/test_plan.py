@@ -175,7 +175,8 @@ def test_plan_arithmetic_on_the_tiny_config(tiny):
     assert (m.tokens, m.channels) == (T, C)
     assert p.disk["latent cache"] == n * (T * C * 2 + T * 4 + 8)
     assert p.disk["samples"] == sc["num_samples"] * 32 * 32 * 3
-    assert p.disk["dit checkpoint"] == 16 * m.n_dit
+    assert p.disk["dit checkpoint"] == 8 * m.n_dit  # weights and EMA, fp32
+    assert p.disk["dit last.pt while training"] == 16 * m.n_dit  # + two AdamW moments
 
 
 def test_cli_prints_the_table(tmp_path, capsys, tiny):

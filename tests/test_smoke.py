@@ -155,6 +155,9 @@ def test_smoke_artifacts_have_paper_sizes(smoke_run: Path):
         xl = build_dit("XL", 256, 1024, len(manifest["classes"]), [16, 16], None)
     assert _shapes(ck["ema"]) == _shapes(xl.state_dict())
     # parameters only: the state also holds fixed buffers (the sin-cos position table, ...)
+    assert "optimizer" not in ck  # lean: weights and EMA
+    held = _bytes(ck["model"]) + _bytes(ck["ema"])
+    assert held <= path.stat().st_size < held * 1.01, (path.stat().st_size, held)
     params = sum(ck["ema"][name].numel() for name, _ in xl.named_parameters())
     assert params == sum(p.numel() for p in xl.parameters())
     assert sum(v.numel() for v in ck["ema"].values()) == sum(
