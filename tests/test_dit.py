@@ -95,6 +95,25 @@ def test_sizes_follow_dit():
         D.build_dit("XXL", 16, 32, 4, (4, 4))
 
 
+def test_dit_args_read_the_network_from_a_checkpoint_config():
+    """A checkpoint's config holds training settings too; DiTArgs takes what fixes the network,
+    with the switches' defaults for a config written before they existed."""
+    config = {"dit": {"model": "tiny", "head": {"depth": 1, "width": 96}, "qk_norm": True,
+                      "lr": 1e-4, "steps": 7}, "tokens": 4, "channels": 16, "num_classes": 3,
+              "grid": [2, 2], "radius": 4.0, "alpha": 1.0}
+    args = D.DiTArgs.from_config(config)
+    assert args == D.DiTArgs("tiny", {"depth": 1, "width": 96}, 4, 16, 3, (2, 2), qk_norm=True,
+                             pos_embed=True, time_embed="fourier")
+    net, ref = args.build(), D.build_dit("tiny", 4, 16, 3, (2, 2), {"depth": 1, "width": 96},
+                                         qk_norm=True)
+    assert isinstance(net, D.DiTDH) and net.blocks[0].attn.qk_norm
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()}
+    old = {**config, "dit": {"model": "tiny", "head": None}}
+    assert D.DiTArgs.from_config(old) == D.DiTArgs("tiny", None, 4, 16, 3, (2, 2))
+    assert isinstance(D.dit_from_config(old), D.LightningDiT)
+
+
 def test_null_class_row_exists():
     model = D.build_dit("tiny", 4, 16, 3, (2, 2))
     x, t, _ = _inputs(2, 4, 16, 3)

@@ -26,6 +26,8 @@ v = dz/dt (dinosae/rfm.py), which is RAE's convention too; a network trained wit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -388,11 +390,40 @@ def switches_of(dit_cfg: dict) -> dict[str, Any]:
     return {k: dit_cfg.get(k, v) for k, v in SWITCHES.items()}
 
 
-def dit_from_config(config: dict) -> nn.Module:
+@dataclass(frozen=True)
+class DiTArgs:
+    """What rebuilds a DiT (nanoGPT's `model_args`), read from the `config` every DiT checkpoint
+    and export carries: {"dit": {model, head, qk_norm, pos_embed, time_embed, ...training
+    settings}, "tokens", "channels", "num_classes", "grid", ...}. The checkpoint keeps that
+    whole config (the run's settings, radius, alpha, convention); these fields fix the network."""
+
+    model: str
+    head: dict | None
+    tokens: int
+    channels: int
+    num_classes: int
+    grid: tuple[int, int]
+    qk_norm: bool = SWITCHES["qk_norm"]
+    pos_embed: bool = SWITCHES["pos_embed"]
+    time_embed: str = SWITCHES["time_embed"]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DiTArgs:
+        d = config["dit"]
+        return cls(model=d["model"], head=d.get("head"), tokens=int(config["tokens"]),
+                   channels=int(config["channels"]), num_classes=int(config["num_classes"]),
+                   grid=(int(config["grid"][0]), int(config["grid"][1])), **switches_of(d))
+
+    def build(self) -> nn.Module:
+        """The network, random weights."""
+        return build_dit(self.model, self.tokens, self.channels, self.num_classes, self.grid,
+                         self.head, qk_norm=self.qk_norm, pos_embed=self.pos_embed,
+                         time_embed=self.time_embed)
+
+
+def dit_from_config(config: Mapping[str, Any]) -> nn.Module:
     """The network a DiT checkpoint's or export's config describes (random weights)."""
-    d = config["dit"]
-    return build_dit(d["model"], config["tokens"], config["channels"], config["num_classes"],
-                     config["grid"], d["head"], **switches_of(d))
+    return DiTArgs.from_config(config).build()
 
 
 def dit_from_checkpoint(ck: dict, where: str, weights: str = "ema") -> nn.Module:
