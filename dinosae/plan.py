@@ -339,7 +339,7 @@ def _measure_work(key: str, num_classes: int) -> Measured:
         g_hinge_loss,
         teacher_features,
     )
-    from dinosae.models.dit import build_dit
+    from dinosae.models.dit import build_dit, switches_of
     from dinosae.models.perceptual import build_lpips
     from dinosae.train.ae import alignment_loss
 
@@ -457,7 +457,8 @@ def _measure_work(key: str, num_classes: int) -> Measured:
     r, alpha = math.sqrt(C), rfm.alpha_for(T, C)
     path = dcfg["path"]
     with torch.device("meta"):
-        dit = build_dit(dcfg["model"], T, C, num_classes, ae.grid, dcfg["head"])
+        dit = build_dit(dcfg["model"], T, C, num_classes, ae.grid, dcfg["head"],
+                        **switches_of(dcfg))
     dit = world.module(dit)
     n_dit = n_params(dit)
 
