@@ -3,6 +3,8 @@
     PYTHONPATH=$PWD python bench/dit_loop.py                         # S and B, 16x16x1024, CPU
     PYTHONPATH=$PWD python bench/dit_loop.py --sizes XL --batch 64 --device cuda
 
+bench/gpu_check.py prints the same measurement for the paper config's DiT on the GPU.
+
 Runs the real loop, `dinosae.train.dit.train_dit`, on a latent cache of the given token shape
 (random unit tokens in the cache's zarr layout, read by the real `LatentCache` reader), and
 times, in the same run, what happens inside `train_step` (forward with the path and the loss,
@@ -20,6 +22,7 @@ Target: overhead <= 5% of the step.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -134,6 +137,23 @@ def run(cfg: dict, cache: latents.LatentCache, out: Path, device: torch.device, 
     return {"loop": loop, **parts}
 
 
+def overhead(cfg: dict, device: torch.device, grid: int, channels: int, classes: int,
+             batch: int, steps: int, warmup: int, unit_rows: int = 64, chunk_rows: int = 2
+             ) -> dict:
+    """train_dit with `cfg`'s DiT (dit.model, head, switches, compile...) for warmup + steps
+    steps on a fresh random cache; seconds per counted step: loop, step and the parts."""
+    total = warmup + steps
+    cfg = copy.deepcopy(cfg)
+    cfg["device"] = device.type
+    cfg["dit"].update(steps=total, batch_size=batch, warmup_steps=0, log_every=1,
+                      image_every=total + 1, ckpt_every=total + 1)
+    with tempfile.TemporaryDirectory(prefix="bench_dit_loop_") as tmp_name:
+        tmp = Path(tmp_name)
+        cache = unit_cache(tmp / "cache.zarr", max(4 * unit_rows, total * batch), grid,
+                           channels, classes, chunk_rows, unit_rows)
+        return run(cfg, cache, tmp / "run", device, warmup)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["S", "B"])
@@ -153,22 +173,12 @@ def main() -> None:
     device = torch.device(args.device)
     load0 = os.getloadavg()[0]
     rows_out = []
-    with tempfile.TemporaryDirectory(prefix="bench_dit_loop_") as tmp_name:
-        tmp = Path(tmp_name)
-        steps = args.warmup + args.steps
-        rows = max(4 * args.unit_rows, steps * args.batch)
-        cache = unit_cache(tmp / "cache.zarr", rows, args.grid, args.channels, args.classes,
-                           args.chunk_rows, args.unit_rows)
-        for size in args.sizes:
-            cfg = load_config(ROOT / "config.yaml", None, [
-                f"device={args.device}", f"dit.model={size}", f"dit.steps={steps}",
-                f"dit.batch_size={args.batch}", "dit.warmup_steps=0", "dit.log_every=1",
-                f"dit.image_every={steps + 1}", f"dit.ckpt_every={steps + 1}"],
-                check_paths=False)
-            results = [run(cfg, cache, tmp / f"run_{size}_{i}", device, args.warmup)
-                       for i in range(args.repeats)]
-            med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-            rows_out.append((size, med))
+    for size in args.sizes:
+        cfg = load_config(ROOT / "config.yaml", None, [f"dit.model={size}"], check_paths=False)
+        results = [overhead(cfg, device, args.grid, args.channels, args.classes, args.batch,
+                            args.steps, args.warmup, args.unit_rows, args.chunk_rows)
+                   for _ in range(args.repeats)]
+        rows_out.append((size, {k: statistics.median(r[k] for r in results) for k in results[0]}))
 
     print(f"\nDiT loop overhead: device {device}, threads {torch.get_num_threads()}, "
           f"{args.grid}x{args.grid}x{args.channels} tokens, batch {args.batch}, {args.steps} "

@@ -314,6 +314,23 @@ def dit_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: T
               min(args.warmup, 1), max(1, args.iters // 2), err)
 
 
+def loop_overhead(cfg: dict, args: argparse.Namespace, device: torch.device,
+                  grid: tuple[int, int], channels: int) -> None:
+    """The DiT training loop's own time beyond train_step (bench/dit_loop.py), uncompiled so
+    that the session's minutes go to measuring; target <= 5%."""
+    from dit_loop import overhead  # bench/dit_loop.py, beside this script
+
+    c = copy.deepcopy(cfg)
+    c["dit"]["compile"] = False
+    m = overhead(c, device, grid[0], channels, args.classes, args.dit_batch,
+                 steps=args.iters + 2, warmup=args.warmup)
+    parts = ", ".join(f"{k} {1e3 * m[k]:.1f} ms" for k in ("read", "ema", "checkpoints", "other")
+                      if k in m)
+    print(f"DiT loop overhead: {100 * (m['loop'] / m['step'] - 1):.2f}% of train_step "
+          f"({m['loop']:.4f} s/step in the loop, {m['step']:.4f} s in train_step; {parts}; "
+          f"batch {args.dit_batch}, {args.iters + 2} steps after {args.warmup})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None, help=f"default {PAPER.relative_to(ROOT)}; "
@@ -377,6 +394,9 @@ def main() -> int:
         torch.cuda.empty_cache()
     if "dit" not in args.skip:
         dit_rows(cfg, args, device, table, grid, channels)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        loop_overhead(cfg, args, device, grid, channels)
     bad = [r["name"] for r in table.rows if not r["ok"]]
     if bad:
         print(f"bf16 autocast differs from fp32 by more than {args.tol:g}: {', '.join(bad)}")

@@ -30,3 +30,8 @@ def test_gpu_check_cpu_smoke() -> None:
         assert cells[-1] in ("ok", "-"), row[0]
         if cells[-1] == "ok":  # the error against fp32 is measured, not zero (a vacuous check)
             assert 0 < float(cells[6]) <= 0.05, row[0]
+    # the loop's own time, measured around the real train_dit: a finite share of the step
+    row = [ln for ln in lines if ln.startswith("DiT loop overhead: ")]
+    assert len(row) == 1, out.stdout
+    share = float(row[0].split()[3].rstrip("%"))
+    assert math.isfinite(share) and -5 < share < 100, row[0]
