@@ -329,44 +329,74 @@ def measure_work(cfg: dict, num_classes: int) -> Measured:
 
 @lru_cache(maxsize=4)
 def _measure_work(key: str, num_classes: int) -> Measured:
-    from dinosae import rfm, sphere
-    from dinosae.models.autoencoder import build_autoencoder
+    cfg = _plan_config(json.loads(key))
+    nets = _AENets.build(cfg)
+    work = _ae_stage_work(nets)
+    inference, dec = _inference_work(nets)
+    work.update(inference)
+    dit_work, n_dit = _dit_work(nets, num_classes, dec)
+    work.update(dit_work)
+    return Measured(work, tuple(nets.ae.grid), nets.channels, nets.n_stem, nets.n_dec,
+                    nets.n_disc, n_dit)
+
+
+@dataclass
+class _AENets:
+    """The autoencoder rules' networks as they build them, on fake tensors, and their sizes."""
+
+    cfg: dict
+    world: FakeWorld
+    ae: nn.Module
+    lpips: nn.Module
+    disc: nn.Module
+
+    @classmethod
+    def build(cls, cfg: dict) -> _AENets:
+        from dinosae.models.autoencoder import build_autoencoder
+        from dinosae.models.discriminator import Discriminator
+        from dinosae.models.perceptual import build_lpips
+
+        acfg, world = cfg["autoencoder"], FakeWorld()
+        with torch.device("meta"):
+            ae = build_autoencoder(cfg)
+            lpips = build_lpips(acfg["lpips"]["net"], "random")
+            disc = Discriminator(ae.channels, acfg["discriminator"]["layers"],
+                                 acfg["discriminator"]["channels"])
+        return cls(cfg, world, world.module(ae), world.module(lpips), world.module(disc))
+
+    def __post_init__(self) -> None:
+        self.size = self.cfg["data"]["image_size"]
+        self.tokens, self.channels = self.ae.grid[0] * self.ae.grid[1], self.ae.channels
+        self.vit, self.stem, self.decoder = (self.ae.encoder.vit, self.ae.encoder.stem,
+                                             self.ae.decoder)
+        self.n_vit, self.n_stem, self.n_dec = (n_params(self.vit), n_params(self.stem),
+                                               n_params(self.decoder))
+        self.n_lpips, self.n_disc = n_params(self.lpips), n_params(self.disc)
+        self.n_ae = self.n_vit + self.n_stem + self.n_dec
+
+    def for_inference(self) -> None:
+        """The AE as the inference rules load it: eval, frozen, no activation checkpointing."""
+        self.ae.set_grad_checkpointing(False)
+        self.ae.eval().requires_grad_(False)
+
+
+def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
+    """The four AE stages (dinosae.train.ae: generator_step, then discriminator_step)."""
     from dinosae.models.discriminator import (
-        Discriminator,
         adaptive_weight,
         d_hinge_loss,
         diffaug,
         g_hinge_loss,
         teacher_features,
     )
-    from dinosae.models.dit import build_dit, switches_of
-    from dinosae.models.perceptual import build_lpips
     from dinosae.train.ae import alignment_loss
 
-    cfg = _plan_config(json.loads(key))
-    acfg, tcfg, dcfg, sc = cfg["autoencoder"], cfg["ae_train"], cfg["dit"], cfg["sample"]
-    size = cfg["data"]["image_size"]
-    world = FakeWorld()
-    with torch.device("meta"):
-        ae = build_autoencoder(cfg)
-        lpips = build_lpips(acfg["lpips"]["net"], "random")
-        disc = Discriminator(ae.channels, acfg["discriminator"]["layers"],
-                             acfg["discriminator"]["channels"])
-    ae, lpips, disc = world.module(ae), world.module(lpips), world.module(disc)
-    T, C = ae.grid[0] * ae.grid[1], ae.channels
-    vit, layers, w = ae.encoder.vit, acfg["discriminator"]["layers"], tcfg["loss"]
-    stem, decoder = ae.encoder.stem, ae.decoder
-    n_vit, n_stem, n_dec = n_params(vit), n_params(stem), n_params(decoder)
-    n_lpips, n_disc = n_params(lpips), n_params(disc)
-    n_ae = n_vit + n_stem + n_dec
+    tcfg = n.cfg["ae_train"]
+    ae, lpips, disc, stem, decoder = n.ae, n.lpips, n.disc, n.stem, n.decoder
+    layers, w = n.cfg["autoencoder"]["discriminator"]["layers"], tcfg["loss"]
+    T, C, size = n.tokens, n.channels, n.size
     checkpointing = bool(tcfg.get("activation_checkpointing", False))
-    work: dict[str, RuleWork] = {}
 
-    def inference() -> None:  # the AE as the inference rules load it: eval, frozen
-        ae.set_grad_checkpointing(False)
-        ae.eval().requires_grad_(False)
-
-    # ---- the four AE stages (dinosae.train.ae: generator_step, then discriminator_step)
     def ae_step(b: int, amp: Callable[[], Any], stage: int) -> None:
         ae.set_grad_checkpointing(checkpointing)
         ae.train()
@@ -385,7 +415,7 @@ def _measure_work(key: str, num_classes: int) -> Measured:
                 loss = loss + w["align"] * alignment_loss(z, ae.teacher_tokens(x))
             if stage >= 2:
                 disc.requires_grad_(False)
-                g_gan = g_hinge_loss(disc(teacher_features(vit, diffaug(rec), layers)))
+                g_gan = g_hinge_loss(disc(teacher_features(n.vit, diffaug(rec), layers)))
                 lam = adaptive_weight(rec_loss, g_gan, decoder.last_layer, w["adaptive_max"])
                 loss = loss + w["adv"] * lam * g_gan
         loss.backward()
@@ -396,35 +426,43 @@ def _measure_work(key: str, num_classes: int) -> Measured:
             disc.requires_grad_(True)
             with amp():
                 with torch.no_grad():
-                    feats = teacher_features(vit, diffaug(torch.cat([x, rec.detach()])), layers)
+                    feats = teacher_features(n.vit, diffaug(torch.cat([x, rec.detach()])),
+                                             layers)
                 logits = disc(feats)
                 d_loss = d_hinge_loss(logits[:b], logits[b:])
             d_loss.backward()
             disc.requires_grad_(False)
-        inference()
+        n.for_inference()
 
+    work = {}
     for stage in (1, 2, 3, 4):
         step = functools.partial(ae_step, stage=stage)
-        trainable = n_dec + (n_stem if stage <= 2 else 0) + (n_disc if stage >= 2 else 0)
+        trainable = n.n_dec + (n.n_stem if stage <= 2 else 0) + (n.n_disc if stage >= 2 else 0)
         work[f"ae_stage{stage}"] = RuleWork(
-            [Part("step", world, step, "bf16")],
-            weights=n_ae + n_lpips + (n_disc if stage >= 2 else 0),
-            trainable=trainable, ema=n_stem + n_dec)
+            [Part("step", n.world, step, "bf16")],
+            weights=n.n_ae + n.n_lpips + (n.n_disc if stage >= 2 else 0),
+            trainable=trainable, ema=n.n_stem + n.n_dec)
+    return work
 
-    # ---- inference pieces, fp32 (the code runs them without autocast)
+
+def _inference_work(n: _AENets) -> tuple[dict[str, RuleWork], Part]:
+    """encode_part, eval_recon, fid_reference and fid, fp32 (the code runs them without
+    autocast); and the decode part, which `sample` shares."""
+    ae, size, world = n.ae, n.size, n.world
+
     def encode(b: int, amp: Callable[[], Any]) -> None:
         with torch.no_grad():
             ae.encode(torch.rand(b, 3, size, size))
 
     def decode(b: int, amp: Callable[[], Any]) -> None:
         with torch.no_grad():
-            ae.decode(torch.randn(b, T, C))
+            ae.decode(torch.randn(b, n.tokens, n.channels))
 
     def perceptual(b: int, amp: Callable[[], Any]) -> None:
         with torch.no_grad():
-            lpips(torch.rand(b, 3, size, size), torch.rand(b, 3, size, size))
+            n.lpips(torch.rand(b, 3, size, size), torch.rand(b, 3, size, size))
 
-    if cfg["eval"]["extractor"] == "inception":
+    if n.cfg["eval"]["extractor"] == "inception":
         with torch.device("meta"):
             inception = world.module(_inception().eval())
         n_ext, ext_own = n_params(inception), True
@@ -433,33 +471,44 @@ def _measure_work(key: str, num_classes: int) -> Measured:
             with torch.no_grad():  # torch-fidelity resizes every image to 299 px
                 inception(torch.rand(b, 3, 299, 299))
     else:  # the teacher's pooled features (dinosae.evaluate.TeacherFeatures)
-        n_ext, ext_own = n_vit, False
+        n_ext, ext_own = n.n_vit, False
 
         def extract(b: int, amp: Callable[[], Any]) -> None:
             with torch.no_grad():
-                vit.forward_head(vit.forward_features(torch.rand(b, 3, size, size)),
-                                 pre_logits=True)
+                n.vit.forward_head(n.vit.forward_features(torch.rand(b, 3, size, size)),
+                                   pre_logits=True)
 
-    inference()
-    flip = 2.0 if cfg["latents"].get("flip", False) else 1.0
+    n.for_inference()
+    flip = 2.0 if n.cfg["latents"].get("flip", False) else 1.0
     enc = Part("encode", world, encode, "fp32", runs=flip)
     dec = Part("decode", world, decode, "fp32")
     ext = Part("extract", world, extract, "fp32")
-    work["encode_part"] = RuleWork([enc], weights=n_ae)
-    work["eval_recon"] = RuleWork(
-        [_runs(enc, 1.0), dec, Part("lpips", world, perceptual, "fp32"),
-         _runs(ext, 2.0)],  # features of the real and the reconstructed images
-        weights=n_ae + n_lpips + (n_ext if ext_own else 0))
-    work["fid_reference"] = RuleWork([ext], weights=n_ext)
-    work["fid"] = RuleWork([ext], weights=n_ext)
+    work = {
+        "encode_part": RuleWork([enc], weights=n.n_ae),
+        "eval_recon": RuleWork(
+            [_runs(enc, 1.0), dec, Part("lpips", world, perceptual, "fp32"),
+             _runs(ext, 2.0)],  # features of the real and the reconstructed images
+            weights=n.n_ae + n.n_lpips + (n_ext if ext_own else 0)),
+        "fid_reference": RuleWork([ext], weights=n_ext),
+        "fid": RuleWork([ext], weights=n_ext),
+    }
+    return work, dec
 
-    # ---- the DiT: training step (dinosae.train.dit.train_step) and the sampler's forwards
+
+def _dit_work(n: _AENets, num_classes: int, dec: Part) -> tuple[dict[str, RuleWork], int]:
+    """train_dit (dinosae.train.dit.train_step) and sample (the sampler's forwards, then the
+    decode); and the DiT's parameter count."""
+    from dinosae import rfm, sphere
+    from dinosae.models.dit import build_dit, switches_of
+
+    dcfg, sc = n.cfg["dit"], n.cfg["sample"]
+    T, C = n.tokens, n.channels
     r, alpha = math.sqrt(C), rfm.alpha_for(T, C)
     path = dcfg["path"]
     with torch.device("meta"):
-        dit = build_dit(dcfg["model"], T, C, num_classes, ae.grid, dcfg["head"],
+        dit = build_dit(dcfg["model"], T, C, num_classes, n.ae.grid, dcfg["head"],
                         **switches_of(dcfg))
-    dit = world.module(dit)
+    dit = n.world.module(dit)
     n_dit = n_params(dit)
 
     def dit_step(b: int, amp: Callable[[], Any]) -> None:
@@ -480,15 +529,15 @@ def _measure_work(key: str, num_classes: int) -> Measured:
         with torch.no_grad(), amp():
             dit(torch.randn(b, T, C), torch.rand(b), torch.randint(0, num_classes + 1, (b,)))
 
-    work["train_dit"] = RuleWork([Part("step", world, dit_step, "bf16")],
-                                 weights=n_dit, trainable=n_dit, ema=n_dit)
     guided = _guided_fraction(sc["steps"], alpha, sc["cfg_scale"], sc["guidance_interval"])
+    work = {"train_dit": RuleWork([Part("step", n.world, dit_step, "bf16")],
+                                  weights=n_dit, trainable=n_dit, ema=n_dit)}
     dit.eval().requires_grad_(False)
     work["sample"] = RuleWork(
-        [Part("dit", world, dit_forward, "bf16", runs=sc["steps"] * (1.0 + guided),
+        [Part("dit", n.world, dit_forward, "bf16", runs=sc["steps"] * (1.0 + guided),
               batch_factor=2 if guided else 1), dec],
-        weights=n_dit + n_ae)
-    return Measured(work, tuple(ae.grid), C, n_stem, n_dec, n_disc, n_dit)
+        weights=n_dit + n.n_ae)
+    return work, n_dit
 
 
 # ---------------------------------------------------------------- data and disk
