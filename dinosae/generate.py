@@ -145,6 +145,18 @@ def _attr_equal(a: Any, b: Any) -> bool:
     return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
+def _cache_attrs(cache: str, ae: str, meta: dict, dit: str) -> dict:
+    """The attributes of the latent cache the generator was trained on, after checking that
+    `ae` encoded it and that the generator fits its tokens and classes."""
+    from dinosae.latents import open_cache
+
+    attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
+    have = {"tokens": int(attrs["grid"][0]) * int(attrs["grid"][1]),
+            "channels": int(attrs["channels"]), "num_classes": int(attrs["num_classes"])}
+    _check_generator_fits(meta, have, dit, f"the latent cache {cache}")
+    return attrs
+
+
 def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> None:
     """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
     sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample. `cache`: the
@@ -160,15 +172,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
     autoencoder = DinoSAE.load(ae, device=str(device))
     _check_generator_fits(meta, {"tokens": autoencoder.grid[0] * autoencoder.grid[1],
                                  "channels": autoencoder.channels}, dit, f"the autoencoder {ae}")
-    cache_attrs = None
-    if cache:
-        from dinosae.latents import open_cache
-
-        cache_attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
-        have = {"tokens": int(cache_attrs["grid"][0]) * int(cache_attrs["grid"][1]),
-                "channels": int(cache_attrs["channels"]),
-                "num_classes": int(cache_attrs["num_classes"])}
-        _check_generator_fits(meta, have, dit, f"the latent cache {cache}")
+    cache_attrs = _cache_attrs(cache, ae, meta, dit) if cache else None
     num_classes = int(meta["num_classes"])
     classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
