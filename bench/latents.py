@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/latents.py [--config config.yaml] [--set key=value ...]
                                       [--root ../shared/imagenet-sample] [--read-rows 16384]
-    # the read bench alone, synthetic tokens at the paper's row size and chunking (~1 min):
+    # the read bench alone, synthetic tokens at the paper's row size and chunking, the batch of
+    # one of 8 GPUs (~30 s on 2 cores):
     .venv/bin/python bench/latents.py --only read --read-shape 256 1024 --read-batch 128 \
-        --config workflow/configs/imagenet256.yaml --read-codecs none
+        --read-rows 1024 --config workflow/configs/imagenet256.yaml --read-codecs none
 
 1. Encode: the configured autoencoder (random init) encodes real photographs (the embedded
    dataset, or --root, an ImageNet-style folder), sharded by `dinosae shard`. Timed on the same
