@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/latents.py [--config config.yaml] [--set key=value ...]
                                       [--root ../shared/imagenet-sample] [--read-rows 16384]
+    # the read bench alone, synthetic tokens at the paper's row size and chunking, the batch of
+    # one of 8 GPUs (~30 s on 2 cores):
+    .venv/bin/python bench/latents.py --only read --read-shape 256 1024 --read-batch 128 \
+        --read-rows 1024 --config workflow/configs/imagenet256.yaml --read-codecs none
 
 1. Encode: the configured autoencoder (random init) encodes real photographs (the embedded
    dataset, or --root, an ImageNet-style folder), sharded by `dinosae shard`. Timed on the same
@@ -10,10 +14,13 @@
    decoding), alternated: decoding in one background thread (baseline, data.workers=0) and in
    --workers threads (candidate), best of 3 each; the two caches are compared array by array.
    Goal: encode_part >= 0.9x the forward alone.
-2. Read: the encoded tokens, tiled to --read-rows rows, stored with the cache's chunking in each
-   codec (none, zstd, blosc) and as a raw .npy; the reader's batches() against a memmap reading the
-   same rows in the same windows (raw copy, and raw copy + the reader's fp32/radius conversion).
-   Files were just written, so reads come from the page cache for all (warm). Best of 3.
+2. Read: the encoded tokens (or, with --read-shape, random unit-norm tokens), tiled to
+   --read-rows rows, stored with the cache's chunking in each codec (--read-codecs) and as a raw
+   .npy; the reader's batches() (raw=True: fp16 as stored, what the DiT trainer reads; and the
+   fp32/radius conversion) against a memmap reading the same rows in the same windows, each
+   window into fresh memory: mm[rows] (one copy; the baseline), + the same conversion. Files
+   were just written, so reads come from the page cache for all (warm). Best of 3. Goal: the
+   shuffled raw read >= 0.5x the memmap's at the paper's row size.
 3. Bytes on disk per image, per codec and for the real cache (all arrays).
 
 Random-init encoder tokens are closer to noise than a trained encoder's, so they compress a
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 from dinosae import latents
 from dinosae.checkpoint import save_checkpoint
@@ -44,6 +53,7 @@ from dinosae.dist import pick_device
 from dinosae.models.autoencoder import ae_config, build_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
+ND = default_buffer_prototype().nd_buffer
 
 
 def du(path: Path) -> int:
@@ -136,21 +146,23 @@ def bench_encode(cfg: dict, shards: Path, ckpt: Path, tmp: Path, device: torch.d
 
 # ---------------------------------------------------------------- 2./3. read and compression
 
-def tiled_store(path: Path, tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray,
-                attrs: dict, rows: int, codec: str) -> float:
-    """A complete single-array cache of `rows` rows (tokens tiled), the cache's chunking;
-    returns the write time."""
+def tile(x: np.ndarray, rows: int) -> np.ndarray:
+    return np.concatenate([x] * -(-rows // len(x)))[:rows]
+
+
+def tiled_store(path: Path, big: np.ndarray, labels: np.ndarray, norms: np.ndarray,
+                attrs: dict, codec: str) -> float:
+    """A complete single-array cache holding the tokens `big` (labels, norms: one per row),
+    the cache's chunking; returns the write time."""
     shutil.rmtree(path, ignore_errors=True)
     g = zarr.open_group(path, mode="w")
-    _, t, c = tokens.shape
+    rows, t, c = big.shape
     unit, chunk = attrs["unit_rows"], attrs["chunk_rows"]
     arr = g.create_array("tokens", shape=(rows, t, c), dtype="float16", chunks=(chunk, t, c),
                          shards=(unit, t, c), compressors=latents.compressors(codec))
-    reps = -(-rows // len(tokens))
-    big = np.concatenate([tokens] * reps)[:rows]
-    g.create_array("labels", data=np.concatenate([labels] * reps)[:rows], chunks=(unit,))
+    g.create_array("labels", data=labels, chunks=(unit,))
     units = -(-rows // unit)  # what the reader checks: norms, written, the parts layout
-    g.create_array("norms", data=np.concatenate([norms] * reps)[:rows], chunks=(unit, t))
+    g.create_array("norms", data=norms, chunks=(unit, t))
     g.create_array("written", data=np.ones(units, np.uint8), chunks=(1,))
     t0 = time.perf_counter()
     for a in range(0, rows, unit):
@@ -158,67 +170,194 @@ def tiled_store(path: Path, tokens: np.ndarray, labels: np.ndarray, norms: np.nd
     seconds = time.perf_counter() - t0
     g.attrs.update({**attrs, "count": rows, "rows": rows, "units": units,
                     "parts_layout": {"parts": 1, "regions": [{"part": 0, "units": [0, units]}]},
-                    "flip": False, "complete": True,
-                    "compression": codec})
+                    "flip": False, "complete": True, "compression": codec,
+                    "mean_norm": float(norms.astype(np.float64).mean())})
     return seconds
 
 
-def reader_rate(lc: latents.LatentCache, batch: int, shuffle: bool) -> float:
+def synthetic(shape: tuple[int, int], lcfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                            dict]:
+    """Two units of random unit-norm fp16 tokens (T, C) = `shape`, labels, norms and the
+    attributes of a cache with the configured chunking (no encoder involved)."""
+    t, c = shape
+    side = math.isqrt(t)
+    if side * side != t:
+        raise SystemExit(f"--read-shape: {t} tokens is not a square grid")
+    chunk, unit = latents.chunking(lcfg, t * c * 2)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2 * unit, t, c), dtype=np.float32)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    attrs = {"format": latents.FORMAT, "version": latents.VERSION, "tokens": t, "channels": c,
+             "grid": [side, side], "image_size": 16 * side, "radius": 1.0, "num_classes": 10,
+             "chunk_rows": chunk, "unit_rows": unit, "batch_size": 64,
+             "encoder": {"path": "synthetic", "sha256": "0" * 64},
+             "source": {"path": "synthetic", "sha256": "0" * 64}}
+    return (z.astype(np.float16), rng.integers(0, 10, 2 * unit),
+            np.ones((2 * unit, t), np.float32), attrs)
+
+
+def reader_rate(lc: latents.LatentCache, batch: int, shuffle: bool, raw: bool) -> float:
     def run() -> None:
-        for _ in lc.batches(batch, shuffle=shuffle, seed=0, epoch=0, radius=8.0):
+        for _ in lc.batches(batch, shuffle=shuffle, seed=0, epoch=0, radius=8.0, raw=raw):
             pass
 
     return best_of(run)
 
 
-def memmap_rates(npy: Path, lc: latents.LatentCache, batch: int) -> tuple[float, float, float]:
-    """(raw contiguous copy, raw copy of the reader's shuffled windows, same + conversion)."""
+def memmap_rates(npy: Path, lc: latents.LatentCache, batch: int) -> dict[str, float]:
+    """A memmap of the same tokens read in the reader's windows (default window, same rows in
+    the same order per window), each window into fresh memory: contiguous or shuffled; as stored
+    (raw) or + the reader's fp32/radius conversion per batch (conv). `sorted`: shuffled, read in
+    sorted order then un-permuted (two copies; this bench's baseline before the raw rows)."""
     mm = np.load(npy, mmap_mode="r")
-    rows = lc.order(shuffle=True, seed=0, epoch=0)
-    rows = rows[:len(rows) // batch * batch]
     window = -(-max(8 * batch, 8 * lc.unit_rows) // batch) * batch  # the reader's default
     rng = np.random.default_rng(0)
+    contig = np.arange(len(mm))[:len(mm) // batch * batch]
+    shuffled = lc.order(shuffle=True, seed=0, epoch=0)[:len(contig)]
+    wins = {"contig": [contig[w:w + window] for w in range(0, len(contig), window)],
+            "shuffled": [rng.permutation(shuffled[w:w + window])
+                         for w in range(0, len(shuffled), window)]}
 
-    def contiguous() -> None:
-        for a in range(0, len(mm), window):
-            np.array(mm[a:a + window])
-
-    def windows(convert: bool) -> None:
-        for w in range(0, len(rows), window):
-            r = rng.permutation(rows[w:w + window])
-            srt = np.sort(r)
-            tok = mm[srt][np.searchsorted(srt, r)]
+    def run(order: str, convert: bool = False, sort: bool = False) -> None:
+        for r in wins[order]:
+            if order == "contig":
+                tok = np.array(mm[r[0]:r[-1] + 1])
+            elif sort:
+                srt = np.sort(r)
+                tok = mm[srt][np.searchsorted(srt, r)]
+            else:
+                tok = mm[r]
             if convert:
                 for i in range(0, len(r), batch):
                     z = torch.from_numpy(tok[i:i + batch]).float()
                     z.mul_(8.0 / z.norm(dim=-1, keepdim=True))
 
-    return (best_of(contiguous), best_of(lambda: windows(False)), best_of(lambda: windows(True)))
+    return {"contig_raw": best_of(lambda: run("contig")),
+            "shuffled_raw": best_of(lambda: run("shuffled")),
+            "sorted_raw": best_of(lambda: run("shuffled", sort=True)),
+            "contig_conv": best_of(lambda: run("contig", True)),
+            "shuffled_conv": best_of(lambda: run("shuffled", True))}
 
 
-def bench_read(enc: dict, tmp: Path, rows: int, batch: int) -> list[dict]:
-    g = zarr.open_group(enc["cache_dir"], mode="r")
-    tokens, labels, norms, attrs = g["tokens"][:], g["labels"][:], g["norms"][:], enc["attrs"]
-    reps = -(-rows // len(tokens))
-    big = np.concatenate([tokens] * reps)[:rows]
+def bench_read(tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray, attrs: dict,
+               tmp: Path, rows: int, batch: int, codecs: list[str]) -> list[dict]:
+    big, labels, norms = tile(tokens, rows), tile(labels, rows), tile(norms, rows)
     npy = tmp / "raw.npy"
     np.save(npy, big)
     out = []
-    for codec in ("none", "zstd", "blosc"):
+    for codec in codecs:
         path = tmp / f"read_{codec}.zarr"
-        write_s = tiled_store(path, tokens, labels, norms, attrs, rows, codec)
+        write_s = tiled_store(path, big, labels, norms, attrs, codec)
+        os.sync()  # no writeback of the files just written during the timings
         lc = latents.open_cache(path)
 
         def plain(arr: zarr.Array = lc.tokens, unit: int = lc.unit_rows) -> None:
             for a in range(0, rows, unit):
                 arr[a:a + unit]
 
+        def into(arr: zarr.Array = lc.tokens, unit: int = lc.unit_rows) -> None:
+            """The reader's zarr part: whole shards into one reused buffer."""
+            buf = np.empty((unit, *arr.shape[1:]), dtype=np.float16)
+            for a in range(0, rows, unit):
+                n = min(unit, rows - a)
+                arr.get_basic_selection(slice(a, a + n), out=ND.from_numpy_array(buf[:n]))
+
         out.append({"codec": codec, "bytes": du(path / "tokens"), "write": write_s,
-                    "plain": best_of(plain), "contig": reader_rate(lc, batch, False),
-                    "shuffled": reader_rate(lc, batch, True)})
-    raw = memmap_rates(npy, latents.open_cache(tmp / "read_none.zarr"), batch)
+                    "plain": best_of(plain), "into": best_of(into),
+                    **{f"{o}_{k}": reader_rate(lc, batch, o == "shuffled", k == "raw")
+                       for o in ("contig", "shuffled") for k in ("raw", "conv")}})
+        if codec != codecs[-1]:
+            shutil.rmtree(path)
+    del big
+    raw = memmap_rates(npy, latents.open_cache(tmp / f"read_{codecs[-1]}.zarr"), batch)
     out.append({"codec": "raw .npy", "bytes": npy.stat().st_size - 128, "memmap": raw})
     return out
+
+
+def print_read(res: list[dict], rows: int, row_bytes: int, batch: int) -> None:
+    gb = rows * row_bytes / 1e9
+    mm = res[-1]["memmap"]
+    print(f"\n| read {rows} rows ({gb * 1e3:.0f} MB fp16), batch {batch}, warm page cache"
+          "                 | samples/s |  GB/s | vs memmap |")
+    print("|--------------------------------------------------------------------------|"
+          "----------:|------:|----------:|")
+
+    def line(name: str, t: float, base: float) -> None:
+        print(f"| {name:72s} | {rows / t:9.0f} | {gb / t:5.2f} | {base / t:9.2f} |")
+
+    for name, key in (("contiguous windows, raw (copy)", "contig_raw"),
+                      ("shuffled windows, raw: mm[rows] (the trainer's baseline)", "shuffled_raw"),
+                      ("shuffled windows, raw: sorted read + un-permute (2 copies)", "sorted_raw"),
+                      ("contiguous windows + fp32 + radius", "contig_conv"),
+                      ("shuffled windows + fp32 + radius", "shuffled_conv")):
+        line(f"memmap: {name}", mm[key], mm[key if key != "sorted_raw" else "shuffled_raw"])
+    for r in res[:-1]:
+        line(f"{r['codec']}: zarr arr[unit] slices (vs contiguous)", r["plain"], mm["contig_raw"])
+        line(f"{r['codec']}: zarr shards into one reused buffer (the reader's zarr part)",
+             r["into"], mm["shuffled_raw"])
+        for name, key in (("batches(raw=True), contiguous", "contig_raw"),
+                          ("batches(raw=True), shuffled (the trainer's read)", "shuffled_raw"),
+                          ("batches(), contiguous, fp32 + radius", "contig_conv"),
+                          ("batches(), shuffled, fp32 + radius", "shuffled_conv")):
+            line(f"{r['codec']}: reader {name}", r[key], mm[key])
+    for r in res[:-1]:  # the reader fills fresh memory too (the memmap's work) and reads zarr
+        print(f"{r['codec']}: one-thread bound for a reader through zarr, memmap / (memmap + "
+              f"zarr part) = {mm['shuffled_raw'] / (mm['shuffled_raw'] + r['into']):.2f}")
+    print("\n| codec    | bytes/row | ratio | write GB/s | arr[unit] read GB/s | "
+          "reader shuffled raw GB/s |")
+    print("|----------|----------:|------:|-----------:|--------------------:|"
+          "-------------------------:|")
+    for r in res[:-1]:
+        print(f"| {r['codec']:8s} | {r['bytes'] / rows:9.0f} | "
+              f"{rows * row_bytes / r['bytes']:5.3f} | {gb / r['write']:10.2f} | "
+              f"{gb / r['plain']:19.2f} | {gb / r['shuffled_raw']:24.2f} |")
+
+
+def encode_part_of_bench(cfg: dict, args: argparse.Namespace, tmp: Path,
+                         device: torch.device) -> dict:
+    """1. and the cache's size; returns bench_encode's results."""
+    root = Path(args.root) if args.root else tmp / "mini"
+    if not args.root:
+        build_mini_dataset(cfg, root)
+    cfg["data"].update(root=str(root), workers=min(2, os.cpu_count() or 1))
+    shard_split(cfg, "train", tmp / "shards")
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg)
+    sd = ae.state_dict()
+    save_checkpoint(tmp / "ae.pt", {"kind": "dinosae-ae", "stage": 4, "step": 0,
+                                    "config": ae_config(cfg), "model": sd, "ema": sd})
+    del ae
+    enc = bench_encode(cfg, tmp / "shards", tmp / "ae.pt", tmp, device, args.workers)
+    a = enc["attrs"]
+    row_bytes = a["tokens"] * a["channels"] * 2
+    print(f"\nlatent cache benchmark  device={device}  threads={torch.get_num_threads()}  "
+          f"images={enc['images']} ({'root ' + args.root if args.root else 'embedded set'}, "
+          f"{a['image_size']} px)  tokens={a['tokens']}x{a['channels']} fp16 "
+          f"({row_bytes} B/row)  chunk={a['chunk_rows']} rows  unit(shard)={a['unit_rows']} "
+          f"rows  codec={a['compression']}  flip={a['flip']}  "
+          f"batch={cfg['latents']['batch_size']}")
+    print("\n| encode (same pre-decoded batches)            | images/s | time vs forward |")
+    print("|----------------------------------------------|---------:|----------------:|")
+    for name, key in (("encoder forward alone", "fwd"),
+                      ("forward + normalise + fp16 + zarr write", "cache"),
+                      ("encode_part, decoding in 1 thread (baseline)", "serial"),
+                      (f"encode_part, decoding in {enc['workers']} worker threads",
+                       "parallel"),
+                      ("decode only (iter_units), 1 thread", "decode_serial"),
+                      (f"decode only (iter_units), {enc['workers']} threads",
+                       "decode_parallel")):
+        print(f"| {name:44s} | {enc[key]:8.1f} | {enc['fwd'] / enc[key] - 1:+15.1%} |")
+    print(f"encode_part throughput / forward-only: baseline {enc['serial'] / enc['fwd']:.2f}x, "
+          f"candidate {enc['parallel'] / enc['fwd']:.2f}x; caches bit-identical (plain zarr "
+          f"read of every array): {enc['identical']}")
+    total = du(enc["cache_dir"])
+    print(f"\ncache on disk: {total / enc['images']:.0f} B/image (all arrays, "
+          f"{'two token rows' if a['flip'] else 'one token row'} per image; raw tokens "
+          f"{row_bytes * (2 if a['flip'] else 1)} B)")
+    print(json.dumps({"encode": {k: v for k, v in enc.items() if k in
+                                 ("images", "fwd", "cache", "serial", "parallel",
+                                  "identical")}}))
+    return enc
 
 
 def main() -> None:
@@ -226,91 +365,49 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "config.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--root", default=None, help="ImageNet-style folder (default: embedded set)")
-    p.add_argument("--read-rows", type=int, default=16384)
+    p.add_argument("--only", choices=("all", "read"), default="all",
+                   help="read: only 2., on synthetic tokens of --read-shape (no encoder)")
+    p.add_argument("--read-shape", type=int, nargs=2, metavar=("T", "C"), default=None,
+                   help="synthetic unit-norm tokens T x C per row for the read bench, chunked "
+                        "per the config's latents section (default: the encoded cache's)")
+    p.add_argument("--read-rows", type=int, default=None,
+                   help="rows read (default: 16384, at most 1 GiB of tokens)")
     p.add_argument("--read-batch", type=int, default=256)
+    p.add_argument("--read-codecs", default="none,zstd,blosc")
     p.add_argument("--workers", type=int, default=2,
                    help="JPEG decoding threads of the candidate encode_part (baseline: 0)")
     p.add_argument("--keep", default=None, help="keep the work folder here")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: steadier timings on a shared machine)")
     args = p.parse_args()
+    if args.only == "read" and args.read_shape is None:
+        p.error("--only read needs --read-shape T C")
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config, None, args.set, check_paths=False)
-    device = pick_device(cfg["device"])
     torch.set_num_threads(args.threads)
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="bench_latents_"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        root = Path(args.root) if args.root else tmp / "mini"
-        if not args.root:
-            build_mini_dataset(cfg, root)
-        cfg["data"].update(root=str(root), workers=min(2, os.cpu_count() or 1))
-        shard_split(cfg, "train", tmp / "shards")
-        torch.manual_seed(0)
-        ae = build_autoencoder(cfg)
-        sd = ae.state_dict()
-        save_checkpoint(tmp / "ae.pt", {"kind": "dinosae-ae", "stage": 4, "step": 0,
-                                        "config": ae_config(cfg), "model": sd, "ema": sd})
-        del ae
-        enc = bench_encode(cfg, tmp / "shards", tmp / "ae.pt", tmp, device, args.workers)
-        a = enc["attrs"]
-        row_bytes = a["tokens"] * a["channels"] * 2
-        print(f"\nlatent cache benchmark  device={device}  threads={torch.get_num_threads()}  "
-              f"images={enc['images']} ({'root ' + args.root if args.root else 'embedded set'}, "
-              f"{a['image_size']} px)  tokens={a['tokens']}x{a['channels']} fp16 "
-              f"({row_bytes} B/row)  chunk={a['chunk_rows']} rows  unit(shard)={a['unit_rows']} "
-              f"rows  codec={a['compression']}  flip={a['flip']}  "
-              f"batch={cfg['latents']['batch_size']}")
-        print("\n| encode (same pre-decoded batches)            | images/s | time vs forward |")
-        print("|----------------------------------------------|---------:|----------------:|")
-        for name, key in (("encoder forward alone", "fwd"),
-                          ("forward + normalise + fp16 + zarr write", "cache"),
-                          ("encode_part, decoding in 1 thread (baseline)", "serial"),
-                          (f"encode_part, decoding in {enc['workers']} worker threads",
-                           "parallel"),
-                          ("decode only (iter_units), 1 thread", "decode_serial"),
-                          (f"decode only (iter_units), {enc['workers']} threads",
-                           "decode_parallel")):
-            print(f"| {name:44s} | {enc[key]:8.1f} | {enc['fwd'] / enc[key] - 1:+15.1%} |")
-        print(f"encode_part throughput / forward-only: baseline {enc['serial'] / enc['fwd']:.2f}x, "
-              f"candidate {enc['parallel'] / enc['fwd']:.2f}x; caches bit-identical (plain zarr "
-              f"read of every array): {enc['identical']}")
-        total = du(enc["cache_dir"])
-        print(f"\ncache on disk: {total / enc['images']:.0f} B/image (all arrays, "
-              f"{'two token rows' if a['flip'] else 'one token row'} per image; raw tokens "
-              f"{row_bytes * (2 if a['flip'] else 1)} B)")
-
-        rows = args.read_rows
-        res = bench_read(enc, tmp, rows, args.read_batch)
-        gb = rows * row_bytes / 1e9
-        raw_contig, raw_win, raw_conv = res[-1]["memmap"]
-        print(f"\n| read {rows} rows ({gb * 1e3:.0f} MB fp16), batch {args.read_batch}, warm "
-              "page cache | samples/s |  GB/s | vs raw memmap |")
-        print("|---------------------------------------------------------|----------:|------:|"
-              "--------------:|")
-        for name, t in (("raw memmap: contiguous copy", raw_contig),
-                        ("raw memmap: reader's shuffled windows", raw_win),
-                        ("raw memmap: shuffled windows + fp32 + radius", raw_conv)):
-            print(f"| {name:55s} | {rows / t:9.0f} | {gb / t:5.2f} | {raw_contig / t:13.2f} |")
-        for r in res[:-1]:
-            for name, key, base in (("zarr arr[unit] slices", "plain", raw_contig),
-                                    ("reader batches(), contiguous", "contig", raw_conv),
-                                    ("reader batches(), shuffled", "shuffled", raw_conv)):
-                label = f"{r['codec']}: {name}"
-                vs = f"{base / r[key]:.2f}" + (" (conv)" if base is raw_conv else "")
-                print(f"| {label:55s} | {rows / r[key]:9.0f} | {gb / r[key]:5.2f} | {vs:>13s} |")
-
-        print("\n| codec    | bytes/row | ratio | write GB/s | arr[unit] read GB/s | "
-              "reader shuffled GB/s |")
-        print("|----------|----------:|------:|-----------:|--------------------:|"
-              "---------------------:|")
-        for r in res[:-1]:
-            print(f"| {r['codec']:8s} | {r['bytes'] / rows:9.0f} | "
-                  f"{rows * row_bytes / r['bytes']:5.3f} | {gb / r['write']:10.2f} | "
-                  f"{gb / r['plain']:19.2f} | {gb / r['shuffled']:20.2f} |")
-        print(json.dumps({"encode": {k: v for k, v in enc.items() if k in
-                                     ("images", "fwd", "cache", "serial", "parallel",
-                                      "identical")}}))
+        if args.only == "all":
+            enc = encode_part_of_bench(cfg, args, tmp, pick_device(cfg["device"]))
+        if args.read_shape:
+            tokens, labels, norms, attrs = synthetic(tuple(args.read_shape), cfg["latents"])
+            source = "synthetic random tokens"
+        else:
+            g = zarr.open_group(enc["cache_dir"], mode="r")
+            tokens, labels, norms, attrs = g["tokens"][:], g["labels"][:], g["norms"][:], \
+                enc["attrs"]
+            source = "the encoded cache's tokens, tiled"
+        row_bytes = tokens[0].nbytes
+        rows = args.read_rows or min(16384, (1 << 30) // row_bytes)
+        codecs = args.read_codecs.split(",")
+        print(f"\nread bench: {source}, {attrs['tokens']}x{attrs['channels']} fp16 "
+              f"({row_bytes} B/row), chunk {attrs['chunk_rows']} rows, unit (shard) "
+              f"{attrs['unit_rows']} rows; torch threads {torch.get_num_threads()}; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
+        res = bench_read(tokens, labels, norms, attrs, tmp, rows, args.read_batch, codecs)
+        print_read(res, rows, row_bytes, args.read_batch)
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -790,22 +791,47 @@ class LatentCache:
         per = total // world_size
         return rows[rank * per:(rank + 1) * per]
 
-    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stored tokens float16 (n, T, C) and labels (n,) of the given rows, in that order. Each
-        contiguous run of rows is one slice read (whole zarr shards where the run covers them)."""
-        buf = np.empty((len(rows), *self.tokens.shape[1:]), dtype=np.float16)
+    def read_rows(self, rows: np.ndarray, out: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored tokens float16 (n, T, C) and labels (n,) of the given rows, in that order; the
+        tokens go into `out` when given. Rows are read in sorted order: a run of consecutive rows
+        that keeps its order in `out` is one zarr call straight into place; any other run is
+        read unit (zarr shard) by unit into one reused buffer, each row then copied to its place.
+        What a memmap would not pay is zarr's own work per shard: a file read, a copy of each
+        inner chunk into a shard buffer, and one of that into ours (bench/latents.py)."""
+        rows = np.asarray(rows)
+        if out is None:
+            out = np.empty((len(rows), *self.tokens.shape[1:]), dtype=np.float16)
         sort = np.argsort(rows, kind="stable")
         srt = rows[sort]
-        breaks = np.flatnonzero((np.diff(srt) != 1) | (srt[1:] % self.count == 0)) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(srt)], strict=True):
-            a, first = divmod(int(srt[lo]), self.count)
-            into = default_buffer_prototype().nd_buffer.from_numpy_array(buf[lo:hi])
-            self._arrays[a].get_basic_selection(slice(first, first + hi - lo), out=into)
-        if np.array_equal(sort, np.arange(len(rows))):
-            return buf, self.labels[rows % self.count]
-        out = np.empty_like(buf)
-        out[sort] = buf
+        buf = None
+        for lo, hi in self._runs(srt):
+            dst = sort[lo:hi]
+            if (np.diff(dst) == 1).all():  # in order in `out`, e.g. not shuffled
+                self._read(int(srt[lo]), out[dst[0]:dst[0] + hi - lo])
+                continue
+            if buf is None:
+                buf = np.empty((self.unit_rows, *out.shape[1:]), dtype=np.float16)
+            starts = lo + np.flatnonzero(srt[lo:hi] % self.count % self.unit_rows == 0)
+            for a, b in pairwise([lo, *starts[starts > lo].tolist(), hi]):  # unit by unit
+                self._read(int(srt[a]), buf[:b - a])
+                out[sort[a:b]] = buf[:b - a]
         return out, self.labels[rows % self.count]
+
+    def _runs(self, srt: np.ndarray) -> list[tuple[int, int]]:
+        """Sorted rows -> [lo, hi) index ranges of consecutive rows of one array."""
+        if not len(srt):
+            return []
+        breaks = np.flatnonzero((np.diff(srt) != 1) | (srt[1:] % self.count == 0)) + 1
+        return list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(srt)].tolist(),
+                        strict=True))
+
+    def _read(self, row: int, into: np.ndarray) -> None:
+        """Rows row..row+len(into)-1 (of one array) into `into`, one zarr call."""
+        a, first = divmod(row, self.count)
+        self._arrays[a].get_basic_selection(
+            slice(first, first + len(into)),
+            out=default_buffer_prototype().nd_buffer.from_numpy_array(into))
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                 rank: int = 0, world_size: int = 1, radius: float = 1.0, drop_last: bool = True,
@@ -827,22 +853,27 @@ class LatentCache:
         window = _ceil_div(window or max(8 * batch_size, 8 * self.unit_rows), batch_size)
         window *= batch_size  # whole batches per window
         rng = np.random.default_rng([seed, epoch, rank, 1])
+        pin = raw and torch.cuda.is_available()
 
-        def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def windows() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
             for w in range(0, len(rows), window):
                 r = rows[w:w + window]
-                yield self.read_rows(rng.permutation(r) if shuffle else r)
+                r = rng.permutation(r) if shuffle else r
+                shape = (len(r), *self.tokens.shape[1:])
+                # pinned: read straight into page-locked memory; the batches are views of it
+                z = (torch.empty(shape, dtype=torch.float16, pin_memory=True) if pin
+                     else torch.from_numpy(np.empty(shape, dtype=np.float16)))
+                yield z, self.read_rows(r, out=z.numpy())[1]
 
-        pin = raw and torch.cuda.is_available()
         for tokens, labels in _background(windows()):
             for i in range(0, len(labels), batch_size):
-                z = torch.from_numpy(tokens[i:i + batch_size])
+                z, y = tokens[i:i + batch_size], torch.from_numpy(labels[i:i + batch_size])
                 if raw:
-                    yield (z.pin_memory() if pin else z), torch.from_numpy(labels[i:i + batch_size])
+                    yield z, y
                     continue
                 z = z.float()
                 z.mul_(radius / z.norm(dim=-1, keepdim=True))  # exact radius after fp16
-                yield z, torch.from_numpy(labels[i:i + batch_size])
+                yield z, y
 
 
 # ---------------------------------------------------------------- export

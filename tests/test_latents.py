@@ -283,6 +283,60 @@ def test_batches_ddp_ranks_disjoint_at_radius(world, cache3):
     np.testing.assert_allclose(torch.cat(zs).numpy(), stored, atol=1e-3)
 
 
+def _plain_rows(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, labels) of reader rows 0..2N-1 by a plain zarr read: images, then flipped."""
+    g = zarr.open_group(cache, mode="r")
+    return (np.concatenate([g["tokens"][:], g["tokens_flip"][:]]),
+            np.concatenate([g["labels"][:], g["labels"][:]]))
+
+
+def test_read_rows_equals_a_plain_zarr_read(cache3):
+    lc = latents.open_cache(cache3)
+    stored, labels = _plain_rows(cache3)
+    n, rng = len(stored), np.random.default_rng(0)
+    cases = [np.arange(n), np.arange(3, 30), rng.permutation(n), rng.permutation(n)[:17],
+             rng.integers(0, n, 40),  # repeats
+             np.r_[np.arange(20, 30), np.arange(5, 12)],  # runs in order, across the flip boundary
+             np.r_[np.arange(8, 20)[::-1], [49, 0, 24, 25]], np.array([7])]
+    for rows in cases:
+        tokens, y = lc.read_rows(rows)
+        assert tokens.dtype == np.float16
+        np.testing.assert_array_equal(tokens, stored[rows])
+        np.testing.assert_array_equal(y, labels[rows])
+    out = np.full((len(cases[2]), *stored.shape[1:]), np.nan, dtype=np.float16)
+    assert lc.read_rows(cases[2], out=out)[0] is out
+    np.testing.assert_array_equal(out, stored[cases[2]])
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_equal_a_plain_zarr_read_in_the_promised_order(cache3, raw, shuffle):
+    """Each rank's batches are the stored rows of order() (whole batches), each window of
+    `window` rows permuted by default_rng([seed, epoch, rank, 1]) in turn when shuffled."""
+    lc = latents.open_cache(cache3)
+    stored, labels = _plain_rows(cache3)
+    batch, window, seed, epoch = 3, 7, 5, 2  # window: 9 rows, whole batches
+    for rank in (0, 1):
+        rows = lc.order(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=2)
+        rows = rows[:len(rows) // batch * batch]
+        rng = np.random.default_rng([seed, epoch, rank, 1])
+        want = np.concatenate([rng.permutation(rows[w:w + 9]) if shuffle else rows[w:w + 9]
+                               for w in range(0, len(rows), 9)])
+        got = list(lc.batches(batch, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                              world_size=2, radius=8.0, window=window, raw=raw))
+        assert [len(y) for _, y in got] == [batch] * (len(want) // batch)
+        z, y = torch.cat([z for z, _ in got]), torch.cat([y for _, y in got])
+        np.testing.assert_array_equal(y.numpy(), labels[want])
+        if raw:
+            assert z.dtype == torch.float16
+            np.testing.assert_array_equal(z.numpy(), stored[want])
+        else:
+            x = stored[want].astype(np.float64)
+            x *= 8.0 / np.linalg.norm(x, axis=-1, keepdims=True)
+            assert z.dtype == torch.float32
+            np.testing.assert_allclose(z.numpy(), x, rtol=1e-6, atol=1e-6)
+
+
 def test_killed_part_reruns_only_its_own_unfinished_units(world, cache3, tmp_path, monkeypatch):
     cfg = _cfg(world, parts=2)
     out = tmp_path / "r.zarr"
