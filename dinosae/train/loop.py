@@ -111,7 +111,8 @@ class RunCheckpoints:
     "<name>: stopped by signal after step N; rerun to resume from <out>/last.pt".
     `state` is a function returning the dict to save (built only when saving); `stop`, when
     given, is the signal flag already agreed over the ranks (the DiT step reduces it together
-    with its losses: one host sync per step).
+    with its losses: one host sync per step; under DDP a signal that arrives after that reduction
+    is acted on one step later).
     """
 
     def __init__(self, out: Path, every: int, steps: int, name: str, fault: str,
@@ -131,6 +132,8 @@ class RunCheckpoints:
         fault_point(self.fault, done)
         if stop is None:  # not yet agreed over the ranks by the caller
             stop = any_rank(self.signal.stop, self.device)
+        elif not torch.distributed.is_initialized():  # alone: a signal since then counts too
+            stop = stop or self.signal.stop
         stopping = stop and done < self.steps
         if (done % self.every == 0 and done < self.steps) or stopping:
             if is_main():
