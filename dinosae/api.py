@@ -16,10 +16,20 @@ and are processed in batches; outputs are float32 on the input's device (CPU for
 Encoding and decoding are the autoencoder's own `encode_unit` and `decode_at`, the very calls
 the latent cache, the sampler and the DiT's grids make: tokens are rescaled to `radius` along
 C, then decoded.
+
+    dinosae generate --model EXPORT_OR_CHECKPOINT --classes 207,360 --seeds 0-7 --out grid.png
+                     [--out samples.npz] [--steps 50 --cfg-scale 1.5 --s-vae 14 --ae AE ...]
+
+(`generate_images`, at the end) is this API from the shell: one row per class, one column per
+seed (sample (class, seed) starts from the noise of torch.Generator().manual_seed(seed), as
+Generator.sample(seeds=...) draws it), or an ADM-style npz (arr_0 uint8 NHWC, arr_1 labels,
+arr_2 seeds).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +41,8 @@ from torch import Tensor
 from dinosae.errors import ConfigError
 
 __all__ = ["Autoencoder", "Encoded", "Generator", "load_autoencoder", "load_generator"]
+
+log = logging.getLogger("dinosae.generate")
 
 
 class Encoded(NamedTuple):
@@ -312,3 +324,82 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
                           f"but its autoencoder gives {list(autoencoder.grid)} x "
                           f"{autoencoder.channels}")
     return Generator(model, meta, autoencoder, device, dtype, decode_radius)
+
+
+# ---------------------------------------------------------------- dinosae generate: the API from
+# the shell
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """"207,360" or "0-7" or "0-3,9" -> a list of non-negative ints (ranges inclusive)."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ConfigError(f"--{what}: {part.strip()!r} is not a number or a range a-b "
+                              "(e.g. 207,360 or 0-7)")
+        out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return out
+
+
+def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = "0-7",
+                    steps: int = 50, cfg_scale: float = 1.0, interval: str = "0,1",
+                    s_vae: float | None = None, integrator: str = "euler_project",
+                    ae: str | None = None, batch_size: int = 16, device: str = "auto",
+                    force: bool = False) -> Path:
+    """Samples of the given classes x seeds from a generator (an export folder, a DiT checkpoint
+    or hf-hub:...), decoded by its bundled or recorded autoencoder (or `ae`) at radius `s_vae`
+    (default: the radius recorded with the generator) -> `out`: a .png grid (a row per class,
+    a column per seed) or an .npz (arr_0 uint8 NHWC, arr_1 labels, arr_2 seeds). An existing
+    `out` is replaced only with `force`. `cfg` is not used."""
+    from dinosae.errors import NumericsError
+    from dinosae.files import atomic_path
+    from dinosae.generate import to_uint8
+    from dinosae.images import save_grid
+    from dinosae.progress import Progress
+
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise ConfigError(f"--out {out}: give a .png (image grid) or .npz (arrays) file name")
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists; remove it or pass --force to replace it")
+    labels_, seeds_ = parse_ints(classes, "classes"), parse_ints(seeds, "seeds")
+    try:
+        lo, hi = (float(v) for v in interval.split(","))
+    except ValueError:
+        raise ConfigError(f"--interval {interval!r}: expected lo,hi (e.g. 0,1)") from None
+    gen = load_generator(model, device=None if device == "auto" else device,
+                             autoencoder=ae)
+    bad = [c for c in labels_ if not 0 <= c < gen.num_classes]
+    if bad:
+        raise ConfigError(f"--classes {bad}: the generator has classes 0..{gen.num_classes - 1}")
+    if gen.autoencoder is None:
+        raise ConfigError(f"{model}: no autoencoder bundled or recorded with this generator: "
+                          "give --ae (a dinosae AE checkpoint or export)")
+    radius = s_vae if s_vae is not None else gen.decode_radius
+    if radius is None:
+        raise ConfigError(f"{model}: no decode radius recorded with this generator: give "
+                          "--s-vae (paper: 14)")
+    labels = np.repeat(np.asarray(labels_, dtype=np.int64), len(seeds_))  # a row per class
+    seeds_all = np.tile(np.asarray(seeds_, dtype=np.int64), len(labels_))
+    n, images = len(labels), []
+    progress = Progress(n, desc="generate", unit="img")
+    for i in range(0, n, batch_size):
+        x = gen.sample(labels[i:i + batch_size], steps=steps, cfg_scale=cfg_scale,
+                       seeds=seeds_all[i:i + batch_size], guidance_interval=(lo, hi),
+                       radius=float(radius), integrator=integrator)
+        if not torch.isfinite(x).all():
+            raise NumericsError(f"samples {i}..{i + len(x) - 1} are not finite ({model})")
+        images.append(x)
+        progress.update(len(x))
+    progress.close()
+    images = torch.cat(images)
+    if out.suffix == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out, nrow=len(seeds_))
+    else:
+        with atomic_path(out, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, arr_0=to_uint8(images), arr_1=labels, arr_2=seeds_all)
+    log.info("%d samples (classes %s, seeds %s, %d steps, cfg %.2f, s_vae %.3f, %s) -> %s",
+             n, labels_, seeds_, steps, cfg_scale, float(radius), integrator, out)
+    return out

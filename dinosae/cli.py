@@ -90,7 +90,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--out", dict(required=True))],
     ),
     "generate": (
-        "dinosae.generate", "generate_images",
+        "dinosae.api", "generate_images",
         "samples of chosen classes and seeds from a generator -> a PNG grid or an npz",
         [("--model", dict(required=True, help="export folder, DiT checkpoint or hf-hub:...")),
          ("--classes", dict(required=True, help="class indices, e.g. 207,360 or 0-9")),
