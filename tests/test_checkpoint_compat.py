@@ -1,10 +1,14 @@
 """Checkpoints across layouts: the lean AE layout (teacher referenced by sha256), the layout
-main wrote before it (teacher inside `model`/`ema`), and DiT checkpoints of the network before
-it became the reference LightningDiT (refused by name, never loaded half-way)."""
+main wrote before it (teacher inside `model`/`ema`; built here, and as files that code wrote:
+tests/fixtures/main_1447c9f), and DiT checkpoints of the network before it became the
+reference LightningDiT (refused by name, never loaded half-way)."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_config
+from safetensors.torch import load_file
 
 from dinosae.checkpoint import save_checkpoint, tensors_fingerprint
 from dinosae.errors import CheckpointError, WeightsMismatchError
@@ -65,3 +69,26 @@ def test_dit_of_the_earlier_network_is_refused_by_name(cfg, tmp_path):
     save_checkpoint(tmp_path / "old.pt", {**ck, "model": old, "ema": old})
     with pytest.raises(WeightsMismatchError, match="missing .*pos_embed"):
         load_dit(tmp_path / "old.pt")
+
+
+OLD_MAIN = Path(__file__).parent / "fixtures" / "main_1447c9f"
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "export"])
+def test_files_written_by_main_before_the_redesign_load_and_compute_the_same(name, tmp_path):
+    # tests/fixtures/main_1447c9f: a stage checkpoint and an export written by main's code
+    # before issue 14 (teacher and AdamW moments inside), with what that code computed from them
+    import dinosae
+    from dinosae.export import export_model
+
+    ref = load_file(str(OLD_MAIN / "outputs.safetensors"))
+    path = OLD_MAIN / ("ae_stage1.pt" if name == "checkpoint" else "export_ae")
+    paths = [path]
+    if name == "checkpoint":  # today's export of the old checkpoint, too
+        paths.append(export_model({}, path, tmp_path / "export"))
+    for p in paths:
+        ae = dinosae.load_autoencoder(p, device="cpu")
+        enc = ae.encode(ref["x"])
+        for key, got in (("tokens", enc.tokens), ("norms", enc.norms),
+                         ("decoded", ae.decode(enc.tokens, radius=enc.norms))):
+            torch.testing.assert_close(got, ref[f"{name}/{key}"], rtol=0, atol=1e-6)
