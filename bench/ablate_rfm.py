@@ -62,12 +62,14 @@ class SyntheticCache:
         return len(self.labels)
 
     def batches(self, batch_size, *, shuffle=True, seed=0, epoch=0, rank=0, world_size=1,
-                radius=1.0, drop_last=True):
+                radius=1.0, drop_last=True, window=None, raw=False):
+        """As LatentCache.batches: `raw` gives the tokens as a cache stores them (fp16, unit)."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         order = order[rank::world_size]
         for i in range(0, len(order) - batch_size + 1, batch_size):
             idx = torch.as_tensor(order[i:i + batch_size])
-            yield self.tokens[idx] * radius, self.labels[idx]
+            z = self.tokens[idx].half() if raw else self.tokens[idx] * radius
+            yield z, self.labels[idx]
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:

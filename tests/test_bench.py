@@ -35,3 +35,19 @@ def test_gpu_check_cpu_smoke() -> None:
     assert len(row) == 1, out.stdout
     share = float(row[0].split()[3].rstrip("%"))
     assert math.isfinite(share) and -5 < share < 100, row[0]
+
+
+def test_ablate_rfm_synthetic_runs_both_paths_and_integrators(tmp_path) -> None:
+    # the ablation drives the real train_dit through a stand-in cache: it must keep its contract
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "bench/ablate_rfm.py"), "--synthetic",
+                          "--steps", "4", "--batch", "8", "--samples", "16", "--n-train", "64",
+                          "--sample-steps", "2", "--threads", "1", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {ln.split(" @")[0].strip(): ln for ln in out.stdout.splitlines() if " @2 " in ln}
+    assert set(rows) == {"rfm expmap", "rfm euler_project", "euclidean"}, out.stdout
+    for line in rows.values():
+        fds = [float(c) for c in line.split()[-2:]]  # FD_flat, FD_token
+        assert all(math.isfinite(v) and v > 0 for v in fds), line
+    assert "expmap vs euler_project" in out.stdout
