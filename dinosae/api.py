@@ -42,7 +42,7 @@ from dinosae.errors import ConfigError
 
 __all__ = ["Autoencoder", "Encoded", "Generator", "load_autoencoder", "load_generator"]
 
-log = logging.getLogger("dinosae.generate")
+log = logging.getLogger("dinosae.generate")  # `dinosae generate` logs under its old name
 
 
 class Encoded(NamedTuple):
@@ -326,8 +326,7 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
     return Generator(model, meta, autoencoder, device, dtype, decode_radius)
 
 
-# ---------------------------------------------------------------- dinosae generate: the API from
-# the shell
+# ---------------------------------------------------------------- dinosae generate (the shell's)
 
 def parse_ints(text: str, what: str) -> list[int]:
     """"207,360" or "0-7" or "0-3,9" -> a list of non-negative ints (ranges inclusive)."""
@@ -367,8 +366,7 @@ def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = 
         lo, hi = (float(v) for v in interval.split(","))
     except ValueError:
         raise ConfigError(f"--interval {interval!r}: expected lo,hi (e.g. 0,1)") from None
-    gen = load_generator(model, device=None if device == "auto" else device,
-                             autoencoder=ae)
+    gen = load_generator(model, device=None if device == "auto" else device, autoencoder=ae)
     bad = [c for c in labels_ if not 0 <= c < gen.num_classes]
     if bad:
         raise ConfigError(f"--classes {bad}: the generator has classes 0..{gen.num_classes - 1}")
