@@ -109,7 +109,7 @@ def bench_encode(cfg: dict, shards: Path, ckpt: Path, tmp: Path, device: torch.d
         for w in ((0, workers) if i % 2 == 0 else (workers, 0)):
             decode[w].append(best_of(lambda w=w: list(latents.iter_units(
                 shards, manifest, all_units, unit, w)), 1))
-    model = latents._load_encoder(ckpt, device)
+    model = latents.load_encoder(ckpt, device)
     bs, flip = lcfg["batch_size"], attrs["flip"]
     passes = 2 if flip else 1
 

@@ -350,7 +350,7 @@ def test_killed_part_reruns_only_its_own_unfinished_units(world, cache3, tmp_pat
         calls.append(len(images))
         return real(model, images, *a, **k)
 
-    monkeypatch.setattr(latents, "encode_images", crashing)
+    monkeypatch.setattr(latents.encode, "encode_images", crashing)
     done0 = tmp_path / "0.done"
     with pytest.raises(KeyboardInterrupt):
         latents.encode_part(cfg, out, world["shards"], world["ckpt"], 0, 2, done0)
@@ -359,7 +359,7 @@ def test_killed_part_reruns_only_its_own_unfinished_units(world, cache3, tmp_pat
     assert not done0.exists()
 
     calls.clear()
-    monkeypatch.setattr(latents, "encode_images", lambda m, im, *a, **k: (
+    monkeypatch.setattr(latents.encode, "encode_images", lambda m, im, *a, **k: (
         calls.append(len(im)), real(m, im, *a, **k))[1])
     summary = latents.encode_part(cfg, out, world["shards"], world["ckpt"], 0, 2, done0)
     assert calls == [4, 4]  # unit 2 only (rows 8..11), plain and flipped

@@ -1,0 +1,220 @@
+"""What a latent cache promises, checked: its attributes against its arrays (check_attrs), every
+unit before the cache is marked complete (validate_cache), and the rows a reader reads
+(check_rows: finite, unit norm)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dinosae.errors import CacheError
+from dinosae.files import sha256_file
+from dinosae.latents.background import background
+from dinosae.latents.store import (
+    ARRAYS,
+    MEAN_NORM_EXACT_VALUES,
+    NORM_TOL,
+    ceil_div,
+    describe_region,
+    region_of_unit,
+)
+
+
+def _posint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _posnum(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool = False) -> None:
+    """Compare every attribute the code relies on with the arrays (attributes are untrusted):
+    types, count and grid/tokens/channels against the array shapes, flip against the flipped
+    arrays, rows, units, the region layout; with `reading` (a complete cache) also labels
+    against num_classes, radius 1 and mean_norm against the stored norms. CacheError naming the
+    attribute that lies."""
+
+    def lie(key: str, why: str) -> CacheError:
+        return CacheError(f"{path}: attribute '{key}' {why} (the attributes must describe the "
+                          "arrays; re-encode the cache)")
+
+    def posint(key: str) -> int:
+        if not _posint(attrs.get(key)):
+            raise lie(key, f"is {attrs.get(key)!r:.40}, not a positive integer")
+        return attrs[key]
+
+    n, T, C, K = posint("count"), posint("tokens"), posint("channels"), posint("num_classes")
+    unit, units = posint("unit_rows"), posint("units")
+    for key in ("chunk_rows", "image_size", "batch_size"):
+        posint(key)
+    grid, flip = attrs.get("grid"), attrs.get("flip")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(map(_posint, grid))):
+        raise lie("grid", f"is {grid!r:.40}, not [height, width]")
+    if grid[0] * grid[1] != T:
+        raise lie("grid", f"{grid} gives {grid[0] * grid[1]} tokens, attribute 'tokens' {T}")
+    size = attrs["image_size"]
+    if grid != [size // 16, size // 16]:  # the encoder's 16x stem: one token per 16x16 pixels
+        raise lie("grid", f"is {grid}, but {size} px images give "
+                          f"{[size // 16, size // 16]} tokens")
+    if not isinstance(flip, bool):
+        raise lie("flip", f"is {flip!r:.40}, not true or false")
+    if attrs.get("rows") != n * (2 if flip else 1):
+        raise lie("rows", f"is {attrs.get('rows')!r:.40}, not count x {2 if flip else 1}")
+    if units != ceil_div(n, unit):
+        raise lie("units", f"is {units}, but {n} rows in units of {unit} make {ceil_div(n, unit)}")
+    classes = attrs.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != K):
+        raise lie("num_classes", f"is {K}, but 'classes' lists "
+                                 f"{len(classes) if isinstance(classes, list) else classes!r:.40}")
+    for key in ("encoder", "source"):
+        if not (isinstance(attrs.get(key), dict) and isinstance(attrs[key].get("sha256"), str)):
+            raise lie(key, "has no sha256")
+    layout = attrs.get("parts_layout")
+    try:  # regions cover units 0..units-1 in order, without gaps
+        bounds = [0] + [b for r in layout["regions"] for b in r["units"]] + [units]
+        ok = (_posint(layout["parts"]) and len(layout["regions"]) == layout["parts"]
+              and all(isinstance(b, int) for b in bounds)
+              and all(bounds[i] == bounds[i + 1] for i in range(0, len(bounds), 2))
+              and bounds == sorted(bounds))
+    except (KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise lie("parts_layout", f"does not split {units} units into regions")
+    arrays = {k: group[k] for k in ARRAYS if k in group}
+    if not all(isinstance(a, zarr.Array) for a in arrays.values()):
+        raise CacheError(f"{path}: {sorted(arrays)} must all be arrays")
+    names = ["tokens", "norms", "labels", "written"] + (["tokens_flip", "norms_flip"] if flip
+                                                        else [])
+    for name in names:
+        if name not in arrays:
+            raise lie("flip" if name.endswith("_flip") else "format",
+                      f"promises array {name!r}, which the store lacks")
+    if not flip and ("tokens_flip" in arrays or "norms_flip" in arrays):
+        raise lie("flip", "is false, but the store holds flipped tokens")
+    for name in names:
+        shape = tuple(arrays[name].shape)
+        if name == "written":
+            if shape != (units,):
+                raise lie("units", f"is {units}, but array written has {shape}")
+            continue
+        if shape[0] != n:
+            raise lie("count", f"is {n}, but array {name} has {shape[0]} rows")
+        if name.startswith(("tokens", "norms")) and (len(shape) < 2 or shape[1] != T):
+            raise lie("grid", f"{grid} gives {T} tokens a row, but array {name} is {shape}")
+        if name.startswith("tokens") and shape[2:] != (C,):
+            raise lie("channels", f"is {C}, but array {name} is {shape}")
+    if not reading:
+        return
+    if attrs.get("radius") != 1.0:
+        raise lie("radius", f"is {attrs.get('radius')!r:.40}; the cache stores unit-norm "
+                            "tokens (radius 1.0)")
+    labels = arrays["labels"][:]
+    if len(labels) and (labels.min() < 0 or labels.max() >= K):
+        raise lie("num_classes", f"is {K}, but the labels run from {labels.min()} to "
+                                 f"{labels.max()}")
+    _check_mean_norm(path, arrays["norms"], attrs.get("mean_norm"), lie)
+
+
+def _check_mean_norm(path: str | Path, norms: zarr.Array, mean_norm: Any, lie: Any) -> None:
+    """mean_norm is the mean of the stored raw norms: recomputed exactly for a cache of up to
+    MEAN_NORM_EXACT_VALUES values, else compared with the first unit's (within a factor of 2)."""
+    if not _posnum(mean_norm):
+        raise lie("mean_norm", f"is {mean_norm!r:.40}, not a finite positive number")
+    n, T = norms.shape
+    if n * T <= MEAN_NORM_EXACT_VALUES:
+        want = float(np.asarray(norms[:], dtype=np.float64).sum() / (n * T))
+        if not math.isclose(mean_norm, want, rel_tol=1e-6):
+            raise lie("mean_norm", f"is {mean_norm:.6g}, but the stored norms average "
+                                   f"{want:.6g}")
+        return
+    sample = float(np.asarray(norms[:norms.chunks[0]], dtype=np.float64).mean())
+    if not 0.5 < mean_norm / sample < 2.0:
+        raise lie("mean_norm", f"is {mean_norm:.6g}, far from the stored norms' {sample:.6g}")
+
+def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
+    """Check every unit; returns summary statistics or raises CacheError naming the first bad
+    region: every unit written, shapes = manifest count, labels in range, every stored token
+    norm within NORM_TOL of 1, no NaN/Inf in tokens or norms."""
+    check_attrs(where, group, attrs)
+    n, unit, units, T, C = (attrs[k] for k in ("count", "unit_rows", "units", "tokens",
+                                                  "channels"))
+    layout, k = attrs["parts_layout"], attrs["num_classes"]
+    parts = layout["parts"]
+    names = ["tokens", "tokens_flip"] if attrs["flip"] else ["tokens"]
+    if n != attrs["source"]["count"]:
+        raise CacheError(f"{where}: count {n} differs from the manifest's "
+                         f"{attrs['source']['count']}")
+    for name, shape in [(t, (n, T, C)) for t in names] + [
+            (t.replace("tokens", "norms"), (n, T)) for t in names] + [
+            ("labels", (n,)), ("written", (units,))]:
+        if name not in group or tuple(group[name].shape) != shape:
+            got = tuple(group[name].shape) if name in group else "missing"
+            raise CacheError(f"{where}: array {name} is {got}, expected {shape} (manifest count)")
+    source = Path(attrs["source"]["path"])
+    if source.is_file() and sha256_file(source) != attrs["source"]["sha256"]:
+        raise CacheError(f"{where}: the shard manifest {source} changed since the cache was "
+                         "created; rerun encode-init")
+    if units != ceil_div(n, unit) or layout["regions"][-1]["units"][1] != units:
+        raise CacheError(f"{where}: the region layout does not cover {units} units")
+
+    written = group["written"][:]
+    missing = np.flatnonzero(written == 0)
+    if len(missing):
+        r = region_of_unit(int(missing[0]), layout)
+        todo = [int(u) for u in missing if r["units"][0] <= u < r["units"][1]]
+        raise CacheError(f"{where}: {describe_region(r, parts)} is not written: {len(todo)} of "
+                         f"{r['units'][1] - r['units'][0]} units missing (first: unit {todo[0]})")
+
+    def read(u: int) -> tuple[int, dict]:
+        a, b = u * unit, min((u + 1) * unit, n)
+        return u, {name: group[name][a:b] for name in
+                   names + [t.replace("tokens", "norms") for t in names] + ["labels"]}
+
+    stats = {"norm_sum": 0.0, "norm_min": np.inf, "norm_max": -np.inf, "unit_norm_error": 0.0}
+    for u, data in background(read(u) for u in range(units)):
+        a = u * unit
+        bad = _check_unit(data, names, k, a)
+        if bad:
+            raise CacheError(f"{where}: {describe_region(region_of_unit(u, layout), parts)}: "
+                             f"{bad}")
+        for name in names:
+            err = np.abs(np.linalg.norm(data[name].astype(np.float32), axis=-1) - 1.0).max()
+            stats["unit_norm_error"] = max(stats["unit_norm_error"], float(err))
+        raw = data["norms"].astype(np.float64)
+        stats["norm_sum"] += float(raw.sum())
+        stats["norm_min"] = min(stats["norm_min"], float(raw.min()))
+        stats["norm_max"] = max(stats["norm_max"], float(raw.max()))
+    return {"count": n, "rows": attrs["rows"], "units": units,
+            "mean_norm": stats["norm_sum"] / (n * T), "min_norm": stats["norm_min"],
+            "max_norm": stats["norm_max"], "max_unit_norm_error": stats["unit_norm_error"]}
+
+
+def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int) -> str | None:
+    """The first problem in one unit's arrays, or None."""
+    labels = data["labels"]
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        return (f"label {labels[bad[0]]} at row {first_row + bad[0]} is outside "
+                f"0..{num_classes - 1}")
+    for name in names:
+        t = data[name].astype(np.float32)
+        finite = np.isfinite(t).all(axis=(1, 2))
+        if not finite.all():
+            return f"{name} row {first_row + np.flatnonzero(~finite)[0]} has NaN/Inf"
+        err = np.abs(np.linalg.norm(t, axis=-1) - 1.0).max(axis=1)
+        bad = np.flatnonzero(err > NORM_TOL)
+        if len(bad):
+            return (f"{name} row {first_row + bad[0]}: a token norm is off 1 by "
+                    f"{err[bad[0]]:.3g} (> {NORM_TOL})")
+        norms = data[name.replace("tokens", "norms")]
+        ok = np.isfinite(norms).all(axis=1) & (norms > 0).all(axis=1)
+        if not ok.all():
+            row = first_row + np.flatnonzero(~ok)[0]
+            return f"{name.replace('tokens', 'norms')} row {row} is not finite and positive"
+    return None

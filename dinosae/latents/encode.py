@@ -1,0 +1,322 @@
+"""Encoding the cache (scatter/gather): encode_init creates the arrays, encode_part fills one
+shard-aligned region (resumable unit by unit), encode_gather validates every unit and only then
+marks the cache complete. Images come from the shard tars in manifest order (iter_units)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinosae.dist import pick_device
+from dinosae.errors import CacheError
+from dinosae.faults import fault_point
+from dinosae.files import atomic_write_text, sha256_file
+from dinosae.latents.background import background
+from dinosae.latents.checks import check_attrs, validate_cache
+from dinosae.latents.store import (
+    DESCRIPTION,
+    FORMAT,
+    VERSION,
+    ceil_div,
+    check_manifest,
+    chunking,
+    compressors,
+    create_arrays,
+    describe_region,
+    open_for_write,
+    own_store,
+    plan_regions,
+    update_attrs,
+)
+from dinosae.outputs import output_lock, replace_dir, writing
+from dinosae.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- encoder and images
+
+def load_encoder(checkpoint: str | Path, device: str | torch.device) -> Any:
+    """The stage checkpoint's EMA autoencoder (eval mode): `.grid`, `.channels`, `.encode(x)`."""
+    from dinosae.models.autoencoder import DinoSAE
+
+    return DinoSAE.load(checkpoint, device=device)
+
+
+@torch.no_grad()
+def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_size: int,
+                  flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, H, W, 3) -> (unit-norm tokens float16 (n, T, C), raw norms float32 (n, T)).
+    Normalised in fp32, then cast."""
+    tokens, norms = [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        if flip:
+            x = x.flip(-1)
+        z, n = model.encode_unit(x)  # (B, T, C) unit tokens, (B, T) raw norms
+        tokens.append(z.half().cpu().numpy())
+        norms.append(n.cpu().numpy())
+    return np.concatenate(tokens), np.concatenate(norms)
+
+
+def _ordered_map(fn: Any, items: Iterable, pool: ThreadPoolExecutor | None, ahead: int
+                 ) -> Iterator:
+    """fn(*item) for each item, in order; with a pool, up to `ahead` calls run in its threads
+    while the caller consumes (bounded: a large tar is never decoded whole into memory)."""
+    if pool is None:
+        for item in items:
+            yield fn(*item)
+        return
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def iter_images(shards: str | Path, manifest: dict, start: int, stop: int,
+                pool: ThreadPoolExecutor | None = None, ahead: int = 32
+                ) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(index, image, label) for images start..stop-1 in manifest order, opening only the tars
+    that hold them; checks that the tars hold what the manifest says. With `pool`, the JPEGs
+    are decoded in its threads (PIL releases the GIL), in order, at most `ahead` in flight."""
+    from dinosae.data.shard import decode_sample, iter_shard_bytes
+
+    for s in manifest["shards"]:
+        a, b = s["first_index"], s["first_index"] + s["count"]
+        if b <= start or a >= stop:
+            continue
+        tar = Path(shards) / s["name"]
+
+        def wanted(tar: Path = tar, a: int = a) -> Iterator[tuple[str, dict, Path]]:
+            """The undecoded samples from `start` on (those before are read, not decoded)."""
+            for i, (key, sample) in enumerate(iter_shard_bytes(tar)):
+                if a + i >= stop:
+                    return
+                if a + i >= start:
+                    yield key, sample, tar
+
+        expect = max(a, start)
+        for index, image, label in _ordered_map(decode_sample, wanted(), pool, ahead):
+            if index != expect:
+                raise ValueError(f"{s['name']}: sample {index} where the manifest puts {expect}")
+            expect += 1
+            yield index, image, label
+        if expect < min(b, stop):
+            raise ValueError(f"{s['name']}: holds {expect - a} samples, manifest says {s['count']}")
+
+
+def _runs(units: list[int]) -> list[tuple[int, int]]:
+    """Sorted unit numbers -> contiguous [start, stop) runs."""
+    runs: list[tuple[int, int]] = []
+    for u in units:
+        if runs and runs[-1][1] == u:
+            runs[-1] = (runs[-1][0], u + 1)
+        else:
+            runs.append((u, u + 1))
+    return runs
+
+
+def iter_units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int,
+               workers: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(unit, images uint8 (n, H, W, 3), labels int64 (n,)) for each listed unit, streaming each
+    contiguous run of units through the tars once; `workers` > 0 threads decode the JPEGs."""
+    n = manifest["count"]
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 0 else None
+        yield from _units(shards, manifest, units, unit_rows, n, pool, 4 * max(1, workers))
+
+
+def _units(shards: str | Path, manifest: dict, units: list[int], unit_rows: int, n: int,
+           pool: ThreadPoolExecutor | None, ahead: int
+           ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    for u0, u1 in _runs(units):
+        images, labels, u = [], [], u0
+        for index, image, label in iter_images(shards, manifest, u0 * unit_rows,
+                                               min(u1 * unit_rows, n), pool, ahead):
+            images.append(image)
+            labels.append(label)
+            if index + 1 == min((u + 1) * unit_rows, n):
+                yield u, np.stack(images), np.asarray(labels, dtype=np.int64)
+                images, labels, u = [], [], u + 1
+
+def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str | Path,
+                force: bool = False) -> Path:
+    """Create the cache's arrays (all unwritten) and attributes. Config section: latents.
+    The store is built beside `out` and renamed into place, holding the lock on `out`; an
+    existing `out` that is not a dinosae cache is refused (`force`: replaced)."""
+    from dinosae.data.shard import MANIFEST, check_image_size, read_manifest
+
+    lcfg, out = cfg.get("latents", {}), Path(out)
+    manifest = read_manifest(shards)
+    manifest_path = Path(shards) / MANIFEST
+    check_manifest(manifest, str(manifest_path))
+    size = int(manifest["preprocess"]["image_size"])
+    model = load_encoder(checkpoint, "cpu")
+    grid = [int(g) for g in model.grid]
+    check_image_size(manifest, shards, 16 * grid[0], f"the autoencoder {checkpoint}")
+    with torch.no_grad():  # the token shape this encoder gives at this image size
+        _, T, C = model.encode(torch.zeros(1, 3, size, size)).shape
+    if grid[0] * grid[1] != T or int(model.channels) != C:
+        raise CacheError(f"{checkpoint}: the encoder gives {T}x{C} tokens at {size} px, but "
+                         f"declares grid {grid} and {model.channels} channels")
+    n, flip = int(manifest["count"]), bool(lcfg.get("flip", False))
+    chunk, unit = chunking(lcfg, T * C * 2)
+    units = ceil_div(n, unit)
+    parts = int(lcfg.get("parts", 1))
+    codec = lcfg.get("compression", "zstd")
+    attrs = {
+        "format": FORMAT, "version": VERSION, "description": DESCRIPTION,
+        "count": n, "rows": n * (2 if flip else 1), "grid": grid, "tokens": int(T),
+        "channels": int(C), "radius": 1.0, "image_size": size, "flip": flip,
+        "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
+        "encoder": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "source": {"path": str(manifest_path), "sha256": sha256_file(manifest_path),
+                   "split": manifest["split"], "count": n},
+        "chunk_rows": chunk, "unit_rows": unit, "units": units, "compression": codec,
+        "batch_size": int(lcfg.get("batch_size", 64)),
+        "parts_layout": {"parts": parts, "regions": plan_regions(manifest, unit, parts)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False, "mean_norm": None,
+    }
+    with writing(out, "encode-init", own_store, force=force, inputs=[shards, checkpoint]):
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            create_arrays(tmp, attrs, flip, n, T, C, chunk, unit, units, compressors(codec))
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, flip=%s",
+             out, n, units, unit, chunk, parts, codec, flip)
+    return out
+
+def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: str | Path,
+                index: int, parts: int, done: str | Path) -> dict:
+    """Encode region `index` of `parts`, skipping units already written; write `done` (a JSON
+    summary) at the end. Config sections: device, latents (batch_size)."""
+    from dinosae.data.shard import MANIFEST, read_manifest
+
+    group, attrs = open_for_write(cache)
+    check_attrs(cache, group, attrs)
+    if not 0 <= index < parts:
+        raise ValueError(f"encode-part: index {index} is not in 0..{parts - 1}")
+    manifest = read_manifest(shards)
+    if sha256_file(Path(shards) / MANIFEST) != attrs["source"]["sha256"]:
+        raise CacheError(f"{cache}: {Path(shards) / MANIFEST} differs from the manifest the cache "
+                         f"was created for ({attrs['source']['path']}); rerun encode-init")
+    if sha256_file(checkpoint) != attrs["encoder"]["sha256"]:
+        raise CacheError(f"{cache}: encoder {checkpoint} is not the checkpoint the cache was "
+                         f"created for ({attrs['encoder']['path']}); rerun encode-init")
+    unit, flip, size = attrs["unit_rows"], attrs["flip"], attrs["image_size"]
+    region = plan_regions(manifest, unit, parts)[index]
+    u0, u1 = region["units"]
+    written = group["written"][u0:u1]
+    todo = [u for u in range(u0, u1) if not written[u - u0]]
+    n_todo = sum(min((u + 1) * unit, attrs["count"]) - u * unit for u in todo)
+    log.info("%s: %d of %d units to encode (%d images)", describe_region(region, parts),
+             len(todo), u1 - u0, n_todo)
+
+    t0 = time.time()
+    if todo:
+        device = pick_device(cfg.get("device", "auto"))
+        torch.backends.cudnn.benchmark = False  # same kernels every run: values reproducible
+        torch.backends.cudnn.deterministic = True
+        model = load_encoder(checkpoint, device)
+        t0 = time.time()  # the rate below is decoding + encoding + writing
+        batch_size = int(cfg.get("latents", {}).get("batch_size", attrs["batch_size"]))
+        arrays = {name: group[name] for name in group.array_keys()}
+        progress = Progress(n_todo, desc=f"encode part {index}", unit="img")
+        workers = max(1, int(cfg.get("data", {}).get("workers", 1)))  # JPEG decoding threads
+        units = background(iter_units(shards, manifest, todo, unit, workers))
+        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress, index)
+        progress.close()
+    seconds = time.time() - t0
+    summary = {"part": index, "parts": parts, "units": [u0, u1], "rows": region["rows"],
+               "encoded_units": len(todo), "encoded_images": n_todo, "seconds": round(seconds, 3),
+               "images_per_s": round(n_todo / seconds, 2) if n_todo and seconds > 0 else None}
+    atomic_write_text(done, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
+                arrays: dict, device: torch.device, batch_size: int, flip: bool, size: int,
+                unit_rows: int, progress: Progress | None = None, part: int = 0) -> None:
+    """Encode each (unit, images, labels) and write it, one unit's write in flight while the
+    next is encoded. Leaving (also on an error) waits for that write, so a unit is either fully
+    written and marked, or not marked."""
+    written = 0
+
+    def wait(job: Any) -> None:
+        nonlocal written
+        job.result()
+        written += 1
+        fault_point(f"encode-part{part}", written)
+
+    with ThreadPoolExecutor(1) as writer:
+        pending = None
+        for u, images, labels in units:
+            if images.shape[1:] != (size, size, 3):
+                raise ValueError(f"unit {u}: images of shape {images.shape[1:]}, the cache "
+                                 f"expects {size}x{size}x3")
+            data = {"labels": labels}
+            data["tokens"], data["norms"] = encode_images(model, images, device, batch_size)
+            if flip:
+                data["tokens_flip"], data["norms_flip"] = encode_images(
+                    model, images, device, batch_size, flip=True)
+            if pending is not None:
+                wait(pending)
+            pending = writer.submit(_write_unit, arrays, u, unit_rows, data)
+            if progress is not None:
+                progress.update(len(labels))
+        if pending is not None:
+            wait(pending)
+
+
+def _write_unit(arrays: dict, u: int, unit_rows: int, data: dict) -> None:
+    """Write unit u (one whole zarr shard per array), then mark it written."""
+    a = u * unit_rows
+    for name, values in data.items():
+        arrays[name][a:a + len(values)] = values
+    arrays["written"][u] = 1
+
+def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
+    """Validate every region; only then set `complete: true` and `mean_norm`; write a JSON report
+    to `out`. A failure raises CacheError naming the first bad region and leaves complete
+    false. Config: none needed."""
+    with output_lock(cache, "encode-gather"):  # one writer of the attributes at a time
+        group, attrs = open_for_write(cache)
+        t0 = time.time()
+        try:
+            report = validate_cache(group, attrs, where=f"latent cache {cache}")
+        except Exception:
+            update_attrs(group, cache, {"complete": False})
+            raise
+        update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
+    report = {"cache": str(cache), "complete": True, **report,
+              "encoder": attrs["encoder"], "source": attrs["source"],
+              "seconds": round(time.time() - t0, 3)}
+    atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+    log.info("%s: complete: %d images, mean raw token norm %.4g", cache, report["count"],
+             report["mean_norm"])
+    return report

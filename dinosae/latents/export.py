@@ -1,0 +1,55 @@
+"""A complete cache to one HDF5 file (`dinosae export-latents`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinosae.latents.reader import open_cache
+
+log = logging.getLogger(__name__)
+
+
+
+def _h5_attr(value: Any) -> Any:
+    """Attribute value HDF5 can hold: scalars and flat lists as they are, the rest as JSON."""
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and
+                                                 not isinstance(v, bool) for v in value):
+        return np.asarray(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return json.dumps(value)
+
+
+def export_hdf5(cfg: dict, cache: str | Path, out: str | Path) -> Path:
+    """Write a complete cache's arrays (tokens, labels, norms, and the flipped ones) and
+    attributes to one HDF5 file; `attrs_json` holds all attributes exactly. Config: none."""
+    import h5py
+
+    lc, out = open_cache(cache), Path(out)
+    group, unit = lc.group, lc.attrs["unit_rows"]
+    names = [k for k in ("tokens", "labels", "norms", "tokens_flip", "norms_flip") if k in group]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        for name in names:
+            src = group[name]
+            chunks = (min(lc.chunk_rows if name.startswith("tokens") else unit, lc.count),
+                      *src.shape[1:])
+            dst = f.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
+            for a in range(0, lc.count, unit):
+                dst[a:a + unit] = src[a:a + unit]
+        for key, value in lc.attrs.items():
+            if value is not None:
+                f.attrs[key] = _h5_attr(value)
+        f.attrs["attrs_json"] = json.dumps(lc.attrs)
+    os.replace(tmp, out)
+    log.info("exported %s -> %s", cache, out)
+    return out
