@@ -196,12 +196,20 @@ def synthetic(shape: tuple[int, int], lcfg: dict) -> tuple[np.ndarray, np.ndarra
             np.ones((2 * unit, t), np.float32), attrs)
 
 
-def reader_rate(lc: latents.LatentCache, batch: int, shuffle: bool, raw: bool) -> float:
+def reader_rate(lc: latents.LatentCache, batch: int, shuffle: bool, raw: bool,
+                check: bool = True) -> float:
+    """Seconds for one epoch of batches(); `check`: every row checked finite and unit norm (the
+    default), or not (what that check costs)."""
+    lc.check = check
+
     def run() -> None:
         for _ in lc.batches(batch, shuffle=shuffle, seed=0, epoch=0, radius=8.0, raw=raw):
             pass
 
-    return best_of(run)
+    try:
+        return best_of(run)
+    finally:
+        lc.check = True
 
 
 def memmap_rates(npy: Path, lc: latents.LatentCache, batch: int) -> dict[str, float]:
@@ -265,7 +273,10 @@ def bench_read(tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray, attrs:
         out.append({"codec": codec, "bytes": du(path / "tokens"), "write": write_s,
                     "plain": best_of(plain), "into": best_of(into),
                     **{f"{o}_{k}": reader_rate(lc, batch, o == "shuffled", k == "raw")
-                       for o in ("contig", "shuffled") for k in ("raw", "conv")}})
+                       for o in ("contig", "shuffled") for k in ("raw", "conv")},
+                    "shuffled_raw_nocheck": reader_rate(lc, batch, True, True, check=False),
+                    "check": best_of(lambda b=big: [latents.checks.bad_rows(b[a:a + batch])
+                                                   for a in range(0, rows, batch)])})
         if codec != codecs[-1]:
             shutil.rmtree(path)
     del big
@@ -300,6 +311,12 @@ def print_read(res: list[dict], rows: int, row_bytes: int, batch: int) -> None:
                           ("batches(), contiguous, fp32 + radius", "contig_conv"),
                           ("batches(), shuffled, fp32 + radius", "shuffled_conv")):
             line(f"{r['codec']}: reader {name}", r[key], mm[key])
+        line(f"{r['codec']}: reader batches(raw=True), shuffled, rows not checked",
+             r["shuffled_raw_nocheck"], mm["shuffled_raw"])
+    for r in res[:-1]:
+        print(f"{r['codec']}: the read check (every row finite, unit norm) alone: "
+              f"{gb / r['check']:.2f} GB/s on one thread; the shuffled raw read with it takes "
+              f"{r['shuffled_raw'] / r['shuffled_raw_nocheck']:.2f}x the time without it")
     for r in res[:-1]:  # the reader fills fresh memory too (the memmap's work) and reads zarr
         print(f"{r['codec']}: one-thread bound for a reader through zarr, memmap / (memmap + "
               f"zarr part) = {mm['shuffled_raw'] / (mm['shuffled_raw'] + r['into']):.2f}")

@@ -401,3 +401,89 @@ def test_iter_units_with_decoding_threads_gives_the_tars_samples_in_order(world,
         rows = every[4 * u:4 * u + 4]
         np.testing.assert_array_equal(images, np.stack([s[1] for s in rows]))
         np.testing.assert_array_equal(labels, [s[2] for s in rows])
+
+
+# ---------------------------------------------------------------- damaged caches (issue 22)
+
+def _damaged(cache3: Path, tmp_path: Path, plant) -> Path:
+    """A copy of the complete cache with damage planted after gathering (complete stays true)."""
+    bad = tmp_path / "damaged.zarr"
+    shutil.copytree(cache3, bad)
+    plant(bad)
+    assert zarr.open_group(bad, mode="r").attrs["complete"] is True
+    return bad
+
+
+def _one_line(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("dinosae")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), err[-2000:]
+
+
+def _nan_row(store: Path, name: str = "tokens", row: int = 9) -> None:
+    zarr.open_group(store, mode="r+")[name][row] = np.nan
+
+
+def test_bad_rows_finds_nan_inf_zero_and_off_norm_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 4, 64))
+    x = (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+    assert len(latents.checks.bad_rows(x)) == 0  # fp16 rounding of unit vectors passes
+    x[3, 2, 7], x[17, 0, 0], x[33] = np.nan, np.inf, 0
+    x[21, 1] *= np.float16(1.01)  # one token 1 % long
+    x[25, 3] *= np.float16(1.0004)  # within NORM_TOL: not damage
+    np.testing.assert_array_equal(latents.checks.bad_rows(x, block=16), [3, 17, 21, 33])
+
+
+def test_deleted_chunk_stops_open_export_and_training(world, cache3, tmp_path, capsys):
+    bad = _damaged(cache3, tmp_path, lambda s: (s / "tokens" / "c" / "1" / "0" / "0").unlink())
+    assert np.isnan(zarr.open_group(bad, mode="r")["tokens"][4:8]).all()  # what plain zarr sees
+    with pytest.raises(latents.CacheError, match=r"tokens/c/1/0/0 is missing \(rows 4\.\.7"):
+        latents.open_cache(bad)
+    out = tmp_path / "x.h5"
+    capsys.readouterr()
+    _one_line(cli(["export-latents", "--cache", str(bad), "--out", str(out), "--cfg", "{}"]),
+              capsys.readouterr().err, str(bad), "rows 4..7")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["damaged.zarr"]
+    rc = cli(["train-dit", "--cache", str(bad), "--ae", str(world["ckpt"]), "--out",
+              str(tmp_path / "dit"), "--cfg", json.dumps(world["cfg"])])
+    _one_line(rc, capsys.readouterr().err, "rows 4..7")
+
+
+@pytest.mark.parametrize("name, row, reader_row", [("tokens", 9, 9), ("tokens_flip", 2, 27)])
+def test_nan_row_stops_every_read_naming_store_and_row(world, cache3, tmp_path, capsys, name, row,
+                                                       reader_row):
+    bad = _damaged(cache3, tmp_path, lambda s: _nan_row(s, name, row))
+    lc = latents.open_cache(bad)  # chunk files and attributes are intact
+    message = rf"{bad}: {name} row {row} \(1 in all\) are not finite unit vectors"
+    with pytest.raises(latents.CacheError, match=message):
+        lc[reader_row]
+    lc[reader_row + 2]  # another chunk reads
+    with pytest.raises(latents.CacheError, match=message):
+        lc.read_rows(np.array([0, reader_row, 30, 5]))
+    lc.read_rows(np.array([0, reader_row + 2, 30]))
+    for raw in (True, False):
+        with pytest.raises(latents.CacheError, match=message):
+            list(lc.batches(4, raw=raw, seed=1))
+    lc.check = False  # what the check costs is measured against this (bench/latents.py)
+    assert np.isnan(lc.read_rows(np.array([reader_row]))[0]).all()
+    out = tmp_path / "x.h5"
+    capsys.readouterr()
+    _one_line(cli(["export-latents", "--cache", str(bad), "--out", str(out), "--cfg", "{}"]),
+              capsys.readouterr().err, f"{name} row {row}")
+    assert not out.exists()
+
+
+def test_all_zero_cache_does_not_train(world, cache3, tmp_path, capsys):
+    def zero(store: Path) -> None:
+        g = zarr.open_group(store, mode="r+")
+        for name in ("tokens", "tokens_flip"):
+            g[name][:] = 0
+
+    bad = _damaged(cache3, tmp_path, zero)
+    out = tmp_path / "dit"
+    capsys.readouterr()
+    rc = cli(["train-dit", "--cache", str(bad), "--ae", str(world["ckpt"]), "--out", str(out),
+              "--cfg", json.dumps(world["cfg"])])
+    _one_line(rc, capsys.readouterr().err, str(bad), "are not finite unit vectors")
+    assert not (out / "checkpoint.pt").exists()

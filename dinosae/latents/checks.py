@@ -1,6 +1,6 @@
 """What a latent cache promises, checked: its attributes against its arrays (check_attrs), every
 unit before the cache is marked complete (validate_cache), and the rows a reader reads
-(check_rows: finite, unit norm)."""
+(bad_rows: finite, unit norm), and the chunk files a complete cache must hold (missing_chunks)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from dinosae.errors import CacheError
@@ -218,3 +219,63 @@ def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int) 
             row = first_row + np.flatnonzero(~ok)[0]
             return f"{name.replace('tokens', 'norms')} row {row} is not finite and positive"
     return None
+
+
+def bad_rows(tokens: np.ndarray, tol: float = NORM_TOL, block: int = 16) -> np.ndarray:
+    """Indices (along axis 0) of the rows of stored tokens (n, T, C) holding a token that is not
+    finite or whose norm is off 1 by more than `tol`: what a reader checks on every row it reads
+    (a deleted chunk reads back as NaN rows, an all-zero store as zero rows). One pass in fp32,
+    `block` rows at a time; NaN and Inf fail the comparison. Cost: bench/latents.py."""
+    t = torch.from_numpy(np.ascontiguousarray(tokens))
+    bad = []
+    for i in range(0, len(t), block):
+        y = t[i:i + block].float()
+        ss = (y * y).sum(-1)  # squared token norms (rows, T); |‖z‖² − 1| ≈ 2 |‖z‖ − 1|
+        ok = ((ss - 1.0).abs() <= tol * (2.0 + tol)).all(-1)
+        if not bool(ok.all()):
+            bad.append(i + torch.nonzero(~ok).flatten().numpy())
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def rows_error(path: str | Path, what: str, rows: np.ndarray) -> CacheError:
+    """One line naming the store and the damaged rows (the first few, and how many)."""
+    rows = np.unique(rows)
+    shown = ", ".join(str(int(r)) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    return CacheError(f"{path}: {what} row{'s' if len(rows) > 1 else ''} {shown} "
+                      f"({len(rows)} in all) are not finite unit vectors: the cache is damaged "
+                      f"(a deleted or corrupt chunk?); `dinosae cache verify {path}` checks it all")
+
+
+def chunk_keys(array: zarr.Array) -> list[str]:
+    """The store keys (paths under the array's folder) of every chunk (or shard) of `array`;
+    zarr's default key encoding `c/i/j/...`."""
+    grid = array.cdata_shape if array.shards is None else tuple(
+        ceil_div(s, c) for s, c in zip(array.shape, array.shards, strict=True))
+    return ["c/" + "/".join(map(str, idx)) for idx in np.ndindex(*grid)]
+
+
+def missing_chunks(path: str | Path, group: zarr.Group, names: list[str]) -> dict[str, list[str]]:
+    """Array name -> chunk (shard) files absent from the store: a complete cache writes every one
+    (no chunk of valid data equals the fill value), so an absent one was deleted. Listing only."""
+    out = {}
+    for name in names:
+        folder = Path(path) / name
+        have = {str(p.relative_to(folder)) for p in (folder / "c").rglob("*") if p.is_file()} \
+            if (folder / "c").is_dir() else set()
+        gone = [k for k in chunk_keys(group[name]) if k not in have]
+        if gone:
+            out[name] = gone
+    return out
+
+
+def check_chunks(path: str | Path, group: zarr.Group, names: list[str]) -> None:
+    """CacheError naming the first absent chunk file of the named arrays and its rows."""
+    gone = missing_chunks(path, group, names)
+    if gone:
+        name, keys = next(iter(gone.items()))
+        a = group[name]
+        rows = (a.shards or a.chunks)[0]
+        first = int(keys[0].split("/")[1]) * rows
+        raise CacheError(f"{path}: chunk file {name}/{keys[0]} is missing (rows {first}.."
+                         f"{min(first + rows, a.shape[0]) - 1}; {sum(map(len, gone.values()))} "
+                         "missing in all): the cache is damaged; re-encode it")

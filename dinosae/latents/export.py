@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from dinosae.errors import CacheError
+from dinosae.latents.checks import bad_rows, rows_error
 from dinosae.latents.reader import open_cache
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,28 @@ def export_hdf5(cfg: dict, cache: str | Path, out: str | Path) -> Path:
     names = [k for k in ("tokens", "labels", "norms", "tokens_flip", "norms_flip") if k in group]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
-        for name in names:
-            src = group[name]
-            chunks = (min(lc.chunk_rows if name.startswith("tokens") else unit, lc.count),
-                      *src.shape[1:])
-            dst = f.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
-            for a in range(0, lc.count, unit):
-                dst[a:a + unit] = src[a:a + unit]
-        for key, value in lc.attrs.items():
-            if value is not None:
-                f.attrs[key] = _h5_attr(value)
-        f.attrs["attrs_json"] = json.dumps(lc.attrs)
-    os.replace(tmp, out)
+    try:  # a damaged row stops the export: no file at `out`, no temporary left
+        with h5py.File(tmp, "w") as f:
+            for name in names:
+                src = group[name]
+                chunks = (min(lc.chunk_rows if name.startswith("tokens") else unit, lc.count),
+                          *src.shape[1:])
+                dst = f.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
+                for a in range(0, lc.count, unit):
+                    values = src[a:a + unit]
+                    if name.startswith("tokens") and len(bad := bad_rows(values)):
+                        raise rows_error(cache, name, a + bad)
+                    if name.startswith("norms") and not (np.isfinite(values) & (values > 0)).all():
+                        rows = np.flatnonzero(~(np.isfinite(values) & (values > 0)).all(axis=1))
+                        raise CacheError(f"{cache}: {name} rows {(a + rows[:8]).tolist()} are not "
+                                         "finite and positive: the cache is damaged")
+                    dst[a:a + unit] = values
+            for key, value in lc.attrs.items():
+                if value is not None:
+                    f.attrs[key] = _h5_attr(value)
+            f.attrs["attrs_json"] = json.dumps(lc.attrs)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("exported %s -> %s", cache, out)
     return out

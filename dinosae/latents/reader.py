@@ -13,7 +13,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from dinosae.errors import CacheError
 from dinosae.latents.background import background
-from dinosae.latents.checks import check_attrs
+from dinosae.latents.checks import bad_rows, check_attrs, check_chunks, rows_error
 from dinosae.latents.store import VERSION, ceil_div, open_group
 
 
@@ -30,6 +30,8 @@ def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> Laten
                          "true): a region was never written or failed validation; run "
                          "`dinosae encode-gather` (Snakemake rule `encode`)")
     check_attrs(path, group, attrs, reading=True)
+    check_chunks(path, group, [k for k in ("tokens", "tokens_flip", "norms", "norms_flip",
+                                           "labels") if k in group])
     have = attrs["encoder"]["sha256"]
     if expect_encoder_sha is not None and have != expect_encoder_sha:
         raise CacheError(f"{path}: encoded with {attrs['encoder']['path']} (sha256 {have[:16]}…), "
@@ -41,6 +43,7 @@ class LatentCache:
     """A complete latent cache. Row r < N is image r; with flip, row N + i is image i flipped.
 
     `cache[r]` -> (tokens float32 (T, C) as stored, label); `batches(...)` is the fast path.
+    Every row read is checked (finite, unit norm: checks.bad_rows); `check = False` skips that.
     """
 
     def __init__(self, path: Path, group: zarr.Group, attrs: dict) -> None:
@@ -51,6 +54,12 @@ class LatentCache:
         self.unit_rows = int(attrs["unit_rows"])
         self._arrays = [group["tokens"]] + ([group["tokens_flip"]] if attrs["flip"] else [])
         self._chunk: tuple[tuple[int, int], np.ndarray] | None = None
+        self.check = True
+
+    def _where(self, rows: np.ndarray) -> tuple[str, np.ndarray]:
+        """(array name, row numbers in it) for rows of this reader (row N + i: tokens_flip i)."""
+        a = int(rows[0]) // self.count
+        return ("tokens", "tokens_flip")[a], rows[rows // self.count == a] % self.count
 
     def __len__(self) -> int:
         return self.count * len(self._arrays)
@@ -64,7 +73,10 @@ class LatentCache:
         key = (a, r // self.chunk_rows)  # keep the last chunk: sequential access reads it once
         if self._chunk is None or self._chunk[0] != key:
             start = key[1] * self.chunk_rows
-            self._chunk = (key, self._arrays[a][start:start + self.chunk_rows])
+            chunk = self._arrays[a][start:start + self.chunk_rows]
+            if self.check and len(bad := bad_rows(chunk)):
+                raise rows_error(self.path, ("tokens", "tokens_flip")[a], start + bad)
+            self._chunk = (key, chunk)
         row = self._chunk[1][r - key[1] * self.chunk_rows]
         return torch.from_numpy(row.astype(np.float32)), int(self.labels[r])
 
@@ -116,6 +128,8 @@ class LatentCache:
             for a, b in pairwise([lo, *starts[starts > lo].tolist(), hi]):  # unit by unit
                 self._read(int(srt[a]), buf[:b - a])
                 out[sort[a:b]] = buf[:b - a]
+        if self.check and len(bad := bad_rows(out)):
+            raise rows_error(self.path, *self._where(rows[bad]))
         return out, self.labels[rows % self.count]
 
     def _runs(self, srt: np.ndarray) -> list[tuple[int, int]]:
