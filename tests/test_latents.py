@@ -487,3 +487,60 @@ def test_all_zero_cache_does_not_train(world, cache3, tmp_path, capsys):
               "--cfg", json.dumps(world["cfg"])])
     _one_line(rc, capsys.readouterr().err, str(bad), "are not finite unit vectors")
     assert not (out / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- any training code (issue 26)
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_latent_dataset_with_distributed_sampler_serves_every_row_once(cache3, flip):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    stored, labels = _plain_rows(cache3)  # rows 0..N-1 images, N..2N-1 flipped
+    n = len(stored) // 2
+    if not flip:
+        stored, labels = stored[:n], labels[:n]
+    ds = latents.LatentDataset(cache3, flip=flip, radius=8.0)
+    assert len(ds) == len(stored) and (ds.tokens, ds.channels, ds.num_classes) == (4, 64, 3)
+    seen = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=4)
+        sampler.set_epoch(1)
+        for z, y in DataLoader(ds, batch_size=4, sampler=sampler):
+            assert z.dtype == torch.float32 and y.dtype == torch.int64
+            r = _rows_of(z, stored.astype(np.float64))
+            want = stored[r].astype(np.float64)
+            np.testing.assert_allclose(z.numpy(), 8.0 * want / np.linalg.norm(
+                want, axis=-1, keepdims=True), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(y.numpy(), labels[r])
+            seen.extend(r.tolist())
+    # the two ranks split every row, once (an odd count: the sampler repeats one to even out)
+    assert set(seen) == set(range(len(ds))) and len(seen) == len(ds) + len(ds) % 2
+    z, y = ds[len(ds) - 1]  # indexing: the last item is the last row (flipped when flip)
+    np.testing.assert_allclose(z.numpy() / 8.0, stored[-1], atol=1e-3)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_latent_dataset_pickles_without_the_store_and_reopens(cache3):
+    import pickle
+
+    ds = latents.LatentDataset(cache3)
+    again = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
+    assert again._cache is None
+    torch.testing.assert_close(again[5][0], ds[5][0])
+
+
+def test_example_trains_a_flow_model_on_the_cache(cache3, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_flow_on_cache.py"
+    out = tmp_path / "flow.pt"
+    r = subprocess.run([sys.executable, str(script), str(cache3), "--steps", "12",
+                        "--batch-size", "8", "--workers", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [float(ln.split()[-1]) for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert len(losses) == 3 and all(np.isfinite(losses))  # steps 0, 10, 11
+    assert "50 items of 4x64 tokens, 3 classes" in r.stdout
+    state = torch.load(out, weights_only=True)
+    assert state["out.weight"].shape == (64, 128)
+    assert all(torch.isfinite(v).all() for v in state.values())
