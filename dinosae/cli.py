@@ -77,6 +77,12 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "dinosae.latents", "export_hdf5", "write a latent cache's arrays and attributes to HDF5",
         [("--cache", dict(required=True)), ("--out", dict(required=True))],
     ),
+    "cache": (
+        "dinosae.latents.commands", "cache_command",
+        "latent caches: list [ROOT] (default latents.root), verify PATH, path (of --config's)",
+        [("action", dict(choices=["list", "verify", "path"])),
+         ("path", dict(nargs="?", default=None, help="list: the root; verify: the cache"))],
+    ),
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
         [("--cache", dict(required=True)), ("--ae", dict(required=True)),
@@ -187,7 +193,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
 }
 # commands that need no config (the checkpoint or the results files carry it)
 NO_CONFIG = {"export-model", "status", "stage-figures", "sample-grids", "metrics-table",
-             "generate"}
+             "generate", "cache"}
 # commands that read config.yaml when given no config, and need none of its paths to exist
 DEFAULT_CONFIG = {"plan": "config.yaml"}
 

@@ -143,7 +143,7 @@ def _cache_attrs(cache: str, ae: str, meta: dict, dit: str) -> dict:
     `ae` encoded it and that the generator fits its tokens and classes."""
     from dinosae.latents import open_cache
 
-    attrs = dict(open_cache(cache, expect_encoder_sha=sha256_file(ae)).attrs)
+    attrs = dict(open_cache(cache, expect_encoder=ae).attrs)
     have = {"tokens": int(attrs["grid"][0]) * int(attrs["grid"][1]),
             "channels": int(attrs["channels"]), "num_classes": int(attrs["num_classes"])}
     _check_generator_fits(meta, have, dit, f"the latent cache {cache}")

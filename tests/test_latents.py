@@ -22,7 +22,7 @@ import zarr
 from helpers import tiny_config, write_shards
 
 from dinosae import latents
-from dinosae.checkpoint import save_checkpoint
+from dinosae.checkpoint import save_checkpoint, tensors_fingerprint
 from dinosae.cli import main as cli
 from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
 
@@ -133,7 +133,8 @@ def test_plain_zarr_read_matches_the_encoder_in_manifest_order(world, cache3, tm
     assert attrs["grid"] == [2, 2] and attrs["channels"] == 64 and attrs["radius"] == 1.0
     assert attrs["image_size"] == SIZE and attrs["classes"] == CLASSES
     assert attrs["num_classes"] == 3
-    assert attrs["encoder"] == {"path": str(world["ckpt"]), "sha256": _sha(world["ckpt"])}
+    assert attrs["encoder"] == {"path": str(world["ckpt"]), "sha256": _sha(world["ckpt"]),
+                                "tensors": tensors_fingerprint(DinoSAE.load(world["ckpt"]))}
     manifest = world["shards"] / "manifest.json"
     assert attrs["source"]["path"] == str(manifest) and attrs["source"]["sha256"] == _sha(manifest)
     assert attrs["mean_norm"] == pytest.approx(ref["norms"].mean(), rel=1e-5)

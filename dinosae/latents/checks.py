@@ -279,3 +279,63 @@ def check_chunks(path: str | Path, group: zarr.Group, names: list[str]) -> None:
         raise CacheError(f"{path}: chunk file {name}/{keys[0]} is missing (rows {first}.."
                          f"{min(first + rows, a.shape[0]) - 1}; {sum(map(len, gone.values()))} "
                          "missing in all): the cache is damaged; re-encode it")
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """Whether the array's chunks carry a crc32c (zarr checks it on every read)."""
+    codecs = [type(c).__name__ for c in array.metadata.codecs]
+    inner = getattr(array.metadata.codecs[0], "codecs", ()) if codecs == ["ShardingCodec"] \
+        else ()
+    return "Crc32cCodec" in codecs + [type(c).__name__ for c in inner]
+
+
+def verify_cache(path: str | Path, group: zarr.Group, attrs: dict) -> dict:
+    """Everything a cache promises, checked to the end (`dinosae cache verify`): complete,
+    every attribute against the arrays, every chunk file present, every chunk's checksum, every
+    row's tokens finite and unit norm, norms finite and positive, labels in range. Returns
+    {"problems": [one line each], "checked": what was checked}; never raises for damage."""
+    problems: list[str] = []
+    if attrs.get("complete") is not True:
+        problems.append("incomplete: attribute complete is not true")
+    try:
+        check_attrs(path, group, attrs, reading=attrs.get("complete") is True)
+    except CacheError as e:
+        return {"problems": problems + [str(e)], "checked": "attributes (they lie: stopped)"}
+    flip, n, unit, K = attrs["flip"], attrs["count"], attrs["unit_rows"], attrs["num_classes"]
+    tokens = ["tokens", "tokens_flip"] if flip else ["tokens"]
+    names = tokens + [t.replace("tokens", "norms") for t in tokens] + ["labels"]
+    for name, keys in missing_chunks(path, group, names + ["written"]).items():
+        rows = (group[name].shards or group[name].chunks)[0]
+        problems += [f"chunk file {name}/{k} is missing (rows {int(k.split('/')[1]) * rows}.."
+                     f"{min((int(k.split('/')[1]) + 1) * rows, group[name].shape[0]) - 1})"
+                     for k in keys]
+    written = group["written"][:]
+    if not written.all():
+        problems.append(f"units not written: {np.flatnonzero(written == 0)[:8].tolist()}")
+    for u in range(attrs["units"]):
+        a, b = u * unit, min((u + 1) * unit, n)
+        for name in names:
+            try:
+                values = group[name][a:b]
+            except ValueError as e:  # zarr: "Stored and computed checksum do not match"
+                problems.append(f"{name} rows {a}..{b - 1}: unreadable chunk ({str(e)[:80]})")
+                continue
+            if name.startswith("tokens"):
+                bad = bad_rows(values)
+                if len(bad):
+                    problems.append(f"{name} rows {(a + bad[:8]).tolist()}"
+                                    f"{' ...' if len(bad) > 8 else ''}: not finite unit vectors")
+            elif name.startswith("norms"):
+                bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)).all(axis=1))
+                if len(bad):
+                    problems.append(f"{name} rows {(a + bad[:8]).tolist()}: not finite and "
+                                    "positive")
+            else:
+                bad = np.flatnonzero((values < 0) | (values >= K))
+                if len(bad):
+                    problems.append(f"labels rows {(a + bad[:8]).tolist()}: outside 0..{K - 1}")
+    crc = all(has_checksums(group[name]) for name in names)
+    return {"problems": problems,
+            "checked": f"attributes, chunk files, {n * len(tokens)} rows of {', '.join(names)}, "
+                       + ("crc32c of every chunk" if crc else "no chunk checksums (a store "
+                          "made before they were added)")}

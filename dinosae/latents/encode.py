@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinosae.checkpoint import tensors_fingerprint
 from dinosae.dist import pick_device
 from dinosae.errors import CacheError
 from dinosae.faults import fault_point
 from dinosae.files import atomic_write_text, sha256_file
 from dinosae.latents.background import background
 from dinosae.latents.checks import check_attrs, validate_cache
+from dinosae.latents.shared import identity, publish
 from dinosae.latents.store import (
     DESCRIPTION,
     FORMAT,
@@ -185,13 +187,16 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
     units = ceil_div(n, unit)
     parts = int(lcfg.get("parts", 1))
     codec = lcfg.get("compression", "zstd")
+    tensors, manifest_sha = tensors_fingerprint(model), sha256_file(manifest_path)
     attrs = {
         "format": FORMAT, "version": VERSION, "description": DESCRIPTION,
+        "identity": identity(tensors, manifest_sha, lcfg),
         "count": n, "rows": n * (2 if flip else 1), "grid": grid, "tokens": int(T),
         "channels": int(C), "radius": 1.0, "image_size": size, "flip": flip,
         "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
-        "encoder": {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
-        "source": {"path": str(manifest_path), "sha256": sha256_file(manifest_path),
+        "encoder": {"path": str(checkpoint), "sha256": sha256_file(checkpoint),
+                    "tensors": tensors},
+        "source": {"path": str(manifest_path), "sha256": manifest_sha,
                    "split": manifest["split"], "count": n},
         "chunk_rows": chunk, "unit_rows": unit, "units": units, "compression": codec,
         "batch_size": int(lcfg.get("batch_size", 64)),
@@ -203,13 +208,15 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            create_arrays(tmp, attrs, flip, n, T, C, chunk, unit, units, compressors(codec))
+            create_arrays(tmp, attrs, flip, n, T, C, chunk, unit, units,
+                          compressors(codec, checksum=True))
             replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, flip=%s",
              out, n, units, unit, chunk, parts, codec, flip)
     return out
+
 
 def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: str | Path,
                 index: int, parts: int, done: str | Path) -> dict:
@@ -303,7 +310,8 @@ def _write_unit(arrays: dict, u: int, unit_rows: int, data: dict) -> None:
 def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
     """Validate every region; only then set `complete: true` and `mean_norm`; write a JSON report
     to `out`. A failure raises CacheError naming the first bad region and leaves complete
-    false. Config: none needed."""
+    false. Config: latents.root (optional): then the complete cache is published there by its
+    identity (shared.publish) and `cache` becomes a link to it."""
     with output_lock(cache, "encode-gather"):  # one writer of the attributes at a time
         group, attrs = open_for_write(cache)
         t0 = time.time()
@@ -313,7 +321,10 @@ def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
             update_attrs(group, cache, {"complete": False})
             raise
         update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
-    report = {"cache": str(cache), "complete": True, **report,
+    root = (cfg.get("latents") or {}).get("root")
+    shared = publish(cache, root) if root else None
+    report = {"cache": str(cache), "shared": str(shared) if shared else None,
+              "identity": attrs.get("identity"), "complete": True, **report,
               "encoder": attrs["encoder"], "source": attrs["source"],
               "seconds": round(time.time() - t0, 3)}
     atomic_write_text(out, json.dumps(report, indent=1) + "\n")

@@ -12,14 +12,19 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 
 from dinosae.errors import CacheError
+from dinosae.files import sha256_file
 from dinosae.latents.background import background
 from dinosae.latents.checks import bad_rows, check_attrs, check_chunks, rows_error
+from dinosae.latents.shared import encoder_tensors, mark_used
 from dinosae.latents.store import VERSION, ceil_div, open_group
 
 
-def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> LatentCache:
+def open_cache(path: str | Path, expect_encoder_sha: str | None = None,
+               expect_encoder: str | Path | None = None) -> LatentCache:
     """Open a complete cache for reading; CacheError if it is incomplete, not a cache, or was
-    encoded by another encoder than `expect_encoder_sha`."""
+    encoded by another encoder than `expect_encoder_sha` (a checkpoint file's sha256) or
+    `expect_encoder` (a checkpoint: the same file, or the same tensors in another file, as a
+    cache shared by content is for a second experiment's imported autoencoder)."""
     path = Path(path)
     group, attrs = open_group(path, "r", "run the `encode` rule")
     if attrs.get("version") != VERSION:
@@ -33,10 +38,16 @@ def open_cache(path: str | Path, expect_encoder_sha: str | None = None) -> Laten
     check_chunks(path, group, [k for k in ("tokens", "tokens_flip", "norms", "norms_flip",
                                            "labels") if k in group])
     have = attrs["encoder"]["sha256"]
+    if expect_encoder is not None:
+        expect_encoder_sha = sha256_file(expect_encoder)
+        tensors = attrs["encoder"].get("tensors")
+        if have != expect_encoder_sha and tensors and tensors == encoder_tensors(expect_encoder):
+            expect_encoder_sha = have  # the same weights in another file
     if expect_encoder_sha is not None and have != expect_encoder_sha:
         raise CacheError(f"{path}: encoded with {attrs['encoder']['path']} (sha256 {have[:16]}…), "
                          f"not the expected encoder (sha256 {expect_encoder_sha[:16]}…): the "
                          "cache is stale; re-encode it")
+    mark_used(path.resolve())
     return LatentCache(path, group, attrs)
 
 class LatentCache:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from dinosae.errors import CacheError
 from dinosae.outputs import names_only
@@ -53,14 +53,16 @@ STORE_NAMES = names_only("zarr.json", *ARRAYS)
 MEAN_NORM_EXACT_VALUES = 1 << 24  # open_cache recomputes mean_norm exactly up to N x T norms
 
 
-def compressors(name: str) -> tuple:
-    """Codec chain for cfg latents.compression (see bench/latents.py for the measurements)."""
+def compressors(name: str, checksum: bool = False) -> tuple:
+    """Codec chain for cfg latents.compression (see bench/latents.py for the measurements);
+    `checksum`: a crc32c of every chunk after it, which zarr checks on every read."""
+    crc = (Crc32cCodec(),) if checksum else ()
     if name == "none":
-        return ()
+        return crc
     if name == "zstd":
-        return (ZstdCodec(level=3),)
+        return (ZstdCodec(level=3), *crc)
     if name == "blosc":
-        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), *crc)
     raise ValueError(f"latents.compression: unknown codec {name!r} (none | zstd | blosc)")
 
 

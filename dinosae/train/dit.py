@@ -30,7 +30,6 @@ from dinosae import rfm, sphere
 from dinosae.checkpoint import DIT_KIND, expect_kind
 from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
 from dinosae.errors import CheckpointError, ConfigError, NumericsError
-from dinosae.files import sha256_file
 from dinosae.images import save_grid
 from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
@@ -160,7 +159,7 @@ def _open_data(cache: Any, ae: str | None) -> tuple[str, Any, dict]:
 
         # the decoder that draws the grids must be the encoder the cache was made with
         cache_path = str(cache)
-        data = open_cache(cache, expect_encoder_sha=sha256_file(ae) if ae else None)
+        data = open_cache(cache, expect_encoder=ae)
     else:
         cache_path, data = str(getattr(cache, "path", "<in-memory>")), cache
     meta = _attrs_meta(data)

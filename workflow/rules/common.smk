@@ -42,7 +42,23 @@ def latent_store(split):
     return f"results/latents/{split}.zarr"
 
 
-CACHE = latent_store(config["latents"]["split"])  # the cache the DiT trains on
+# latents.root: caches shared by content (dinosae/latents/shared.py). A complete cache made
+# from this experiment's autoencoder (its checkpoint, or the dinosae checkpoint it imports) and
+# shards is used read-only from there, and no encode job is planned; otherwise the encode rules
+# build it here and publish it there.
+SHARED_CACHE = None
+if config["latents"].get("root") and not PRETRAINED_DIT:
+    from dinosae.latents.shared import find_for
+
+    SHARED_CACHE = find_for(
+        config["latents"],
+        AE_CHECKPOINT
+        if os.path.isfile(AE_CHECKPOINT) or not PRETRAINED_AE
+        else PRETRAINED_AE,
+        f"{SHARDS}/{config['latents']['split']}/manifest.json",
+    )
+# the cache the DiT trains on, and what its rules take as input for it
+CACHE = str(SHARED_CACHE or latent_store(config["latents"]["split"]))
 
 
 def cfg(*sections):

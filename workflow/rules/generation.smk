@@ -3,7 +3,11 @@
 
 rule train_dit:
     input:
-        latents=expand(rules.encode.output.report, split=config["latents"]["split"]),
+        latents=(
+            f"{SHARED_CACHE}/zarr.json"
+            if SHARED_CACHE
+            else expand(rules.encode.output.report, split=config["latents"]["split"])
+        ),
         ae=AE_CHECKPOINT,
     output:
         DIT_CHECKPOINT,

@@ -1,0 +1,180 @@
+"""Caches shared by content. A cache's identity is a hash of what determines its bytes: the
+encoder's tensors (checkpoint.tensors_fingerprint of the autoencoder, whatever file holds it),
+the shard manifest (sha256 of manifest.json: which images, in which order, preprocessed how) and
+the latents settings that change the stored values or their layout (IDENTITY_SETTINGS; not
+`parts`, which only splits the work). encode_init records it as the attribute `identity`.
+
+`latents.root` (for example a lab-wide folder) holds caches by identity, `<root>/<id>.zarr`
+(STORE_CHARS hex digits of it). The workflow looks there before it plans any encoding
+(`find_for`, called from workflow/rules/common.smk): a complete cache of the same identity is
+used read-only and no encode job is planned. Otherwise the experiment builds its own cache and
+`encode-gather` publishes it (`publish`): moved (or copied, across file systems) into the root
+under the lock of its final name, the local path left as a link to it; a cache published first
+by another experiment wins, and the local copy is dropped for a link to that one. So two
+experiments that build the same cache at once end with one cache in the root.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dinosae.errors import CacheError
+from dinosae.latents.store import FORMAT, VERSION
+from dinosae.outputs import output_lock
+
+log = logging.getLogger(__name__)
+
+IDENTITY_SETTINGS = ("flip", "batch_size", "compression", "chunk_rows", "shard_chunks", "dtype")
+STORE_CHARS = 24  # hex digits of the identity in a shared store's name (96 bits)
+USED = ".used"  # `<store>.used` beside a shared store: touched by every open (its last use)
+
+
+def identity(encoder_tensors: str, manifest_sha256: str, lcfg: dict) -> str:
+    """sha256 hex of what determines a cache's bytes."""
+    doc = {"format": FORMAT, "version": VERSION, "encoder_tensors": encoder_tensors,
+           "manifest_sha256": manifest_sha256,
+           "latents": {k: lcfg.get(k) for k in IDENTITY_SETTINGS}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def encoder_tensors(checkpoint: str | Path) -> str:
+    """The tensors fingerprint of an AE checkpoint's (EMA) autoencoder, as encode_init records."""
+    from dinosae.checkpoint import tensors_fingerprint
+    from dinosae.models.autoencoder import DinoSAE
+
+    return tensors_fingerprint(DinoSAE.load(checkpoint))
+
+
+def identity_for(checkpoint: str | Path, manifest: str | Path, lcfg: dict) -> str:
+    from dinosae.files import sha256_file
+
+    return identity(encoder_tensors(checkpoint), sha256_file(manifest), lcfg)
+
+
+def store_in(root: str | Path, ident: str) -> Path:
+    return Path(root) / f"{ident[:STORE_CHARS]}.zarr"
+
+
+def read_attrs(store: Path) -> dict | None:
+    """A store's attributes from its zarr.json (plain JSON, no zarr), or None: not a dinosae
+    cache, unreadable, or a link (a shared root holds real folders only)."""
+    try:
+        if store.is_symlink() or not store.is_dir() or (store / "zarr.json").is_symlink():
+            return None
+        with open(store / "zarr.json", "rb") as f:
+            attrs = json.loads(f.read(1 << 24)).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attrs if isinstance(attrs, dict) and attrs.get("format") == FORMAT else None
+
+
+def find(root: str | Path, ident: str) -> Path | None:
+    """The complete cache of identity `ident` in `root`, or None."""
+    store = store_in(root, ident)
+    attrs = read_attrs(store)
+    if attrs and attrs.get("identity") == ident and attrs.get("complete") is True:
+        return store
+    return None
+
+
+def find_for(lcfg: dict, checkpoint: str | Path, manifest: str | Path) -> Path | None:
+    """For the workflow, before planning: the shared cache this experiment's autoencoder and
+    shards would make, when latents.root holds it complete; None when there is no root, when
+    the checkpoint or manifest does not exist yet (the identity is not known before the
+    autoencoder is) or when the root has no such cache."""
+    root = lcfg.get("root")
+    if not root or not Path(checkpoint).is_file() or not Path(manifest).is_file():
+        return None
+    try:
+        ident = identity_for(checkpoint, manifest, lcfg)
+    except Exception as e:  # e.g. a released (not dinosae) checkpoint: build, then publish
+        log.warning("latents.root: no identity for %s (%s: %s); the cache is built here",
+                    checkpoint, type(e).__name__, str(e)[:200])
+        return None
+    found = find(root, ident)
+    if found:
+        log.info("latent cache found by content: %s", found)
+    return found
+
+
+def mark_used(store: Path) -> None:
+    """Touch `<store>.used` beside a shared store (best effort: the root may be read-only)."""
+    marker = store.with_name(store.name + USED)
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            os.utime(marker)
+        except OSError:
+            pass
+
+
+def publish(cache: str | Path, root: str | Path) -> Path:
+    """Move a complete local cache into `root` by its identity and leave a link in its place;
+    if `root` already holds that cache complete, drop the local one for a link to it. Returns
+    the shared store."""
+    cache, root = Path(cache), Path(root)
+    attrs = read_attrs(cache)
+    if not attrs or attrs.get("complete") is not True or not attrs.get("identity"):
+        raise CacheError(f"{cache}: only a complete cache with an identity can be published")
+    root.mkdir(parents=True, exist_ok=True)
+    target = store_in(root, attrs["identity"])
+    with output_lock(target, "publish-cache"):  # one publisher of this identity at a time
+        if find(root, attrs["identity"]) is None:
+            if target.exists() or target.is_symlink():
+                raise CacheError(f"{target}: exists but is not the complete cache "
+                                 f"{attrs['identity'][:16]}…; remove it (or check it with "
+                                 f"`dinosae cache verify {target}`)")
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            try:
+                os.rename(cache, tmp)
+            except OSError:  # another file system: copy
+                shutil.copytree(cache, tmp, symlinks=True)
+            os.rename(tmp, target)
+            target.with_name(target.name + USED).touch()
+            log.info("published %s -> %s", cache, target)
+        else:
+            log.info("%s already holds this cache (identity %s…): using it", target,
+                     attrs["identity"][:16])
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(cache)
+        tmp_link = cache.with_name(f".{cache.name}.link{os.getpid()}")
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(target.resolve())
+        os.replace(tmp_link, cache)
+    return target
+
+
+def _du(path: Path) -> int:
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def list_caches(root: str | Path) -> list[dict[str, Any]]:
+    """One entry per cache folder in `root`: identity, what made it, size, complete, last use."""
+    out = []
+    for store in sorted(Path(root).glob("*.zarr")):
+        attrs = read_attrs(store)
+        if attrs is None:
+            continue
+        used = store.with_name(store.name + USED)
+        enc, src = attrs.get("encoder") or {}, attrs.get("source") or {}
+        out.append({
+            "store": str(store), "identity": attrs.get("identity"),
+            "complete": attrs.get("complete") is True,
+            "encoder": enc.get("path"), "encoder_tensors": enc.get("tensors"),
+            "source": src.get("path"), "split": src.get("split"), "count": attrs.get("count"),
+            "flip": attrs.get("flip"), "dtype": attrs.get("dtype", "float16"),
+            "bytes": _du(store), "created": attrs.get("created"),
+            "last_use": _when(used.stat().st_mtime if used.is_file() else None)})
+    return out
