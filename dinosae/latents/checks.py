@@ -297,10 +297,15 @@ def verify_cache(path: str | Path, group: zarr.Group, attrs: dict) -> dict:
     problems: list[str] = []
     if attrs.get("complete") is not True:
         problems.append("incomplete: attribute complete is not true")
-    try:
-        check_attrs(path, group, attrs, reading=attrs.get("complete") is True)
+    try:  # the layout first: the rows are read by it
+        check_attrs(path, group, attrs)
     except CacheError as e:
         return {"problems": problems + [str(e)], "checked": "attributes (they lie: stopped)"}
+    if attrs.get("complete") is True:
+        try:  # radius, labels against num_classes, mean_norm against the norms
+            check_attrs(path, group, attrs, reading=True)
+        except CacheError as e:
+            problems.append(str(e))
     flip, n, unit, K = attrs["flip"], attrs["count"], attrs["unit_rows"], attrs["num_classes"]
     tokens = ["tokens", "tokens_flip"] if flip else ["tokens"]
     names = tokens + [t.replace("tokens", "norms") for t in tokens] + ["labels"]

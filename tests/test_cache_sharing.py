@@ -1,0 +1,219 @@
+"""Caches shared by content (dinosae/latents/shared.py) and `dinosae cache list | verify | path`.
+
+Identities are compared across independently made inputs (the same weights re-saved in another
+file, another autoencoder, another setting); publishing is checked on the file system (one
+store in the root, links in the experiments), also for two processes publishing at once; verify
+is run on caches damaged by hand (a deleted chunk file, a NaN row, a lying attribute, a flipped
+byte)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from helpers import tiny_config, write_shards
+
+from dinosae import latents
+from dinosae.checkpoint import save_checkpoint
+from dinosae.cli import main
+from dinosae.latents import shared
+from dinosae.models.autoencoder import ae_config, build_autoencoder
+
+SIZE = 32
+
+
+def _ae(path: Path, cfg: dict, seed: int, step: int = 1) -> Path:
+    torch.manual_seed(seed)
+    sd = build_autoencoder(cfg).state_dict()
+    save_checkpoint(path, {"kind": "dinosae-ae", "stage": 4, "step": step,
+                           "config": ae_config(cfg), "model": sd, "ema": sd})
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharing")
+    cfg = tiny_config(tmp)
+    cfg["device"] = "cpu"
+    cfg["latents"].update(parts=1, flip=False, chunk_rows=2, shard_chunks=2, batch_size=4)
+    rng = np.random.default_rng(0)
+    write_shards(tmp / "shards", rng.integers(0, 256, (10, SIZE, SIZE, 3), dtype=np.uint8),
+                 np.arange(10) % 3, (6, 4))
+    ae = _ae(tmp / "ae.pt", cfg, 0)
+    # the same tensors in another file (another step recorded): what an import makes
+    ck = torch.load(ae, weights_only=True)
+    ck["step"], ck["imported"] = 7, {"source": "elsewhere"}
+    save_checkpoint(tmp / "ae_copy.pt", ck)
+    _ae(tmp / "ae_other.pt", cfg, 1)
+    return {"tmp": tmp, "cfg": cfg, "shards": tmp / "shards", "ae": ae,
+            "ae_copy": tmp / "ae_copy.pt", "ae_other": tmp / "ae_other.pt"}
+
+
+def build(world, out: Path, ae: Path | None = None, root: Path | None = None, **lcfg) -> dict:
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["latents"].update(lcfg, root=str(root) if root else None)
+    ae = ae or world["ae"]
+    latents.encode_init(cfg, world["shards"], ae, out)
+    latents.encode_part(cfg, out, world["shards"], ae, 0, 1, out.with_name(out.name + ".done"))
+    return latents.encode_gather(cfg, out, out.with_name(out.name + ".report.json"))
+
+
+def test_identity_follows_the_tensors_manifest_and_settings(world):
+    manifest, lcfg = world["shards"] / "manifest.json", world["cfg"]["latents"]
+    base = shared.identity_for(world["ae"], manifest, lcfg)
+    assert world["ae"].read_bytes() != world["ae_copy"].read_bytes()
+    assert shared.identity_for(world["ae_copy"], manifest, lcfg) == base  # same weights
+    assert shared.identity_for(world["ae_other"], manifest, lcfg) != base
+    assert shared.identity_for(world["ae"], manifest, {**lcfg, "parts": 5}) == base
+    for key, value in (("flip", True), ("compression", "zstd"), ("chunk_rows", 1)):
+        assert shared.identity_for(world["ae"], manifest, {**lcfg, key: value}) != base, key
+    other = world["tmp"] / "shards2"
+    shutil.copytree(world["shards"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    assert shared.identity_for(world["ae"], other / "manifest.json", lcfg) == base  # a copy
+    m["classes"] = list(reversed(m["classes"]))
+    (other / "manifest.json").write_text(json.dumps(m))
+    assert shared.identity_for(world["ae"], other / "manifest.json", lcfg) != base
+
+
+def test_publish_moves_into_the_root_and_a_second_build_links_to_it(world, tmp_path):
+    root = tmp_path / "root"
+    exp1, exp2 = tmp_path / "exp1" / "train.zarr", tmp_path / "exp2" / "train.zarr"
+    exp1.parent.mkdir()
+    exp2.parent.mkdir()
+    r1 = build(world, exp1, root=root)
+    ident = zarr.open_group(exp1, mode="r").attrs["identity"]
+    store = root / f"{ident[:24]}.zarr"
+    assert r1["shared"] == str(store) and r1["identity"] == ident
+    assert exp1.is_symlink() and exp1.resolve() == store.resolve()
+    assert shared.find(root, ident) == store
+    assert shared.find_for({**world["cfg"]["latents"], "root": str(root)}, world["ae_copy"],
+                           world["shards"] / "manifest.json") == store
+    # a second experiment that built the same cache: its copy is dropped, one store remains
+    r2 = build(world, exp2, ae=world["ae_copy"], root=root)
+    assert r2["shared"] == str(store) and exp2.is_symlink()
+    assert sorted(p.name for p in root.iterdir()) == [store.name, f"{store.name}.used"]
+    # the second experiment reads it with its own (imported) checkpoint; another AE is refused
+    lc = latents.open_cache(exp2, expect_encoder=world["ae_copy"])
+    assert len(lc) == 10
+    with pytest.raises(latents.CacheError, match="stale"):
+        latents.open_cache(store, expect_encoder=world["ae_other"])
+    # another autoencoder makes another cache beside it
+    exp3 = tmp_path / "exp3.zarr"
+    build(world, exp3, ae=world["ae_other"], root=root)
+    assert len(list(root.glob("*.zarr"))) == 2 and exp3.resolve() != store.resolve()
+
+
+def _publish_in_process(args):
+    world_cfg, shards, ae, out, root = args
+    torch.set_num_threads(1)
+    build({"cfg": world_cfg, "shards": Path(shards), "ae": Path(ae)}, Path(out), root=Path(root))
+    return str(Path(out).resolve())
+
+
+def test_two_concurrent_first_builds_make_one_cache(world, tmp_path):
+    root = tmp_path / "root"
+    outs = [tmp_path / f"e{i}" / "train.zarr" for i in (0, 1)]
+    for o in outs:
+        o.parent.mkdir()
+    ctx = multiprocessing.get_context("fork")  # two processes: the lock is per process
+    with ctx.Pool(2) as pool:
+        got = pool.map(_publish_in_process, [(world["cfg"], str(world["shards"]),
+                                              str(world["ae"]), str(o), str(root))
+                                             for o in outs])
+    stores = list(root.glob("*.zarr"))
+    assert len(stores) == 1 and got == [str(stores[0].resolve())] * 2
+    assert all(o.is_symlink() for o in outs)
+    assert latents.open_cache(outs[1]).attrs["complete"] is True
+    assert not list(root.glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------- dinosae cache ...
+
+def cache(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["cache", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def healthy(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("healthy") / "c.zarr"
+    build(world, out)
+    return out
+
+
+def damaged(healthy: Path, tmp_path: Path, plant) -> Path:
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(healthy, bad)
+    plant(bad)
+    return bad
+
+
+def _edit_attrs(store: Path, **changes) -> None:
+    doc = json.loads((store / "zarr.json").read_text())
+    doc["attributes"].update(changes)
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+def _flip_byte(store: Path) -> None:
+    f = store / "tokens" / "c" / "1" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[10] ^= 0xFF  # inside the first inner chunk's compressed bytes
+    f.write_bytes(bytes(raw))
+
+
+def test_verify_passes_a_healthy_cache(healthy, capsys):
+    rc, out, err = cache(capsys, "verify", str(healthy))
+    assert rc == 0 and f"{healthy}: ok" in out and "crc32c of every chunk" in out, out + err
+
+
+@pytest.mark.parametrize("plant, needle", [
+    (lambda s: (s / "tokens" / "c" / "1" / "0" / "0").unlink(),
+     "chunk file tokens/c/1/0/0 is missing (rows 4..7)"),
+    (lambda s: zarr.open_group(s, mode="r+")["tokens"].__setitem__(9, np.nan),
+     "tokens rows [9]: not finite unit vectors"),
+    (lambda s: zarr.open_group(s, mode="r+")["norms"].__setitem__((2, 1), -1.0),
+     "norms rows [2]: not finite and positive"),
+    (lambda s: _edit_attrs(s, count=9, rows=9), "attribute 'count'"),
+    (lambda s: _edit_attrs(s, mean_norm=3.5), "attribute 'mean_norm'"),
+    (_flip_byte, "tokens rows 4..7: unreadable chunk (Stored and computed checksum"),
+])
+def test_verify_reports_damage_and_exits_2(healthy, tmp_path, capsys, plant, needle):
+    bad = damaged(healthy, tmp_path, plant)
+    rc, out, err = cache(capsys, "verify", str(bad))
+    assert rc == 2 and "Traceback" not in err
+    assert needle in out, out
+    lines = [ln for ln in err.splitlines() if ln.startswith("dinosae")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "damaged" in lines[0], err
+
+
+def test_list_and_path(world, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "root"
+    exp = tmp_path / "exp"
+    (exp / "results" / "ae" / "stage4").mkdir(parents=True)
+    shutil.copy(world["ae_copy"], exp / "results" / "ae" / "stage4" / "checkpoint.pt")
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["data"]["shards"] = str(tmp_path / "shards")
+    shutil.copytree(world["shards"], tmp_path / "shards" / "train")
+    cfg["latents"]["root"] = str(root)
+    (exp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(exp)
+    rc, out, _ = cache(capsys, "path", "--config", "config.yaml")
+    ident = shared.identity_for(world["ae"], world["shards"] / "manifest.json", cfg["latents"])
+    assert rc == 0 and out.strip() == f"{root / ident[:24]}.zarr (not built yet)"
+    build(world, tmp_path / "first.zarr", root=root)
+    rc, out, _ = cache(capsys, "path", "--config", "config.yaml")
+    assert rc == 0 and out.strip() == f"{root / ident[:24]}.zarr"
+    rc, out, _ = cache(capsys, "list", "--config", "config.yaml")
+    row = out.splitlines()[1].split()
+    assert rc == 0 and row[:4] == [ident[:16], "true", "train", "10"], out
+    assert "1 cache(s)" in out and str(world["ae"]) in out
