@@ -217,3 +217,50 @@ def test_list_and_path(world, tmp_path, capsys, monkeypatch):
     row = out.splitlines()[1].split()
     assert rc == 0 and row[:4] == [ident[:16], "true", "train", "10"], out
     assert "1 cache(s)" in out and str(world["ae"]) in out
+
+
+# ---------------------------------------------------------------- the workflow (integration)
+
+def _dry_jobs(cwd: Path, *args: str) -> set[str]:
+    import re
+
+    from helpers import run_snakemake
+
+    r = run_snakemake(cwd, "-n", *args)
+    if "Job stats:" not in r.stdout:
+        return set()
+    table = r.stdout.split("Job stats:")[1]
+    return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", table, re.M)} - {"total"}
+
+
+@pytest.mark.integration
+def test_second_experiment_uses_the_shared_cache_without_encoding(pipeline_run, tmp_path):
+    """The session's pipeline run made a cache; published to a root, a second experiment in
+    another folder with the same autoencoder (imported from the first's checkpoint) and shards
+    plans no encode job and runs to gfid.txt on the shared cache, read-only."""
+    from helpers import run_snakemake, workflow_copy
+
+    root = tmp_path / "root"
+    shutil.copytree(pipeline_run / "results/latents/train.zarr", tmp_path / "copy.zarr")
+    store = shared.publish(tmp_path / "copy.zarr", root)
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    cfg = tiny_config()
+    cfg["data"].update(root=str(pipeline_run / cfg["data"]["root"]),
+                       shards=str(pipeline_run / cfg["data"]["shards"]))
+    cfg["autoencoder"]["pretrained"] = str(pipeline_run / "results/ae/stage4/checkpoint.pt")
+    cfg["latents"]["root"] = str(root)
+    exp = workflow_copy(tmp_path / "exp2", cfg)
+    jobs = _dry_jobs(exp, "results/gfid.txt")
+    assert {"import_autoencoder", "train_dit", "sample", "fid"} <= jobs, jobs
+    assert not jobs & {"encode_init", "encode_part", "encode", "shard", "mini_dataset"}, jobs
+    run_snakemake(exp, "results/gfid.txt")
+    assert (exp / "results/gfid.txt").is_file() and not (exp / "results/latents").exists()
+    dit = torch.load(exp / "results/dit/checkpoint.pt", weights_only=True)
+    assert dit.get("cache") == str(store) or \
+        str(store) in (exp / "results/logs/train_dit.log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before  # read-only
+    # another autoencoder: the identity differs, so this experiment would encode its own
+    cfg["autoencoder"]["pretrained"] = str(pipeline_run / "results/ae/stage3/checkpoint.pt")
+    (exp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (exp / "results/ae/stage4/checkpoint.pt").unlink()
+    assert {"encode_init", "encode_part", "encode"} <= _dry_jobs(exp, "results/gfid.txt")

@@ -9,6 +9,8 @@ One job per module:
     encode.py      encode_init / encode_part / encode_gather (scatter/gather, resumable)
     reader.py      open_cache and LatentCache (rows, fast batches)
     dataset.py     LatentDataset: a torch Dataset for any training code
+    shared.py      identity by content, caches shared in latents.root, publishing
+    commands.py    `dinosae cache list | verify | path`
     export.py      a complete cache to one HDF5 file
 
 The public names are importable from `dinosae.latents` itself.
