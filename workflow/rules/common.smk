@@ -45,9 +45,14 @@ def latent_store(split):
 # latents.root: caches shared by content (dinosae/latents/shared.py). A complete cache made
 # from this experiment's autoencoder (its checkpoint, or the dinosae checkpoint it imports) and
 # shards is used read-only from there, and no encode job is planned; otherwise the encode rules
-# build it here and publish it there.
+# build it here and publish it there (leaving a link here, and this experiment keeps using its
+# own path, so that a later run plans the same jobs).
 SHARED_CACHE = None
-if config["latents"].get("root") and not PRETRAINED_DIT:
+if (
+    config["latents"].get("root")
+    and not PRETRAINED_DIT
+    and not os.path.lexists(latent_store(config["latents"]["split"]))
+):
     from dinosae.latents.shared import find_for
 
     SHARED_CACHE = find_for(
