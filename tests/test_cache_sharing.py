@@ -264,3 +264,19 @@ def test_second_experiment_uses_the_shared_cache_without_encoding(pipeline_run, 
     (exp / "config.yaml").write_text(yaml.safe_dump(cfg))
     (exp / "results/ae/stage4/checkpoint.pt").unlink()
     assert {"encode_init", "encode_part", "encode"} <= _dry_jobs(exp, "results/gfid.txt")
+
+
+@pytest.mark.integration
+def test_example_trains_on_the_default_pipeline_cache(pipeline_run, tmp_path):
+    """examples/train_flow_on_cache.py on the cache the session's (default, tiny) run made."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_flow_on_cache.py"
+    r = subprocess.run([sys.executable, str(script),
+                        str(pipeline_run / "results/latents/train.zarr"), "--steps", "5",
+                        "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "f.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [float(ln.split()[-1]) for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert len(losses) == 2 and all(np.isfinite(losses)), r.stdout  # steps 0 and 4
