@@ -134,7 +134,7 @@ def test_generator_samples_equal_the_pipeline_sampler(ckpts, tmp_path, monkeypat
     attrs = {"num_classes": NUM_CLASSES, "classes": ["a", "b", "c"], "mean_norm": MEAN_NORM,
              "grid": [2, 2], "channels": 64, "complete": True}
     latents = types.ModuleType("dinosae.latents")  # the sampler reads only these attributes
-    latents.open_cache = lambda path, expect_encoder_sha=None: types.SimpleNamespace(attrs=attrs)
+    latents.open_cache = lambda path, **expect: types.SimpleNamespace(attrs=attrs)
     monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
     out = tmp_path / "samples.h5"
     generate.sample_to_h5(cfg, str(dit_path), str(ae_path), "cache.zarr", str(out))
