@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "eval-recon": (
         "dinosae.evaluate", "eval_recon", "reconstruction metrics on the val split -> recon.txt",
         [("--checkpoint", dict(required=True)), ("--shards", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "encode-init": (
         "dinosae.latents", "encode_init", "create the latent cache arrays and attributes",
@@ -74,8 +74,9 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         [("--cache", dict(required=True)), ("--out", dict(required=True, help="report json"))],
     ),
     "export-latents": (
-        "dinosae.latents", "export_hdf5", "write a latent cache's arrays and attributes to HDF5",
-        [("--cache", dict(required=True)), ("--out", dict(required=True))],
+        "dinosae.export", "export_latents",
+        "write a latent cache's arrays and attributes to HDF5",
+        [("--cache", dict(required=True)), ("--out", dict(required=True)), FORCE],
     ),
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
@@ -87,7 +88,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         [("--dit", dict(required=True)), ("--ae", dict(required=True)),
          ("--cache", dict(default=None, help="the latent cache the DiT was trained on (class "
                                             "names, checks); none for an imported generator")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True, help="samples.h5 (the grid .png and the .npz go beside "
+                                            "it)")), FORCE],
     ),
     "generate": (
         "dinosae.api", "generate_images",
@@ -111,13 +113,13 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "fid-reference": (
         "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
         [("--shards", dict(required=True)), ("--out", dict(required=True)),
-         ("--ae", dict(default=None, help=AE_HELP))],
+         ("--ae", dict(default=None, help=AE_HELP)), FORCE],
     ),
     "fid": (
         "dinosae.evaluate", "fid", "FID/IS (or FD in the configured extractor) -> gfid.txt",
         [("--samples", dict(required=True)), ("--reference", dict(required=True)),
          ("--out", dict(required=True)),
-         ("--ae", dict(default=None, help=AE_HELP))],
+         ("--ae", dict(default=None, help=AE_HELP)), FORCE],
     ),
     "export-model": (
         "dinosae.export", "export_model",
@@ -132,7 +134,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "released (official DINO-SAE) or exported AE weights -> a stage-4 checkpoint",
         [("--source", dict(default=None, help="file, folder or hf-hub:<owner>/<name>[/<file>]; "
                                               "default autoencoder.pretrained")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "import-dit": (
         "dinosae.importers", "import_generator",
@@ -140,7 +142,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "DiT checkpoint",
         [("--source", dict(default=None, help="file, folder or hf-hub:...; default "
                                               "dit.pretrained")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "plan": (
         "dinosae.plan", "plan",
@@ -168,21 +170,22 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "report figures of a training run: loss curves (metrics.csv), its last image grid",
         [("--checkpoint", dict(required=True, help="the run's checkpoint.pt (files beside it)")),
          ("--title", dict(required=True)), ("--loss", dict(required=True, help="PNG")),
-         ("--grid", dict(default=None, help="PNG: an AE stage's last input | recon grid"))],
+         ("--grid", dict(default=None, help="PNG: an AE stage's last input | recon grid")),
+         FORCE],
     ),
     "sample-grids": (
         "dinosae.report", "sample_grids", "one sample grid per class, for the report",
         [("--samples", dict(required=True, help="samples.h5")),
-         ("--out", dict(required=True, nargs="+", help="one PNG per class shown"))],
+         ("--out", dict(required=True, nargs="+", help="one PNG per class shown")), FORCE],
     ),
     "metrics-table": (
         "dinosae.report", "metrics_table", "a key: value results file -> an HTML table",
         [("--results", dict(required=True)), ("--title", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "config-page": (
         "dinosae.report", "config_page", "the config used -> an HTML page (for the report)",
-        [("--out", dict(required=True))],
+        [("--out", dict(required=True)), FORCE],
     ),
 }
 # commands that need no config (the checkpoint or the results files carry it)

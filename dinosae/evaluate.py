@@ -52,6 +52,7 @@ from dinosae.dist import pick_device
 from dinosae.errors import ConfigError
 from dinosae.files import sha256_file, write_kv
 from dinosae.images import save_grid
+from dinosae.outputs import claim_file, kv_ours, mark_zip, png_ours, zip_ours
 from dinosae.progress import Progress
 
 log = logging.getLogger("dinosae.evaluate")
@@ -351,10 +352,12 @@ def _save_npz(path: str | Path, **arrays: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+    mark_zip(tmp)
     os.replace(tmp, path)
 
 
-def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> None:
+def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None,
+                  force: bool = False) -> None:
     """Feature statistics of the real images in `shards` (or of ADM's reference batch when
     cfg eval.adm_reference is set) -> npz with mu, sigma, extractor, extractor_id, count, source
     (and, with Inception, up to 10k features for precision/recall).
@@ -364,6 +367,8 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
     reference batch or a machine with the memory).
     """
     ev = cfg["eval"]
+    claim_file({out: zip_ours}, "fid-reference", force=force,
+               inputs=[shards, ae, ev.get("adm_reference")])
     if ev.get("adm_reference"):
         if ev["extractor"] != "inception":
             raise ConfigError("config: 'eval.adm_reference' holds Inception-v3 statistics; it "
@@ -400,13 +405,16 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
 
 # ---------------------------------------------------------------- generation metrics
 
-def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None) -> None:
+def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None,
+        force: bool = False) -> None:
     """FD of the samples in `samples` (HDF5 from generate.sample_to_h5) against `reference`
     -> `out` (results/gfid.txt). With Inception: FID, IS, and precision/recall when the
     reference carries real features. Sections: device, eval, autoencoder (+ data without `ae`)."""
     import h5py
 
     ev = cfg["eval"]
+    claim_file({out: kv_ours("metric", "num_samples")}, "fid", force=force,
+               inputs=[samples, reference, ae])
     ref = load_reference(reference)
     device = pick_device(cfg.get("device", "auto"))
     teacher = load_teacher(cfg, ae, device) if ev["extractor"] == "teacher" else None
@@ -490,7 +498,7 @@ def _recon_indices(count: int, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
+def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str, force: bool = False) -> None:
     """Reconstruct cfg eval.recon_samples images of `shards` (spread over the split) with the AE
     `checkpoint` (encode -> decode), then PSNR, SSIM, LPIPS and rFID (rFD_teacher offline) ->
     `out` (key: value) and a PNG grid (input rows over reconstruction rows) beside it.
@@ -500,6 +508,11 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     from dinosae.models.perceptual import lpips_distance
 
     ev = cfg["eval"]
+    if Path(out).suffix == ".png":
+        raise ConfigError(f"--out {out}: the PNG grid is written beside it as .png; give a "
+                          ".txt name")
+    claim_file({out: kv_ours("PSNR", "num_samples"), Path(out).with_suffix(".png"): png_ours},
+               "eval-recon", force=force, inputs=[checkpoint, shards])
     manifest = read_manifest(shards)  # bad shards stop here, before any model loads
     count = int(manifest["count"])
     device = pick_device(cfg.get("device", "auto"))

@@ -627,3 +627,209 @@ def test_9_temporaries_of_killed_runs_are_removed_and_modes_follow_the_umask(wor
                                              "model.safetensors"]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o640)}
     assert stat.S_IMODE((work / "cache.zarr" / "zarr.json").stat().st_mode) == 0o640
+
+
+# ================================================================ issue 22: round two
+#
+#   10 single-file outputs      13 weights and evaluation inputs   16 tracebacks -> one line
+#   11 lock links               14 resume identity                 17 the CLI boundary (table)
+#   12 shell quoting, numbers   15 results-folder readers
+
+def _samples_h5(path: Path, n: int = 4, size: int = SIZE, **attrs) -> Path:
+    """A samples.h5 as generate.sample_to_h5 writes it (random uint8 images)."""
+    import h5py
+
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "w") as f:
+        f["images"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        f["labels"] = np.arange(n) % NUM_CLASSES
+        f["seeds"] = np.arange(n)
+        f.attrs.update({"format": "dinosae-samples", "num_samples": n, "done": n,
+                        "complete": True, "classes": ["a", "b", "c"]} | attrs)
+    return path
+
+
+def _file_writers(world, work: Path) -> dict[str, tuple[list[str], dict | None, str]]:
+    """command -> (arguments without --out, --cfg sections, a good --out name) for every
+    command that writes a single file."""
+    (work / "recon.txt").write_text("PSNR: 1.0\nnum_samples: 2\n")
+    samples = _samples_h5(work / "in_samples.h5")
+    (work / "run").mkdir(exist_ok=True)
+    (work / "run" / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    ev = sections(world, "device", "eval", "autoencoder", "data")
+    return {
+        "sample": (["sample", "--dit", str(work / "dit.pt"), "--ae", str(work / "ae.pt")],
+                   sections(world, "seed", "device", "sample"), "samples.h5"),
+        "import-ae": (["import-ae", "--source", str(work / "ae.pt")],
+                      sections(world, "data", "autoencoder"), "imported.pt"),
+        "import-dit": (["import-dit", "--source", str(work / "dit.pt")],
+                       sections(world, "dit"), "imported.pt"),
+        "export-latents": (["export-latents", "--cache", str(work / "cache.zarr")], {},
+                           "latents.h5"),
+        "generate": (["generate", "--model", str(work / "exports" / "dit"), "--classes", "0",
+                      "--seeds", "0", "--steps", "2", "--device", "cpu"], None, "grid.png"),
+        "eval-recon": (["eval-recon", "--checkpoint", str(work / "ae.pt"), "--shards",
+                        str(work / "shards")], ev, "recon_out.txt"),
+        "fid-reference": (["fid-reference", "--shards", str(work / "shards")], ev, "ref.npz"),
+        "fid": (["fid", "--samples", str(samples), "--reference", str(work / "ref.npz")], ev,
+                "gfid.txt"),
+        "metrics-table": (["metrics-table", "--results", str(work / "recon.txt"), "--title",
+                           "recon"], None, "table.html"),
+        "config-page": (["config-page"], {"seed": 0}, "config.html"),
+        "stage-figures": (["stage-figures", "--checkpoint", str(work / "run" / "checkpoint.pt"),
+                           "--title", "run", "--loss"], None, "loss.png"),
+        "sample-grids": (["sample-grids", "--samples", str(samples), "--out"], None,
+                         "class0.png"),
+    }
+
+
+def _out_args(args: list[str], out: Path) -> list[str]:
+    """The arguments with the output path: after a trailing --loss/--out, else --out OUT."""
+    return [*args, str(out)] if args[-1] in ("--loss", "--out") else [*args, "--out", str(out)]
+
+
+FILE_WRITERS = ["sample", "import-ae", "import-dit", "export-latents", "generate", "eval-recon",
+                "fid-reference", "fid", "metrics-table", "config-page", "stage-figures",
+                "sample-grids"]
+
+
+@pytest.mark.parametrize("command", FILE_WRITERS)
+def test_10_a_foreign_file_at_out_is_refused_not_replaced(world, work, capsys, command):
+    args, cfg, name = _file_writers(world, work)[command]
+    out = work / name
+    out.write_text("years of work")
+    before = tree(work)
+    rc, err = cli(capsys, *_out_args(args, out), cfg=cfg)
+    one_line(rc, err, str(out), f"was not written by `dinosae {command}`", "--force")
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("import-dit", ["--source", "{dit}", "--out", "{dit}"], "is this command's input"),
+    ("import-ae", ["--source", "{exports}/ae", "--out", "{exports}/ae/model.safetensors"],
+     "is this command's input"),
+    ("export-latents", ["--cache", "{cache}", "--out", "{cache}/x.h5"], "is this command's input"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{dit}"], "give a .h5 file name"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/x.png"], "give a .h5"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/dit.h5"], "dit.png"),
+    ("generate", ["--model", "{dit}", "--classes", "0", "--out", "{work}/dit.pt"], ".png"),
+    ("eval-recon", ["--checkpoint", "{ae}", "--shards", "{shards}", "--out", "{work}/r.png"],
+     "give a .txt name"),
+    ("metrics-table", ["--results", "{work}/recon.txt", "--title", "t", "--out",
+                       "{work}/recon.txt"], "is this command's input"),
+])
+def test_10_never_an_input_or_a_file_beside_it_even_with_force(world, work, capsys, command,
+                                                               args, needle):
+    (work / "recon.txt").write_text("PSNR: 1\n")
+    (work / "dit.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")  # beside dit.h5
+    cfg = {"sample": sections(world, "seed", "device", "sample"), "import-dit": sections(
+        world, "dit"), "import-ae": sections(world, "data", "autoencoder"), "eval-recon": sections(
+        world, "device", "eval", "autoencoder"), "export-latents": {}}.get(command)
+    paths = {"dit": work / "dit.pt", "ae": work / "ae.pt", "cache": work / "cache.zarr",
+             "exports": work / "exports", "work": work, "shards": work / "shards"}
+    argv = [command, *(a.format(**paths) for a in args)]
+    before = tree(work)
+    for force in ([], ["--force"]):
+        if force and needle == "dit.png":
+            continue  # --force may replace a file beside that is not an input
+        rc, err = cli(capsys, *argv, *force, cfg=cfg)
+        one_line(rc, err, needle)
+    assert tree(work) == before
+
+
+def test_10_own_files_are_replaced_force_replaces_a_foreign_one_and_a_link_not_its_target(
+        world, work, capsys):
+    cfg = sections(world, "data", "autoencoder")
+    out = work / "imported.pt"
+    for _ in range(2):  # a rerun over its own import
+        assert cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out", str(out),
+                   cfg=cfg)[0] == 0
+    # a checkpoint the importer did not make (a trained stage) is foreign
+    victim = work / "victim.txt"
+    victim.write_text("keep me")
+    for foreign in (work / "ae.pt", victim):
+        out.unlink()
+        out.symlink_to(foreign)
+        rc, err = cli(capsys, "import-ae", "--source", str(work / "dit.pt"), "--out", str(out),
+                      cfg=cfg)
+        one_line(rc, err, "is a symbolic link", "--force")
+    digest = hashlib.sha256(victim.read_bytes()).hexdigest()
+    rc, err = cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out", str(out),
+                  "--force", cfg=cfg)
+    assert rc == 0, err
+    assert not out.is_symlink() and out.stat().st_size > 1000  # the link replaced ...
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest  # ... never its target
+    shutil.copy(work / "ae.pt", work / "trained.pt")
+    before = tree(work)
+    rc, err = cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out",
+                  str(work / "trained.pt"), cfg=cfg)
+    one_line(rc, err, "trained.pt", "was not written by `dinosae import-ae`")
+    assert tree(work) == before
+    # the report writers recognise their own PNG and HTML
+    args, _, _ = _file_writers(world, work)["metrics-table"]
+    for _ in range(2):
+        assert cli(capsys, *args, "--out", str(work / "t.html"))[0] == 0
+    args, _, _ = _file_writers(world, work)["stage-figures"]
+    for _ in range(2):
+        assert cli(capsys, *args, str(work / "loss.png"))[0] == 0
+
+
+def test_10_a_fifo_or_a_folder_at_out_is_refused_even_with_force(world, work, capsys):
+    os.mkfifo(work / "pipe.html")
+    (work / "folder.html").mkdir()
+    (work / "recon.txt").write_text("PSNR: 1\n")
+    before = tree(work)
+    for name, needle in (("pipe.html", "is a FIFO, not a regular file"),
+                         ("folder.html", "is a folder")):
+        for force in ([], ["--force"]):
+            rc, err = cli(capsys, "metrics-table", "--results", str(work / "recon.txt"),
+                          "--title", "t", "--out", str(work / name), *force)
+            one_line(rc, err, name, needle)
+    assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 11. lock links
+
+@pytest.mark.parametrize("kind", ["link", "dangling", "folder", "fifo"])
+def test_11_a_lock_that_is_not_a_regular_file_is_refused_never_written_through(tmp_path, capsys,
+                                                                              kind):
+    root = image_folder(tmp_path / "images")
+    lock, victim = tmp_path / ".shards.lock", tmp_path / "victim.txt"
+    victim.write_text("anything the writer can write")
+    if kind == "link":
+        lock.symlink_to(victim)
+    elif kind == "dangling":
+        lock.symlink_to(tmp_path / "created_by_the_lock")
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    before = tree(tmp_path)
+    rc, err = cli(capsys, "shard", "--split", "train", "--out", str(tmp_path / "shards"),
+                  cfg=folder_config(root))
+    what = {"link": "a symbolic link", "dangling": "a symbolic link", "folder": "a folder",
+            "fifo": "a FIFO"}[kind]
+    one_line(rc, err, ".shards.lock", f"is {what}", "never written through")
+    assert tree(tmp_path) == before
+    assert not (tmp_path / "created_by_the_lock").exists()
+
+
+# ---------------------------------------------------------------- 12. shell quoting, numbers
+
+def test_12_hostile_config_paths_reach_real_rules_quoted_and_a_space_path_works(tmp_path):
+    """data.root and data.shards holding $(...), ;, quotes and spaces: the mini_dataset and
+    shard rules run (Snakemake, real shell lines), nothing in the paths executes, and the
+    shards land in the folder named."""
+    from helpers import run_snakemake, workflow_copy
+
+    cfg = tiny_config()
+    root = "data/my root $(touch PWNED_1); touch PWNED_2 'q\" `touch PWNED_3`"
+    shards = "data/sh ards;touch PWNED_4 && touch PWNED_5"
+    cfg["data"].update(source="mini", root=root, shards=shards)
+    cfg["data"]["mini"].update(train_per_class=2, val_per_class=1)
+    work = workflow_copy(tmp_path / "wf", cfg)
+    r = run_snakemake(work, f"{shards}/train/manifest.json", check=False, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not [p for p in work.rglob("PWNED_*")], "a command in a path was executed"
+    m = json.loads((work / shards / "train" / "manifest.json").read_text())
+    assert m["count"] == 2 * len(list((work / root / "train").iterdir()))
