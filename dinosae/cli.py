@@ -12,6 +12,7 @@ import argparse
 import errno
 import importlib
 import logging
+import math
 import os
 import sys
 import traceback
@@ -28,6 +29,42 @@ FORCE = ("--force", dict(action="store_true",
 FILE_LIBRARIES = ("yaml", "json", "safetensors", "PIL", "zarr", "numcodecs", "h5py", "tarfile",
                   "webdataset", "_csv", "csv", "zipfile")
 DATA_ERRORS = (ValueError, KeyError, IndexError, EOFError, OSError, UnicodeError, OverflowError)
+
+def _number(kind: type, low: float | None = None, high: float | None = None,
+            above: float | None = None):
+    """An argparse type: a finite `kind` (int or float) within the bounds (NaN, inf and
+    out-of-range values are refused with one line naming the flag)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high) or (
+                above is not None and value <= above):
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                              f"> {above}" if above is not None else "",
+                                              f"<= {high}" if high is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"{value} is out of range (expected {bounds})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSINT = _number(int, low=1, high=2**53 - 1)
+NONNEGINT = _number(int, low=0, high=2**53 - 1)
+STEPS, BATCH, GPUS = (_number(int, low=1, high=h) for h in (100_000, 65536, 1_000_000))
+FRACTION = _number(float, above=0.0, high=1.0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `dinosae COMMAND: error: ...`, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message, 500)} (see {self.prog} -h)\n")
+
 
 # name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
 # function(cfg, **args) with the flags' values under their python names.
@@ -66,8 +103,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "encode-part": (
         "dinosae.latents", "encode_part", "encode one shard-aligned region of the cache",
         [("--cache", dict(required=True)), ("--shards", dict(required=True)),
-         ("--checkpoint", dict(required=True)), ("--index", dict(type=int, required=True)),
-         ("--parts", dict(type=int, required=True)), ("--done", dict(required=True))],
+         ("--checkpoint", dict(required=True)), ("--index", dict(type=NONNEGINT, required=True)),
+         ("--parts", dict(type=POSINT, required=True)), ("--done", dict(required=True))],
     ),
     "encode-gather": (
         "dinosae.latents", "encode_gather", "validate every region, then mark the cache complete",
@@ -98,15 +135,16 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--classes", dict(required=True, help="class indices, e.g. 207,360 or 0-9")),
          ("--seeds", dict(default="0-7", help="noise seeds, e.g. 0-7 (default) or 1,5,9")),
          ("--out", dict(required=True, help="grid.png (a row per class) or samples.npz")),
-         ("--steps", dict(type=int, default=50)),
-         ("--cfg-scale", dict(type=float, default=1.0, help="classifier-free guidance (1: off)")),
+         ("--steps", dict(type=STEPS, default=50)),
+         ("--cfg-scale", dict(type=_number(float, low=0.0), default=1.0,
+                              help="classifier-free guidance (1: off)")),
          ("--interval", dict(default="0,1", help="guidance interval lo,hi in t (1 = noise)")),
-         ("--s-vae", dict(type=float, default=None,
+         ("--s-vae", dict(type=_number(float, above=0.0), default=None,
                           help="decode radius (default: the generator's recorded one; paper 14)")),
          ("--integrator", dict(default="euler_project", choices=["euler_project", "expmap"])),
          ("--ae", dict(default=None, help="autoencoder (default: bundled with the export or "
                                           "recorded in the checkpoint)")),
-         ("--batch-size", dict(type=int, default=16)),
+         ("--batch-size", dict(type=BATCH, default=16)),
          ("--device", dict(default="auto", help="auto | cpu | cuda[:N]")),
          ("--force", dict(action="store_true", help="replace an existing --out"))],
     ),
@@ -150,14 +188,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "on the configured networks before any GPU is booked",
         [("--gpu", dict(default="h100", help="GPU kind from dinosae/gpus.yaml: h100, h200, "
                                               "b200 (default h100)")),
-         ("--gpus", dict(type=int, default=8, help="GPUs (training rules: data-parallel over "
+         ("--gpus", dict(type=GPUS, default=8, help="GPUs (training rules: data-parallel over "
                                                    "all of them; default 8)")),
-         ("--mfu", dict(type=float, default=None, help="model-FLOPs utilisation, the fraction "
+         ("--mfu", dict(type=FRACTION, default=None, help="model-FLOPs utilisation, the fraction "
                                                        "of peak reached (default: calibrated, "
                                                        "see README 'Planning a run')")),
-         ("--train-images", dict(type=int, default=None, help="override the train split's "
+         ("--train-images", dict(type=POSINT, default=None, help="override the train split's "
                                                               "image count")),
-         ("--val-images", dict(type=int, default=None, help="override the val split's "
+         ("--val-images", dict(type=POSINT, default=None, help="override the val split's "
                                                             "image count"))],
     ),
     "status": (
@@ -196,7 +234,7 @@ DEFAULT_CONFIG = {"plan": "config.yaml"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinosae", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="dinosae", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -833,3 +833,89 @@ def test_12_hostile_config_paths_reach_real_rules_quoted_and_a_space_path_works(
     assert not [p for p in work.rglob("PWNED_*")], "a command in a path was executed"
     m = json.loads((work / shards / "train" / "manifest.json").read_text())
     assert m["count"] == 2 * len(list((work / root / "train").iterdir()))
+
+
+def cli_any(capsys, *args: str, cfg: dict | None = None) -> tuple[int, str]:
+    """cli(), also for argparse's refusals (SystemExit): (exit status, stderr)."""
+    try:
+        return cli(capsys, *args, cfg=cfg)
+    except SystemExit as e:
+        return int(e.code or 0), capsys.readouterr().err
+
+
+def _with(world, section: str, **changes) -> dict:
+    doc = json.loads(json.dumps(world["cfg"][section]))
+    doc.update(changes)
+    return {section: doc}
+
+
+NUMBERS = {  # name -> (arguments, needles)
+    "set-nan": (["--set", "dit.ema=.nan"], ("'dit.ema'", "nan is not a finite number")),
+    "set-inf": (["--set", "dit.lr=-.inf"], ("'dit.lr'", "-inf is not a finite number")),
+    "set-fraction": (["--set", "data.max_bad_fraction=.NaN"],
+                     ("'data.max_bad_fraction'", "not a finite number")),
+    "set-count": (["--set", "sample.num_samples=1.0e+12"],
+                  ("'sample.num_samples'", "maximum of 10000000")),
+    "set-newline": (["--set", 'data.root="a\\nb"'], ("'data.root'", "control character")),
+    "set-brace": (["--set", "data.shards=x/{split}"], ("'data.shards'", "brace")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMBERS))
+def test_12_non_finite_and_unbounded_numbers_are_refused_in_the_config(tmp_path, capsys, case):
+    args, needles = NUMBERS[case]
+    rc, err = cli_any(capsys, "validate-config", "--config", str(ROOT / "config.yaml"), *args)
+    one_line(rc, err, *needles)
+
+
+def test_12_nan_in_cfg_json_and_yaml_files_is_refused(world, tmp_path, capsys):
+    rc, err = cli_any(capsys, "validate-config", cfg=_with(world, "dit", ema=float("nan")))
+    one_line(rc, err, "'dit.ema'", "nan is not a finite number")
+    (tmp_path / "c.yaml").write_text((ROOT / "config.yaml").read_text() + "\nseed: .inf\n")
+    rc, err = cli_any(capsys, "validate-config", "--config", str(tmp_path / "c.yaml"))
+    one_line(rc, err, "'seed'")
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--cfg-scale", "nan"], ("--cfg-scale", "'nan' is not a finite number")),
+    (["--cfg-scale=-inf"], ("--cfg-scale", "not a finite number")),
+    (["--s-vae=-1"], ("--s-vae", "out of range")),
+    (["--batch-size", "0"], ("--batch-size", "out of range")),
+    (["--steps", "inf"], ("--steps", "not an integer")),
+    (["--interval", "nan,1"], ("--interval lo nan", "finite")),
+    (["--device", "foo"], ("--device 'foo'", "expected auto, cpu, cuda")),
+    (["--device", "cuda:7"], ("--device 'cuda:7'",)),
+    (["--classes", "0-1000000000"], ("--classes", "more than 100000")),
+    (["--seeds", "0-99999", "--classes", "0-1"], ("--classes x --seeds", "more than 100000")),
+])
+def test_12_generate_flags_are_checked_before_anything_loads(world, work, capsys, flags, needles):
+    out = work / "g.png"
+    before = tree(work)
+    base = {"--classes": "0"}
+    argv = ["generate", "--model", str(work / "exports" / "dit"), "--out", str(out)]
+    if "--classes" not in flags:
+        argv += ["--classes", base["--classes"]]
+    rc, err = cli_any(capsys, *argv, *flags)
+    one_line(rc, err, *needles)
+    assert tree(work) == before
+
+
+def test_12_a_billion_seeds_are_refused_within_a_small_memory_limit(work):
+    before = tree(work)
+    r = run("generate", "--model", str(work / "exports" / "dit"), "--classes", "0", "--seeds",
+            "0-1000000000", "--out", str(work / "g.png"), cwd=work, memory=1536 << 20,
+            timeout=120)
+    one_line(r.returncode, r.stderr, "--seeds '0-1000000000'", "more than 100000")
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["plan", "--mfu", "nan"], ("--mfu", "not a finite number")),
+    (["plan", "--gpus", "0"], ("--gpus", "out of range")),
+    (["plan", "--train-images", "1e3"], ("--train-images", "not an integer")),
+    (["encode-part", "--cache", "c", "--shards", "s", "--checkpoint", "a", "--index=-1",
+      "--parts", "2", "--done", "d"], ("--index", "out of range")),
+])
+def test_12_other_number_flags_refuse_nan_and_out_of_range(capsys, argv, needles):
+    rc, err = cli_any(capsys, *argv)
+    one_line(rc, err, *needles)
