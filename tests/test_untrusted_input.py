@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -919,3 +920,153 @@ def test_12_a_billion_seeds_are_refused_within_a_small_memory_limit(work):
 def test_12_other_number_flags_refuse_nan_and_out_of_range(capsys, argv, needles):
     rc, err = cli_any(capsys, *argv)
     one_line(rc, err, *needles)
+
+
+# ---------------------------------------------------------------- 13. weights, evaluation inputs
+
+def _poisoned_checkpoint(src: Path, dst: Path, key_part: str, value: float | None = None,
+                         dtype: torch.dtype | None = None) -> str:
+    """A copy of checkpoint `src` whose first EMA tensor containing `key_part` gets `value` in
+    one element, or the integer `dtype`; returns the tensor's name."""
+    ck = torch.load(src, weights_only=True)
+    key = next(k for k in sorted(ck["ema"]) if key_part in k and ck["ema"][k].is_floating_point())
+    t = ck["ema"][key].clone()
+    if dtype is not None:
+        t = t.to(dtype)
+    else:
+        t.view(-1)[0] = value
+    ck["ema"] = {**ck["ema"], key: t}
+    ck["model"] = ck["ema"]
+    save_checkpoint(dst, ck)
+    return key
+
+
+@pytest.mark.parametrize("which, value, dtype, needle", [
+    ("ae", float("nan"), None, "values are NaN or Inf"),
+    ("ae", float("inf"), None, "values are NaN or Inf"),
+    ("ae", None, torch.int64, "int64 in the file, float32 in the model"),
+    ("dit", float("-inf"), None, "values are NaN or Inf"),
+    ("dit", None, torch.int32, "not floating point"),
+])
+def test_13_weights_are_checked_floating_and_finite_on_every_load_and_import(
+        world, work, capsys, which, value, dtype, needle):
+    bad = work / f"bad_{which}.pt"
+    key = _poisoned_checkpoint(work / f"{which}.pt", bad, "decoder" if which == "ae" else "blocks",
+                               value, dtype)
+    before = tree(work)
+    runs = [["export-model", "--checkpoint", str(bad), "--out", str(work / "exp")]]
+    if which == "ae":
+        runs.append(["import-ae", "--source", str(bad), "--out", str(work / "imp.pt")])
+        cfgs = [None, sections(world, "data", "autoencoder")]
+    else:
+        runs.append(["import-dit", "--source", str(bad), "--out", str(work / "imp.pt")])
+        cfgs = [None, sections(world, "dit")]
+    for argv, cfg in zip(runs, cfgs, strict=True):
+        rc, err = cli(capsys, *argv, cfg=cfg)
+        one_line(rc, err, key, needle)
+    assert tree(work) == before
+
+
+def test_13_non_finite_weights_in_an_export_are_refused_by_the_python_api(world, work):
+    from safetensors.torch import load_file, save_file
+
+    st = work / "exports" / "ae" / "model.safetensors"
+    sd = load_file(st)
+    key = sorted(k for k in sd if "decoder" in k)[0]
+    sd[key] = sd[key].clone().fill_(float("nan"))
+    save_file(sd, st)
+    with pytest.raises(ConfigError, match=f"{re.escape(key)}: .* NaN or Inf"):
+        dinosae.load_autoencoder(work / "exports" / "ae", device="cpu")
+
+
+def test_13_eval_recon_refuses_a_decoder_that_gives_nan(world, work, capsys, monkeypatch):
+    from dinosae.models.autoencoder import DinoSAE
+
+    monkeypatch.setattr(DinoSAE, "decode",
+                        lambda self, z, *a, **k: torch.full((len(z), 3, SIZE, SIZE), torch.nan))
+    out = work / "recon.txt"
+    before = tree(work)
+    rc, err = cli(capsys, "eval-recon", "--checkpoint", str(work / "ae.pt"), "--shards",
+                  str(work / "shards"), "--out", str(out),
+                  cfg=sections(world, "device", "eval", "autoencoder"))
+    one_line(rc, err, "reconstructions of", "are NaN or Inf; not scoring them")
+    assert tree(work) == before
+
+
+def _reference(path: Path, d: int = 8, resolution: int | None = SIZE, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, d))
+    arrays = {"mu": a.mean(0), "sigma": np.cov(a, rowvar=False), "extractor": "dinosae-teacher",
+              "extractor_id": "x", "count": 64, "source": "test"}
+    if resolution is not None:
+        arrays["resolution"] = resolution
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_samples(work: Path, case: str) -> Path:
+    import h5py
+
+    path = work / f"{case}.h5"
+    if case == "incomplete":
+        return _samples_h5(path, done=2, complete=False)
+    if case == "done-short":
+        return _samples_h5(path, done=3)
+    if case == "one":
+        return _samples_h5(path, n=1, done=1)
+    if case == "size":
+        return _samples_h5(path, size=16)
+    with h5py.File(path, "w") as f:
+        if case == "float":
+            f["images"] = np.zeros((4, SIZE, SIZE, 3), np.float32)
+        elif case == "chw":
+            f["images"] = np.zeros((4, 3, SIZE, SIZE), np.uint8)
+        elif case == "empty":
+            f["images"] = np.zeros((0, SIZE, SIZE, 3), np.uint8)
+        elif case == "no-images":
+            f["labels"] = np.zeros(4)
+    return path
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("incomplete", ("incomplete (2/4 samples written, complete: False)",)),
+    ("done-short", ("incomplete (3/4",)),
+    ("one", ("1 samples; FID needs at least 2",)),
+    ("size", ("16x16 images", "32x32")),
+    ("float", ("images float32 [4, 32, 32, 3]", "uint8")),
+    ("chw", ("[4, 3, 32, 32]", "NHWC")),
+    ("empty", ("0 samples",)),
+    ("no-images", ("no 'images' array",)),
+])
+def test_13_fid_checks_its_samples_before_scoring(world, work, capsys, case, needles):
+    samples = _bad_samples(work, case)
+    ref = _reference(work / "ref.npz")
+    before = tree(work)
+    rc, err = cli(capsys, "fid", "--samples", str(samples), "--reference", str(ref), "--out",
+                  str(work / "gfid.txt"), cfg=sections(world, "device", "eval", "autoencoder",
+                                                         "data"))
+    one_line(rc, err, str(samples), *needles)
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("changes, needles", [
+    ({"mu": np.array([np.nan] * 8)}, ("mu holds 8 NaN or Inf",)),
+    ({"sigma": np.full((8, 8), np.inf)}, ("sigma holds 64 NaN",)),
+    ({"sigma": np.eye(7)}, ("mu [8] and sigma [7, 7] do not fit",)),
+    ({"count": 1}, ("statistics of 1 images",)),
+    ({"features": np.zeros((5, 3))}, ("features [5, 3] do not fit",)),
+    ({"mu": None}, ("not reference statistics",)),
+])
+def test_13_fid_checks_its_reference(world, work, capsys, changes, needles):
+    samples = _samples_h5(work / "s.h5")
+    if changes.get("mu", 0) is None:
+        np.savez(work / "ref.npz", sigma=np.eye(8))
+    else:
+        _reference(work / "ref.npz", **changes)
+    before = tree(work)
+    rc, err = cli(capsys, "fid", "--samples", str(samples), "--reference",
+                  str(work / "ref.npz"), "--out", str(work / "gfid.txt"),
+                  cfg=sections(world, "device", "eval", "autoencoder", "data"))
+    one_line(rc, err, "ref.npz", *needles)
+    assert tree(work) == before
