@@ -22,6 +22,8 @@ from dinosae.errors import DinosaeError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"
+RESTART = ("--restart", dict(action="store_true",
+                             help="start afresh even if --out holds another run's last.pt"))
 FORCE = ("--force", dict(action="store_true",
                          help="replace an existing --out that this command did not write"))
 # libraries that read files: their own exceptions, and data errors raised inside them, are
@@ -88,7 +90,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--shards", dict(required=True, help="train shard folder (with manifest.json)")),
          ("--init", dict(default=None, help="previous stage's checkpoint")),
          ("--out", dict(required=True, help="stage folder: checkpoint.pt, metrics.csv, grids")),
-         FORCE],
+         FORCE, RESTART],
     ),
     "eval-recon": (
         "dinosae.evaluate", "eval_recon", "reconstruction metrics on the val split -> recon.txt",
@@ -118,7 +120,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
         [("--cache", dict(required=True)), ("--ae", dict(required=True)),
-         ("--out", dict(required=True)), FORCE],
+         ("--out", dict(required=True)), FORCE, RESTART],
     ),
     "sample": (
         "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",

@@ -1070,3 +1070,63 @@ def test_13_fid_checks_its_reference(world, work, capsys, changes, needles):
                   cfg=sections(world, "device", "eval", "autoencoder", "data"))
     one_line(rc, err, "ref.npz", *needles)
     assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 14. resume identity
+
+def _stopped_run(capsys, monkeypatch, argv: list[str], cfg: dict, point: str) -> None:
+    """Run `argv` until SIGTERM after step 2 (via DINOSAE_FAULT): a last.pt at step 2."""
+    monkeypatch.setenv("DINOSAE_FAULT", f"{point}@2:TERM")
+    with pytest.raises(SystemExit, match="stopped by signal after step 2"):
+        cli(capsys, *argv, cfg=cfg)
+    monkeypatch.delenv("DINOSAE_FAULT")
+
+
+def test_14_train_dit_refuses_another_runs_last_pt_and_restart_starts_afresh(
+        world, work, capsys, monkeypatch, caplog):
+    out = work / "dit_run"
+    cfg = sections(world, "seed", "device", "dit", "sample")
+    cfg["dit"].update(steps=4, ckpt_every=3, image_every=100, log_every=1)
+    argv = ["train-dit", "--cache", str(work / "cache.zarr"), "--ae", str(work / "ae.pt"),
+            "--out", str(out)]
+    _stopped_run(capsys, monkeypatch, argv, cfg, "train-dit")
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    other = json.loads(json.dumps(cfg))
+    other["seed"] = 7
+    other["dit"].update(lr=other["dit"]["lr"] * 2, batch_size=4, log_every=2)  # cadence: free
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=other)
+    line = one_line(rc, err, "last.pt", "made by another run", "seed: 0 -> 7", "dit.lr:",
+                    "dit.batch_size: 8 -> 4", "--restart")
+    assert "log_every" not in line
+    assert tree(work) == before
+    # the same settings resume; --restart starts afresh
+    caplog.set_level(logging.INFO)
+    rc, err = cli(capsys, *argv, cfg=cfg)
+    assert rc == 0 and "resuming from" in caplog.text, err[-2000:]
+    shutil.copy(out / "checkpoint.pt", out / "last.pt")  # a final checkpoint in its place
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=cfg)
+    one_line(rc, err, "last.pt: a final checkpoint (no optimizer state)")
+    assert tree(work) == before
+    rc, err = cli(capsys, *argv, "--restart", cfg=other)
+    assert rc == 0, err[-2000:]
+    assert "--restart: starting afresh" in caplog.text and not (out / "last.pt").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["seed"] == 7
+
+
+def test_14_ae_train_refuses_another_runs_last_pt(world, work, capsys, monkeypatch):
+    out = work / "stage1"
+    cfg = sections(world, "seed", "device", "data", "autoencoder", "ae_train")
+    cfg["ae_train"].update(stage_steps=[4, 1, 1, 1], ckpt_every=3, image_every=100)
+    argv = ["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out", str(out)]
+    _stopped_run(capsys, monkeypatch, argv, cfg, "ae-stage1")
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    edit_json(work / "shards" / "manifest.json", note="other shards")  # another manifest
+    other = json.loads(json.dumps(cfg))
+    other["ae_train"]["lr"] *= 3
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=other)
+    one_line(rc, err, "made by another run", "ae_train.lr:", "shards_manifest_sha256:",
+             "--restart")
+    assert tree(work) == before
