@@ -50,7 +50,7 @@ from torch_fidelity.utils import create_feature_extractor
 from dinosae.checkpoint import tensors_fingerprint
 from dinosae.dist import pick_device
 from dinosae.errors import ConfigError, NumericsError
-from dinosae.files import sha256_file, write_kv
+from dinosae.files import check_regular, sha256_file, write_kv
 from dinosae.images import save_grid
 from dinosae.outputs import claim_file, kv_ours, mark_zip, png_ours, zip_ours
 from dinosae.progress import Progress
@@ -355,6 +355,7 @@ def finite_or_stop(x: torch.Tensor, what: str) -> None:
 
 def load_checked_reference(path: str | Path) -> dict:
     """load_reference, every failure one ConfigError naming the file, then check_reference."""
+    check_regular(path)
     try:
         ref = load_reference(path)
     except ConfigError:
@@ -402,6 +403,7 @@ def check_samples(path: str | Path, resolution: int | None = None) -> int:
     import h5py
 
     where = f"samples {str(path)!r}"
+    check_regular(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import logging
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import yaml
 
 from dinosae.errors import DinosaeError
-from dinosae.files import atomic_path, atomic_write_text, read_kv
+from dinosae.files import atomic_path, atomic_write_text, check_regular, read_kv, read_regular
 from dinosae.outputs import HTML_MARK, PNG_MARK, claim_file, html_ours, png_ours
 
 if TYPE_CHECKING:
@@ -35,8 +36,8 @@ PAGE_STYLE = ("body{font-family:sans-serif;background:#fff;color:#111;margin:1.5
 
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
     """metrics.csv as column name -> float array (empty or non-numeric cells are NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    text = read_regular(path).decode("utf-8")  # never blocks on a FIFO
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise DinosaeError(f"{path}: no metrics rows yet")
     return {k: np.array([_number(r.get(k)) for r in rows]) for k in rows[0]}
@@ -117,6 +118,7 @@ def stage_figures(cfg: dict, checkpoint: str, title: str, loss: str,
     log.info("%s: %d curves (%s) -> %s", title, len(names), ", ".join(names), loss)
     if grid is not None:
         src = last_grid(run)
+        check_regular(src)
         image_figure(imread(src), f"{title}: input | reconstruction pairs ({src.name})", grid)
         log.info("%s: %s -> %s", title, src, grid)
 
@@ -143,6 +145,7 @@ def sample_grids(cfg: dict, samples: str, out: list[str], force: bool = False) -
     import h5py
 
     claim_file(dict.fromkeys(out, png_ours), "sample-grids", force=force, inputs=[samples])
+    check_regular(samples)
     with h5py.File(samples, "r") as f:
         labels = f["labels"][:]
         names = [c.decode() if isinstance(c, bytes) else str(c) for c in f.attrs["classes"]]

@@ -1130,3 +1130,45 @@ def test_14_ae_train_refuses_another_runs_last_pt(world, work, capsys, monkeypat
     one_line(rc, err, "made by another run", "ae_train.lr:", "shards_manifest_sha256:",
              "--restart")
     assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 15. results-folder readers
+
+def test_15_status_never_blocks_on_a_fifo_and_survives_any_json(tmp_path):
+    results = tmp_path / "results"
+    for sub in ("ae/stage1", "ae/stage2", "dit", "samples", "latents"):
+        (results / sub).mkdir(parents=True)
+    os.mkfifo(results / "recon.txt")
+    os.mkfifo(results / "gfid.txt")
+    os.mkfifo(results / "samples" / "samples.h5")
+    os.mkfifo(results / "ae" / "stage1" / "checkpoint.pt")
+    (results / "dit" / "metrics.csv").symlink_to("/dev/zero")
+    (results / "latents" / "train.report.json").write_text("[1, 2, 3]")
+    before = tree(tmp_path)
+    r = run("status", "--results", str(results), cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = {ln.split("  ")[0]: ln for ln in r.stdout.splitlines()[2:]}
+    for stage, needle in (("recon", "recon.txt: is a FIFO"), ("gfid", "gfid.txt: is a FIFO"),
+                          ("samples", "samples.h5: is a FIFO"),
+                          ("latents", "a JSON list, not the report's object")):
+        assert "unreadable" in rows[stage] and needle in rows[stage], rows[stage]
+    assert "unreadable" in rows["ae stage1"] and "checkpoint.pt" in rows["ae stage1"]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["metrics-table", "--results", "{fifo}", "--title", "t", "--out", "{work}/t.html"],
+     "is a FIFO, not a regular file"),
+    (["stage-figures", "--checkpoint", "{work}/run/checkpoint.pt", "--title", "t", "--loss",
+      "{work}/loss.png"], "metrics.csv: is a FIFO"),
+    (["sample-grids", "--samples", "{fifo}", "--out", "{work}/c0.png"], "is a FIFO"),
+])
+def test_15_report_rules_open_only_regular_files(tmp_path, argv, needle):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "metrics.csv")
+    before = tree(tmp_path)
+    r = run(*(a.format(fifo=fifo, work=tmp_path) for a in argv), cwd=tmp_path, timeout=60)
+    one_line(r.returncode, r.stderr, needle)
+    assert tree(tmp_path) == before
