@@ -140,11 +140,15 @@ def _check_semantics(cfg: dict) -> None:
 
 
 def _splits_needed(cfg: dict) -> tuple[str, ...]:
-    """The image folders a run reads: val always (evaluation); train unless both models are
-    imported (released weights: nothing is trained or encoded). A job that gets only some
-    sections (the rules' --cfg) checks val; its own reader names a missing train/."""
+    """The image folders a whole run reads (checked when the config has every section: the
+    Snakefile's): val always (evaluation); train unless both models are imported (released
+    weights: nothing is trained or encoded). A job that gets only some sections (the rules'
+    --cfg, `dinosae shard --split train`) checks none: its reader requires only the split it
+    reads and names it when missing."""
     ae, dit = cfg.get("autoencoder"), cfg.get("dit")
-    if ae is None or dit is None or (ae.get("pretrained") and dit.get("pretrained")):
+    if ae is None or dit is None:
+        return ()
+    if ae.get("pretrained") and dit.get("pretrained"):
         return ("val",)
     return ("train", "val")
 

@@ -177,6 +177,23 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _check_dit_config(config: dict, path: str | Path) -> None:
+    """A dinosae DiT checkpoint's config holds what rebuilds the network (issue 22: a missing
+    `config.dit` was a KeyError)."""
+    from dinosae.errors import CheckpointError
+
+    problems = [] if isinstance(config.get("dit"), dict) else ["'dit' (a mapping)"]
+    problems += [f"'{k}' (an integer >= 1)" for k in ("tokens", "channels", "num_classes")
+                 if not (isinstance(config.get(k), int) and config[k] >= 1)]
+    grid = config.get("grid")
+    if not (isinstance(grid, list | tuple) and len(grid) == 2
+            and all(isinstance(g, int) and g >= 1 for g in grid)):
+        problems.append("'grid' (two integers >= 1)")
+    if problems:
+        raise CheckpointError(f"{path}: a {DIT_KIND} checkpoint whose config lacks "
+                              f"{', '.join(problems)}")
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, info) of a weights file or export folder. info: `kind` (a dinosae kind or
     None), `config` (dinosae sources), `container` (where in the file the weights were),
@@ -205,6 +222,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             not isinstance(obj.get("ema"), dict) or not isinstance(obj.get("config"), dict)):
         raise CheckpointError(f"{path}: a {obj['kind']} checkpoint without its 'ema' weights "
                               "or 'config'")
+    if obj.get("kind") == DIT_KIND:
+        _check_dit_config(obj["config"], path)
     if obj.get("kind") == AE_KIND:  # whole, with its teacher (stage checkpoints reference it)
         from dinosae.models.autoencoder import DinoSAE
 
