@@ -1222,3 +1222,97 @@ def test_16_shard_needs_only_the_split_it_reads(tmp_path, capsys):
     cfg["data"].update(source="folder", root=str(root))
     with pytest.raises(ConfigError, match="has no val/ folder"):
         validate(cfg)
+
+
+# ---------------------------------------------------------------- 17. the CLI boundary
+
+def _boundary(world, work: Path) -> dict[str, list[tuple[list[str], tuple[str, ...] | None]]]:
+    """command -> [(arguments, config sections or None), ...]: a missing input and a damaged
+    one (a text file where a checkpoint, cache, shard folder, samples or reference belong) for
+    every `dinosae` command."""
+    text = work / "damaged.txt"
+    text.write_text("not what you think\n")
+    bad_dir = work / "damaged_dir"
+    bad_dir.mkdir()
+    (bad_dir / "manifest.json").write_text("[1, 2]")
+    (bad_dir / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", '
+                                       '"attributes": []}')
+    miss, out = str(work / "missing"), str(work / "out")
+    t, d = str(text), str(bad_dir)
+    ae, dit, sh, cache = str(work / "ae.pt"), str(work / "dit.pt"), str(work / "shards"), \
+        str(work / "cache.zarr")
+    ev = ("device", "eval", "autoencoder", "data")
+    return {
+        "validate-config": [(["--config", miss], None), (["--config", t], None)],
+        "mini-dataset": [(["--out", out, "--set", "data.mini.crop_size=8"], ("seed", "data")),
+                         (["--out", t], ("seed", "data"))],
+        "shard": [(["--split", "val", "--out", out, "--set", f"data.root={miss}",
+                    "--set", "data.source=folder"], ("data",)),
+                  (["--split", "val", "--out", out, "--set", f"data.root={t}",
+                    "--set", "data.source=folder"], ("data",))],
+        "ae-train": [(["--stage", "1", "--shards", miss, "--out", out], None),
+                     (["--stage", "2", "--shards", sh, "--init", t, "--out", out], None)],
+        "eval-recon": [(["--checkpoint", miss, "--shards", sh, "--out", out + ".txt"], ev),
+                       (["--checkpoint", t, "--shards", sh, "--out", out + ".txt"], ev),
+                       (["--checkpoint", ae, "--shards", d, "--out", out + ".txt"], ev)],
+        "encode-init": [(["--shards", miss, "--checkpoint", ae, "--out", out], ("latents",)),
+                        (["--shards", sh, "--checkpoint", t, "--out", out], ("latents",))],
+        "encode-part": [(["--cache", miss, "--shards", sh, "--checkpoint", ae, "--index", "0",
+                          "--parts", "1", "--done", out], ("latents",)),
+                        (["--cache", d, "--shards", sh, "--checkpoint", ae, "--index", "0",
+                          "--parts", "1", "--done", out], ("latents",))],
+        "encode-gather": [(["--cache", miss, "--out", out], ("latents",)),
+                          (["--cache", d, "--out", out], ("latents",))],
+        "export-latents": [(["--cache", miss, "--out", out + ".h5"], ()),
+                           (["--cache", d, "--out", out + ".h5"], ())],
+        "train-dit": [(["--cache", miss, "--ae", ae, "--out", out], None),
+                      (["--cache", cache, "--ae", t, "--out", out], None)],
+        "sample": [(["--dit", miss, "--ae", ae, "--out", out + ".h5"], None),
+                   (["--dit", t, "--ae", ae, "--out", out + ".h5"], None),
+                   (["--dit", dit, "--ae", ae, "--cache", d, "--out", out + ".h5"], None)],
+        "generate": [(["--model", miss, "--classes", "0", "--out", out + ".png"], None),
+                     (["--model", t, "--classes", "0", "--out", out + ".png"], None),
+                     (["--model", dit, "--classes", "x", "--out", out + ".png"], None)],
+        "fid-reference": [(["--shards", miss, "--out", out + ".npz"], ev),
+                          (["--shards", d, "--out", out + ".npz"], ev)],
+        "fid": [(["--samples", miss, "--reference", t, "--out", out + ".txt"], ev),
+                (["--samples", t, "--reference", t, "--out", out + ".txt"], ev)],
+        "export-model": [(["--checkpoint", miss, "--out", out], None),
+                         (["--checkpoint", t, "--out", out], None)],
+        "import-ae": [(["--source", miss, "--out", out + ".pt"], ("data", "autoencoder")),
+                      (["--source", t, "--out", out + ".pt"], ("data", "autoencoder"))],
+        "import-dit": [(["--source", miss, "--out", out + ".pt"], ("dit",)),
+                       (["--source", t, "--out", out + ".pt"], ("dit",))],
+        "plan": [(["--config", miss], None), (["--config", t], None),
+                 (["--config", str(ROOT / "config.yaml"), "--gpu", "abacus"], None)],
+        "status": [(["--results", miss], None), (["--results", t], None)],
+        "stage-figures": [(["--checkpoint", miss, "--title", "x", "--loss", out + ".png"], None),
+                          (["--checkpoint", t, "--title", "x", "--loss", out + ".png"], None)],
+        "sample-grids": [(["--samples", miss, "--out", out + ".png"], None),
+                         (["--samples", t, "--out", out + ".png"], None)],
+        "metrics-table": [(["--results", miss, "--title", "x", "--out", out + ".html"], None),
+                          (["--results", d, "--title", "x", "--out", out + ".html"], None)],
+        "config-page": [(["--out", d], ("seed",)), (["--out", out, "--set", "seed=-1"], None)],
+    }
+
+
+def test_17_every_command_has_boundary_cases(world, tmp_path):
+    from dinosae.cli import COMMANDS
+
+    assert set(_boundary(world, tmp_path)) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(__import__("dinosae.cli").cli.COMMANDS))
+def test_17_bad_arguments_and_damaged_files_are_one_line_at_every_command(world, work, capsys,
+                                                                          command):
+    cases = _boundary(world, work)[command]
+    full = {"ae-train": ("seed", "device", "data", "autoencoder", "ae_train"),
+            "train-dit": ("seed", "device", "dit", "sample"),
+            "sample": ("seed", "device", "sample")}
+    before = tree(work)
+    for args, names in cases:
+        names = full.get(command, names)
+        cfg = sections(world, *names) if names is not None else None
+        rc, err = cli_any(capsys, command, *args, cfg=cfg)
+        one_line(rc, err)
+        assert tree(work, skip=work / "out") == before, (command, args)
