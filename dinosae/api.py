@@ -29,6 +29,7 @@ arr_2 seeds).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -328,16 +329,36 @@ def load_generator(path: str | Path, device: str | torch.device | None = None,
 
 # ---------------------------------------------------------------- dinosae generate (the shell's)
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """"207,360" or "0-7" or "0-3,9" -> a list of non-negative ints (ranges inclusive)."""
-    out: list[int] = []
-    for part in str(text).split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+MAX_GENERATE = 100_000  # images one `dinosae generate` makes (classes x seeds)
+
+
+def parse_ints(text: str, what: str, limit: int = MAX_GENERATE) -> list[int]:
+    """"207,360" or "0-7" or "0-3,9" -> a list of non-negative ints (ranges inclusive), at most
+    `limit` of them: counted from the ranges before any list is built."""
+    parts: list[tuple[int, int]] = []
+    for part in str(text)[:10_000].split(","):
+        m = re.fullmatch(r"(\d{1,18})(?:-(\d{1,18}))?", part.strip())
         if not m or (m[2] is not None and int(m[2]) < int(m[1])):
-            raise ConfigError(f"--{what}: {part.strip()!r} is not a number or a range a-b "
+            raise ConfigError(f"--{what}: {part.strip()[:40]!r} is not a number or a range a-b "
                               "(e.g. 207,360 or 0-7)")
-        out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
-    return out
+        parts.append((int(m[1]), int(m[2] or m[1])))
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > limit:
+        raise ConfigError(f"--{what} {str(text)[:60]!r}: {count} values, more than {limit}")
+    return [i for lo, hi in parts for i in range(lo, hi + 1)]
+
+
+def _finite(value: float | None, flag: str, low: float | None = None,
+            high: float | None = None, above: float | None = None) -> None:
+    """Refuse a non-finite or out-of-range number given as `flag`."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (low is not None and value < low) or (
+            high is not None and value > high) or (above is not None and value <= above):
+        where = " ".join(w for w in (f">= {low}" if low is not None else "",
+                                     f"> {above}" if above is not None else "",
+                                     f"<= {high}" if high is not None else "") if w)
+        raise ConfigError(f"{flag} {value}: expected a finite number {where}".rstrip())
 
 
 def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = "0-7",
@@ -350,22 +371,34 @@ def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = 
     (default: the radius recorded with the generator) -> `out`: a .png grid (a row per class,
     a column per seed) or an .npz (arr_0 uint8 NHWC, arr_1 labels, arr_2 seeds). An existing
     `out` is replaced only with `force`. `cfg` is not used."""
+    from dinosae.dist import check_device
     from dinosae.errors import NumericsError
     from dinosae.files import atomic_path
     from dinosae.generate import to_uint8
     from dinosae.images import save_grid
+    from dinosae.outputs import claim_file, mark_zip, png_ours, zip_ours
     from dinosae.progress import Progress
 
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise ConfigError(f"--out {out}: give a .png (image grid) or .npz (arrays) file name")
-    if out.exists() and not force:
-        raise ConfigError(f"--out {out} exists; remove it or pass --force to replace it")
+    claim_file({out: png_ours if out.suffix == ".png" else zip_ours}, "generate", force=force,
+               inputs=[model, ae])
     labels_, seeds_ = parse_ints(classes, "classes"), parse_ints(seeds, "seeds")
+    if len(labels_) * len(seeds_) > MAX_GENERATE:
+        raise ConfigError(f"--classes x --seeds: {len(labels_) * len(seeds_)} images, more "
+                          f"than {MAX_GENERATE}")
     try:
         lo, hi = (float(v) for v in interval.split(","))
     except ValueError:
         raise ConfigError(f"--interval {interval!r}: expected lo,hi (e.g. 0,1)") from None
+    _finite(lo, "--interval lo", low=0.0, high=1.0)
+    _finite(hi, "--interval hi", low=lo, high=1.0)
+    _finite(cfg_scale, "--cfg-scale", low=0.0)
+    _finite(s_vae, "--s-vae", above=0.0)
+    _finite(steps, "--steps", low=1, high=100_000)
+    _finite(batch_size, "--batch-size", low=1, high=1_000_000)
+    check_device(device)
     gen = load_generator(model, device=None if device == "auto" else device, autoencoder=ae)
     bad = [c for c in labels_ if not 0 <= c < gen.num_classes]
     if bad:
@@ -398,6 +431,7 @@ def generate_images(cfg: dict, model: str, classes: str, out: str, seeds: str = 
         with atomic_path(out, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, arr_0=to_uint8(images), arr_1=labels, arr_2=seeds_all)
+            mark_zip(tmp)
     log.info("%d samples (classes %s, seeds %s, %d steps, cfg %.2f, s_vae %.3f, %s) -> %s",
              n, labels_, seeds_, steps, cfg_scale, float(radius), integrator, out)
     return out

@@ -56,9 +56,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                                   "file of tensors)") from None
         raise CheckpointError(f"refusing to load {str(path)!r}: it holds pickled objects other "
                               f"than tensors and plain containers ({what[0]})") from None
-    except (RuntimeError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way
+        why = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (truncated or not a "
-                              f"torch file): {e}") from None
+                              f"torch file: {type(e).__name__}{': ' + why if why else ''})"
+                              ) from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"{str(path)!r} is not a dinosae checkpoint (a {type(ck).__name__})")
     return ck

@@ -12,6 +12,7 @@ import argparse
 import errno
 import importlib
 import logging
+import math
 import os
 import sys
 import traceback
@@ -21,6 +22,8 @@ from dinosae.errors import DinosaeError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 AE_HELP = "AE checkpoint whose teacher is the 'teacher' extractor"
+RESTART = ("--restart", dict(action="store_true",
+                             help="start afresh even if --out holds another run's last.pt"))
 FORCE = ("--force", dict(action="store_true",
                          help="replace an existing --out that this command did not write"))
 # libraries that read files: their own exceptions, and data errors raised inside them, are
@@ -28,6 +31,42 @@ FORCE = ("--force", dict(action="store_true",
 FILE_LIBRARIES = ("yaml", "json", "safetensors", "PIL", "zarr", "numcodecs", "h5py", "tarfile",
                   "webdataset", "_csv", "csv", "zipfile")
 DATA_ERRORS = (ValueError, KeyError, IndexError, EOFError, OSError, UnicodeError, OverflowError)
+
+def _number(kind: type, low: float | None = None, high: float | None = None,
+            above: float | None = None):
+    """An argparse type: a finite `kind` (int or float) within the bounds (NaN, inf and
+    out-of-range values are refused with one line naming the flag)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a finite number")
+        if (low is not None and value < low) or (high is not None and value > high) or (
+                above is not None and value <= above):
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                              f"> {above}" if above is not None else "",
+                                              f"<= {high}" if high is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"{value} is out of range (expected {bounds})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSINT = _number(int, low=1, high=2**53 - 1)
+NONNEGINT = _number(int, low=0, high=2**53 - 1)
+STEPS, BATCH, GPUS = (_number(int, low=1, high=h) for h in (100_000, 65536, 1_000_000))
+FRACTION = _number(float, above=0.0, high=1.0)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `dinosae COMMAND: error: ...`, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message, 500)} (see {self.prog} -h)\n")
+
 
 # name -> (module, function, help, [(flag, argparse kwargs), ...]); each function is called as
 # function(cfg, **args) with the flags' values under their python names.
@@ -51,12 +90,12 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--shards", dict(required=True, help="train shard folder (with manifest.json)")),
          ("--init", dict(default=None, help="previous stage's checkpoint")),
          ("--out", dict(required=True, help="stage folder: checkpoint.pt, metrics.csv, grids")),
-         FORCE],
+         FORCE, RESTART],
     ),
     "eval-recon": (
         "dinosae.evaluate", "eval_recon", "reconstruction metrics on the val split -> recon.txt",
         [("--checkpoint", dict(required=True)), ("--shards", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "encode-init": (
         "dinosae.latents", "encode_init", "create the latent cache arrays and attributes",
@@ -66,16 +105,17 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "encode-part": (
         "dinosae.latents", "encode_part", "encode one shard-aligned region of the cache",
         [("--cache", dict(required=True)), ("--shards", dict(required=True)),
-         ("--checkpoint", dict(required=True)), ("--index", dict(type=int, required=True)),
-         ("--parts", dict(type=int, required=True)), ("--done", dict(required=True))],
+         ("--checkpoint", dict(required=True)), ("--index", dict(type=NONNEGINT, required=True)),
+         ("--parts", dict(type=POSINT, required=True)), ("--done", dict(required=True))],
     ),
     "encode-gather": (
         "dinosae.latents", "encode_gather", "validate every region, then mark the cache complete",
         [("--cache", dict(required=True)), ("--out", dict(required=True, help="report json"))],
     ),
     "export-latents": (
-        "dinosae.latents", "export_hdf5", "write a latent cache's arrays and attributes to HDF5",
-        [("--cache", dict(required=True)), ("--out", dict(required=True))],
+        "dinosae.export", "export_latents",
+        "write a latent cache's arrays and attributes to HDF5",
+        [("--cache", dict(required=True)), ("--out", dict(required=True)), FORCE],
     ),
     "cache": (
         "dinosae.latents.commands", "cache_command",
@@ -86,14 +126,15 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
         [("--cache", dict(required=True)), ("--ae", dict(required=True)),
-         ("--out", dict(required=True)), FORCE],
+         ("--out", dict(required=True)), FORCE, RESTART],
     ),
     "sample": (
         "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",
         [("--dit", dict(required=True)), ("--ae", dict(required=True)),
          ("--cache", dict(default=None, help="the latent cache the DiT was trained on (class "
                                             "names, checks); none for an imported generator")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True, help="samples.h5 (the grid .png and the .npz go beside "
+                                            "it)")), FORCE],
     ),
     "generate": (
         "dinosae.api", "generate_images",
@@ -102,28 +143,29 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--classes", dict(required=True, help="class indices, e.g. 207,360 or 0-9")),
          ("--seeds", dict(default="0-7", help="noise seeds, e.g. 0-7 (default) or 1,5,9")),
          ("--out", dict(required=True, help="grid.png (a row per class) or samples.npz")),
-         ("--steps", dict(type=int, default=50)),
-         ("--cfg-scale", dict(type=float, default=1.0, help="classifier-free guidance (1: off)")),
+         ("--steps", dict(type=STEPS, default=50)),
+         ("--cfg-scale", dict(type=_number(float, low=0.0), default=1.0,
+                              help="classifier-free guidance (1: off)")),
          ("--interval", dict(default="0,1", help="guidance interval lo,hi in t (1 = noise)")),
-         ("--s-vae", dict(type=float, default=None,
+         ("--s-vae", dict(type=_number(float, above=0.0), default=None,
                           help="decode radius (default: the generator's recorded one; paper 14)")),
          ("--integrator", dict(default="euler_project", choices=["euler_project", "expmap"])),
          ("--ae", dict(default=None, help="autoencoder (default: bundled with the export or "
                                           "recorded in the checkpoint)")),
-         ("--batch-size", dict(type=int, default=16)),
+         ("--batch-size", dict(type=BATCH, default=16)),
          ("--device", dict(default="auto", help="auto | cpu | cuda[:N]")),
          ("--force", dict(action="store_true", help="replace an existing --out"))],
     ),
     "fid-reference": (
         "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
         [("--shards", dict(required=True)), ("--out", dict(required=True)),
-         ("--ae", dict(default=None, help=AE_HELP))],
+         ("--ae", dict(default=None, help=AE_HELP)), FORCE],
     ),
     "fid": (
         "dinosae.evaluate", "fid", "FID/IS (or FD in the configured extractor) -> gfid.txt",
         [("--samples", dict(required=True)), ("--reference", dict(required=True)),
          ("--out", dict(required=True)),
-         ("--ae", dict(default=None, help=AE_HELP))],
+         ("--ae", dict(default=None, help=AE_HELP)), FORCE],
     ),
     "export-model": (
         "dinosae.export", "export_model",
@@ -138,7 +180,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "released (official DINO-SAE) or exported AE weights -> a stage-4 checkpoint",
         [("--source", dict(default=None, help="file, folder or hf-hub:<owner>/<name>[/<file>]; "
                                               "default autoencoder.pretrained")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "import-dit": (
         "dinosae.importers", "import_generator",
@@ -146,7 +188,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "DiT checkpoint",
         [("--source", dict(default=None, help="file, folder or hf-hub:...; default "
                                               "dit.pretrained")),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "plan": (
         "dinosae.plan", "plan",
@@ -154,14 +196,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "on the configured networks before any GPU is booked",
         [("--gpu", dict(default="h100", help="GPU kind from dinosae/gpus.yaml: h100, h200, "
                                               "b200 (default h100)")),
-         ("--gpus", dict(type=int, default=8, help="GPUs (training rules: data-parallel over "
+         ("--gpus", dict(type=GPUS, default=8, help="GPUs (training rules: data-parallel over "
                                                    "all of them; default 8)")),
-         ("--mfu", dict(type=float, default=None, help="model-FLOPs utilisation, the fraction "
+         ("--mfu", dict(type=FRACTION, default=None, help="model-FLOPs utilisation, the fraction "
                                                        "of peak reached (default: calibrated, "
                                                        "see README 'Planning a run')")),
-         ("--train-images", dict(type=int, default=None, help="override the train split's "
+         ("--train-images", dict(type=POSINT, default=None, help="override the train split's "
                                                               "image count")),
-         ("--val-images", dict(type=int, default=None, help="override the val split's "
+         ("--val-images", dict(type=POSINT, default=None, help="override the val split's "
                                                             "image count"))],
     ),
     "status": (
@@ -174,21 +216,22 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "report figures of a training run: loss curves (metrics.csv), its last image grid",
         [("--checkpoint", dict(required=True, help="the run's checkpoint.pt (files beside it)")),
          ("--title", dict(required=True)), ("--loss", dict(required=True, help="PNG")),
-         ("--grid", dict(default=None, help="PNG: an AE stage's last input | recon grid"))],
+         ("--grid", dict(default=None, help="PNG: an AE stage's last input | recon grid")),
+         FORCE],
     ),
     "sample-grids": (
         "dinosae.report", "sample_grids", "one sample grid per class, for the report",
         [("--samples", dict(required=True, help="samples.h5")),
-         ("--out", dict(required=True, nargs="+", help="one PNG per class shown"))],
+         ("--out", dict(required=True, nargs="+", help="one PNG per class shown")), FORCE],
     ),
     "metrics-table": (
         "dinosae.report", "metrics_table", "a key: value results file -> an HTML table",
         [("--results", dict(required=True)), ("--title", dict(required=True)),
-         ("--out", dict(required=True))],
+         ("--out", dict(required=True)), FORCE],
     ),
     "config-page": (
         "dinosae.report", "config_page", "the config used -> an HTML page (for the report)",
-        [("--out", dict(required=True))],
+        [("--out", dict(required=True)), FORCE],
     ),
 }
 # commands that need no config (the checkpoint or the results files carry it)
@@ -199,7 +242,7 @@ DEFAULT_CONFIG = {"plan": "config.yaml"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinosae", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="dinosae", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_, args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

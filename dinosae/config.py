@@ -9,13 +9,17 @@ Configs are untrusted input, bounded before anything walks them: a file of at mo
 MAX_CONFIG_BYTES, at most MAX_ALIASES YAML aliases, and a config that, with every alias
 expanded, holds at most MAX_VALUES values, nests at most MAX_DEPTH deep and has no string longer
 than MAX_STRING (an alias bomb is refused in time proportional to its size on disk). Messages
-quote values only in part.
+quote values only in part. NaN and infinities are refused wherever they appear (YAML `.nan`,
+`--set k=.inf`, JSON `NaN` in --cfg). Paths may hold spaces, quotes, `$` and `;` (the rules
+quote every value they hand to a shell line) but no control characters (newlines) or braces
+(Snakemake reads those as wildcards).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ MAX_VALUES = 100_000  # values in the whole config, aliases expanded (config.yam
 MAX_DEPTH = 32
 MAX_STRING = 10_000  # characters in one string (a path is at most 4096)
 SHOWN = 60  # characters of a value quoted in a message
+PATH_PATTERN = "^[^\\x00-\\x1f\\x7f{}]*$"  # the schema's paths: no control characters, no braces
 
 
 def load_schema() -> dict:
@@ -60,6 +65,10 @@ def _message(err: jsonschema.ValidationError) -> str:
         return f"config: unknown key{plural} {names}{more}{where}"
     if err.validator == "required":
         return f"config: '{key}' is missing a required key: {_short(err.message.split(' ')[0])}"
+    if err.validator == "pattern" and err.schema.get("pattern") == PATH_PATTERN:
+        return (f"config: '{key}': {_short(repr(err.instance))} holds a control character "
+                "(newline, tab, ...) or a brace, which a path handed to the workflow's shell "
+                "lines and file patterns must not")
     message = err.message  # jsonschema quotes the whole value: quote only its start
     whole = repr(err.instance)
     if len(whole) > SHOWN and whole in message:
@@ -67,7 +76,7 @@ def _message(err: jsonschema.ValidationError) -> str:
     return f"config: '{key}': {_short(message, 300)}"
 
 
-def check_bounds(cfg: Any) -> None:
+def check_bounds(cfg: Any, finite: bool = True) -> None:
     """Refuse a config that is too big once YAML aliases are expanded: more than MAX_VALUES
     values, deeper than MAX_DEPTH, or a string longer than MAX_STRING. Shared sub-trees (what
     aliases make) are measured once, so this takes time in the size of the document, not of its
@@ -80,6 +89,9 @@ def check_bounds(cfg: Any) -> None:
                 raise ConfigError(f"config: '{_key(path)}': a string of {len(node)} characters "
                                   f"(at most {MAX_STRING})")
             return 1
+        if finite and isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"config: '{_key(path)}': {node} is not a finite number (NaN and "
+                              "infinities are refused)")
         if not isinstance(node, (dict, list)):
             return 1
         if id(node) in sizes:
@@ -128,11 +140,15 @@ def _check_semantics(cfg: dict) -> None:
 
 
 def _splits_needed(cfg: dict) -> tuple[str, ...]:
-    """The image folders a run reads: val always (evaluation); train unless both models are
-    imported (released weights: nothing is trained or encoded). A job that gets only some
-    sections (the rules' --cfg) checks val; its own reader names a missing train/."""
+    """The image folders a whole run reads (checked when the config has every section: the
+    Snakefile's): val always (evaluation); train unless both models are imported (released
+    weights: nothing is trained or encoded). A job that gets only some sections (the rules'
+    --cfg, `dinosae shard --split train`) checks none: its reader requires only the split it
+    reads and names it when missing."""
     ae, dit = cfg.get("autoencoder"), cfg.get("dit")
-    if ae is None or dit is None or (ae.get("pretrained") and dit.get("pretrained")):
+    if ae is None or dit is None:
+        return ()
+    if ae.get("pretrained") and dit.get("pretrained"):
         return ("val",)
     return ("train", "val")
 
@@ -200,7 +216,7 @@ def parse_yaml(text: str, where: str) -> Any:
     except (ValueError, RecursionError) as e:  # e.g. an integer of 10^5 digits; deep nesting
         raise ConfigError(f"config: {where}: unreadable value ({_short(str(e), 200)})") from None
     try:
-        check_bounds(value)
+        check_bounds(value, finite=False)  # numbers: checked by validate, naming the key
     except ConfigError as e:
         raise ConfigError(f"{e} (in {where})") from None
     return value

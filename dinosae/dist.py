@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
+from dinosae.errors import ConfigError
+
+
+def check_device(name: str, what: str = "--device") -> str:
+    """`name` if it is auto, cpu, cuda or cuda:N of a device that exists; else a ConfigError
+    naming `what` and the devices there are."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = "no CUDA device" if n == 0 else f"CUDA devices 0..{n - 1}"
+    m = re.fullmatch(r"cuda(?::(\d{1,4}))?", str(name))
+    if name in ("auto", "cpu") or (m and n and (m[1] is None or int(m[1]) < n)):
+        return str(name)
+    if m:
+        raise ConfigError(f"{what} {name!r}: this machine has {have}")
+    raise ConfigError(f"{what} {str(name)[:60]!r}: expected auto, cpu, cuda or cuda:N ({have} "
+                      "here)")
+
 
 def pick_device(name: str = "auto") -> torch.device:
+    check_device(name, "config: 'device'")
+    if name.startswith("cuda:"):
+        return torch.device(name)
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("config asks for device 'cuda' but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

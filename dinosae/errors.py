@@ -85,5 +85,10 @@ class OutputLocked(OutputError):
     """Another process is writing this output now."""
 
 
+class NotRegularFile(DinosaeError, OSError):
+    """An input path that is a FIFO, a device, a folder or a socket where a file is read (never
+    opened for reading: it could block or never end)."""
+
+
 class StatusError(DinosaeError, ValueError):
     """The results folder to report on does not exist (or a stage file cannot be read)."""

@@ -49,9 +49,10 @@ from torch_fidelity.utils import create_feature_extractor
 
 from dinosae.checkpoint import tensors_fingerprint
 from dinosae.dist import pick_device
-from dinosae.errors import ConfigError
-from dinosae.files import sha256_file, write_kv
+from dinosae.errors import ConfigError, NumericsError
+from dinosae.files import check_regular, sha256_file, write_kv
 from dinosae.images import save_grid
+from dinosae.outputs import claim_file, kv_ours, mark_zip, png_ours, zip_ours
 from dinosae.progress import Progress
 
 log = logging.getLogger("dinosae.evaluate")
@@ -345,16 +346,100 @@ def _check_reference(ref: dict, info: dict, reference: str | Path) -> None:
             "--ae checkpoint / Inception weights")
 
 
+def finite_or_stop(x: torch.Tensor, what: str) -> None:
+    """Refuse to score non-finite images (an all-NaN decoder clamps to black: PSNR 8.19)."""
+    if not bool(torch.isfinite(x).all()):
+        raise NumericsError(f"{what}: {int((~torch.isfinite(x)).sum())} of {x.numel()} values "
+                            "are NaN or Inf; not scoring them")
+
+
+def load_checked_reference(path: str | Path) -> dict:
+    """load_reference, every failure one ConfigError naming the file, then check_reference."""
+    check_regular(path)
+    try:
+        ref = load_reference(path)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"reference {str(path)!r}: {e}") from None
+    check_reference(ref, path)
+    return ref
+
+
+def check_reference(ref: dict, path: str | Path) -> None:
+    """Reference statistics that can be compared with: mu (d,) and sigma (d, d) finite, from at
+    least two images, features (n, d) when present (issue 22: a NaN mean must not score)."""
+    mu, sigma = np.asarray(ref["mu"]), np.asarray(ref["sigma"])
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ConfigError(f"reference {str(path)!r}: mu {list(mu.shape)} and sigma "
+                          f"{list(sigma.shape)} do not fit together (expected (d,) and (d, d))")
+    for name, arr in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(arr).all():
+            raise ConfigError(f"reference {str(path)!r}: {name} holds "
+                              f"{int((~np.isfinite(arr)).sum())} NaN or Inf values")
+    if "count" in ref and 0 <= int(ref["count"]) < 2:
+        raise ConfigError(f"reference {str(path)!r}: statistics of {ref['count']} images (at "
+                          "least 2 are needed for a covariance)")
+    feats = ref.get("features")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != len(mu)):
+        raise ConfigError(f"reference {str(path)!r}: features {list(feats.shape)} do not fit mu "
+                          f"({len(mu)}-d)")
+
+
+def _reference_resolution(path: str | Path) -> int | None:
+    """The image size a reference was computed at: our npz's `resolution`, ADM's arr_0 (N, H,
+    W, 3); None when it does not say."""
+    with np.load(path, allow_pickle=False) as z:
+        if "resolution" in z.files:
+            return int(z["resolution"])
+    shape = _npz_member_shape(path, "arr_0")
+    return int(shape[1]) if shape and len(shape) == 4 else None
+
+
+def check_samples(path: str | Path, resolution: int | None = None) -> int:
+    """A samples.h5 that can be scored: complete (`complete` true, `done` == N), images uint8
+    (N, H, W, 3) NHWC with H == W == `resolution` (the reference's, when known), N >= 2.
+    Returns N."""
+    import h5py
+
+    where = f"samples {str(path)!r}"
+    check_regular(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ConfigError(f"{where}: not a readable HDF5 file ({e})") from None
+    with f:
+        images = f.get("images")
+        if not isinstance(images, h5py.Dataset):
+            raise ConfigError(f"{where}: no 'images' array")
+        shape, n = images.shape, (images.shape or (0,))[0]
+        if images.dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+            raise ConfigError(f"{where}: images {images.dtype} {list(shape)}; expected uint8 "
+                              "(N, H, W, 3) (NHWC, as `dinosae sample` writes)")
+        done, complete = f.attrs.get("done"), f.attrs.get("complete")
+        if complete is not None and not bool(complete) or done is not None and int(done) != n:
+            raise ConfigError(f"{where}: incomplete ({done}/{n} samples written, complete: "
+                              f"{bool(complete)}); rerun `dinosae sample` to finish it")
+    if n < 2:
+        raise ConfigError(f"{where}: {n} samples; FID needs at least 2")
+    if resolution is not None and shape[1:3] != (resolution, resolution):
+        raise ConfigError(f"{where}: {shape[1]}x{shape[2]} images, but the reference holds "
+                          f"statistics of {resolution}x{resolution} images")
+    return int(n)
+
+
 def _save_npz(path: str | Path, **arrays: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+    mark_zip(tmp)
     os.replace(tmp, path)
 
 
-def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> None:
+def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None,
+                  force: bool = False) -> None:
     """Feature statistics of the real images in `shards` (or of ADM's reference batch when
     cfg eval.adm_reference is set) -> npz with mu, sigma, extractor, extractor_id, count, source
     (and, with Inception, up to 10k features for precision/recall).
@@ -364,6 +449,8 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
     reference batch or a machine with the memory).
     """
     ev = cfg["eval"]
+    claim_file({out: zip_ours}, "fid-reference", force=force,
+               inputs=[shards, ae, ev.get("adm_reference")])
     if ev.get("adm_reference"):
         if ev["extractor"] != "inception":
             raise ConfigError("config: 'eval.adm_reference' holds Inception-v3 statistics; it "
@@ -391,6 +478,7 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
         keep = np.unique(np.linspace(0, len(feats) - 1, min(len(feats), MAX_REFERENCE_FEATURES))
                          .round().astype(np.int64))
         extra["features"] = feats[keep].numpy()
+    extra["resolution"] = int(read_manifest(shards)["preprocess"]["image_size"])
     _save_npz(out, mu=mu, sigma=sigma, extractor=info["extractor"],
               extractor_id=info["extractor_id"], count=len(feats),
               source=f"shards:{shards}", **extra)
@@ -400,14 +488,18 @@ def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None) -> No
 
 # ---------------------------------------------------------------- generation metrics
 
-def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None) -> None:
+def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None,
+        force: bool = False) -> None:
     """FD of the samples in `samples` (HDF5 from generate.sample_to_h5) against `reference`
     -> `out` (results/gfid.txt). With Inception: FID, IS, and precision/recall when the
     reference carries real features. Sections: device, eval, autoencoder (+ data without `ae`)."""
     import h5py
 
     ev = cfg["eval"]
-    ref = load_reference(reference)
+    claim_file({out: kv_ours("metric", "num_samples")}, "fid", force=force,
+               inputs=[samples, reference, ae])
+    ref = load_checked_reference(reference)
+    check_samples(samples, _reference_resolution(reference))
     device = pick_device(cfg.get("device", "auto"))
     teacher = load_teacher(cfg, ae, device) if ev["extractor"] == "teacher" else None
     layers = _layers(cfg, inception_extras=True)
@@ -490,7 +582,7 @@ def _recon_indices(count: int, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
+def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str, force: bool = False) -> None:
     """Reconstruct cfg eval.recon_samples images of `shards` (spread over the split) with the AE
     `checkpoint` (encode -> decode), then PSNR, SSIM, LPIPS and rFID (rFD_teacher offline) ->
     `out` (key: value) and a PNG grid (input rows over reconstruction rows) beside it.
@@ -500,6 +592,11 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     from dinosae.models.perceptual import lpips_distance
 
     ev = cfg["eval"]
+    if Path(out).suffix == ".png":
+        raise ConfigError(f"--out {out}: the PNG grid is written beside it as .png; give a "
+                          ".txt name")
+    claim_file({out: kv_ours("PSNR", "num_samples"), Path(out).with_suffix(".png"): png_ours},
+               "eval-recon", force=force, inputs=[checkpoint, shards])
     manifest = read_manifest(shards)  # bad shards stop here, before any model loads
     count = int(manifest["count"])
     device = pick_device(cfg.get("device", "auto"))
@@ -520,7 +617,9 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
     progress = Progress(len(wanted), desc="eval recon", unit="img")
     for batch in batched(images, ev["batch_size"]):
         x = _nchw(batch).to(device)  # uint8 (B, 3, H, W)
-        rec = ae.decode(ae.encode(x.float() / 255.0)).float().clamp(0, 1)
+        rec = ae.decode(ae.encode(x.float() / 255.0)).float()
+        finite_or_stop(rec, f"reconstructions of {checkpoint}")
+        rec = rec.clamp(0, 1)
         rec_u8 = (rec * 255.0).round().to(torch.uint8)  # reconstructions are judged as images
         rec_np = rec_u8.permute(0, 2, 3, 1).cpu().numpy()
         psnrs += [psnr(a, b) for a, b in zip(batch, rec_np, strict=True)]

@@ -269,3 +269,14 @@ def _write_dit(folder: Path, path: Path, ck: dict, ae: str | Path | None) -> Non
     doc["autoencoder"] = AE_DIR
     (folder / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
+
+
+def export_latents(cfg: dict, cache: str | Path, out: str | Path, force: bool = False) -> Path:
+    """`dinosae export-latents`: the single-file output rule (dinosae.outputs.claim_file: an
+    existing `out` that is not an earlier export of a cache is refused unless `force`; never the
+    cache itself), then latents.export_hdf5 (written to a temporary name and renamed)."""
+    from dinosae import latents
+    from dinosae.outputs import claim_file, h5_ours
+
+    claim_file({out: h5_ours("attrs_json")}, "export-latents", force=force, inputs=[cache])
+    return latents.export_hdf5(cfg, cache, out)

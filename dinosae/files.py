@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dinosae.errors import WeightsFileError
+from dinosae.errors import NotRegularFile, WeightsFileError
+
+MAX_SMALL_FILE = 256 << 20  # bytes read_regular reads at most (results files, metrics.csv)
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
@@ -62,9 +65,46 @@ def write_kv(path: str | Path, items: Mapping[str, Any]) -> None:
     atomic_write_text(path, "".join(f"{k}: {v}\n" for k, v in items.items()))
 
 
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def check_regular(path: str | Path) -> None:
+    """Refuse (NotRegularFile) a path that exists and is not a regular file (links followed):
+    call it before a library opens the file, so a FIFO never blocks the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"{path}: is {_kind(mode)}, not a regular file; not read")
+
+
+def read_regular(path: str | Path, limit: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, opened without blocking: a FIFO,
+    device, folder or socket is refused (NotRegularFile naming it), never read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path}: is {_kind(st.st_mode)}, not a regular file; not read")
+        if st.st_size > limit:
+            raise NotRegularFile(f"{path}: {st.st_size} bytes, more than {limit}; not read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
 def read_kv(path: str | Path) -> dict[str, str]:
+    """A `key: value` results file (a regular file, read without blocking)."""
     out = {}
-    for line in Path(path).read_text().splitlines():
+    for line in read_regular(path).decode("utf-8").splitlines():
         if ":" in line:
             k, v = line.split(":", 1)
             out[k.strip()] = v.strip()

@@ -31,6 +31,7 @@ from dinosae.errors import CheckpointError, ConfigError, NumericsError
 from dinosae.faults import fault_point
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
+from dinosae.outputs import mark_zip
 from dinosae.progress import Progress
 from dinosae.signals import StopFlag
 
@@ -150,7 +151,22 @@ def _cache_attrs(cache: str, ae: str, meta: dict, dit: str) -> dict:
     return attrs
 
 
-def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> None:
+def claim_outputs(out: Path, export_npz: bool, force: bool, inputs: list) -> None:
+    """The single-file rule (dinosae.outputs.claim_file) for samples.h5 and the grid and npz
+    beside it; `out` must end in .h5 or .hdf5 so that they are three files."""
+    from dinosae.outputs import claim_file, h5_ours, png_ours, zip_ours
+
+    if out.suffix not in (".h5", ".hdf5"):
+        raise ConfigError(f"--out {out}: give a .h5 file name (the PNG grid and the npz are "
+                          "written beside it under the same name)")
+    files = {out: h5_ours(format=FORMAT), out.with_suffix(".png"): png_ours}
+    if export_npz:
+        files[out.with_suffix(".npz")] = zip_ours
+    claim_file(files, "sample", force=force, inputs=inputs)
+
+
+def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
+                 force: bool = False) -> None:
     """cfg sample.num_samples class-balanced samples -> `out` (HDF5), `out`.png grid and, with
     sample.export_npz, `out`.npz (ADM format). Sections: seed, device, sample. `cache`: the
     latent cache the generator was trained on, or None (an imported generator)."""
@@ -160,6 +176,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
 
     sc = cfg["sample"]
     out = Path(out)
+    claim_outputs(out, bool(sc.get("export_npz", False)), force, [dit, ae, cache])
     device = pick_device(cfg.get("device", "auto"))
     model, meta = load_dit(dit, device=str(device))
     autoencoder = DinoSAE.load(ae, device=str(device))
@@ -260,4 +277,5 @@ def export_npz(samples: str | Path, npz: str | Path) -> None:
     tmp = npz.with_name(f".{npz.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
         np.savez(fh, arr_0=images, arr_1=labels)
+    mark_zip(tmp)
     os.replace(tmp, npz)

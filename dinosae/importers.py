@@ -177,6 +177,23 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _check_dit_config(config: dict, path: str | Path) -> None:
+    """A dinosae DiT checkpoint's config holds what rebuilds the network (issue 22: a missing
+    `config.dit` was a KeyError)."""
+    from dinosae.errors import CheckpointError
+
+    problems = [] if isinstance(config.get("dit"), dict) else ["'dit' (a mapping)"]
+    problems += [f"'{k}' (an integer >= 1)" for k in ("tokens", "channels", "num_classes")
+                 if not (isinstance(config.get(k), int) and config[k] >= 1)]
+    grid = config.get("grid")
+    if not (isinstance(grid, list | tuple) and len(grid) == 2
+            and all(isinstance(g, int) and g >= 1 for g in grid)):
+        problems.append("'grid' (two integers >= 1)")
+    if problems:
+        raise CheckpointError(f"{path}: a {DIT_KIND} checkpoint whose config lacks "
+                              f"{', '.join(problems)}")
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, info) of a weights file or export folder. info: `kind` (a dinosae kind or
     None), `config` (dinosae sources), `container` (where in the file the weights were),
@@ -205,6 +222,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             not isinstance(obj.get("ema"), dict) or not isinstance(obj.get("config"), dict)):
         raise CheckpointError(f"{path}: a {obj['kind']} checkpoint without its 'ema' weights "
                               "or 'config'")
+    if obj.get("kind") == DIT_KIND:
+        _check_dit_config(obj["config"], path)
     if obj.get("kind") == AE_KIND:  # whole, with its teacher (stage checkpoints reference it)
         from dinosae.models.autoencoder import DinoSAE
 
@@ -401,19 +420,37 @@ def is_official_ae(sd: Mapping[str, Any]) -> bool:
                for k in sd)
 
 
-def _read_source(source: str | None, cfg: dict, section: str, kind: str
-                 ) -> tuple[str, Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """(spec, local path, state dict, info) of --source, or of config `<section>.pretrained`."""
+def _imported(kind: str):
+    """The recogniser of an import's own output: a `kind` checkpoint that records `imported`."""
+    def ours(path: Path) -> bool:
+        from dinosae.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(path, mmap=True)
+        return ck.get("kind") == kind and isinstance(ck.get("imported"), dict)
+    return ours
+
+
+def _read_source(source: str | None, cfg: dict, section: str, kind: str, out: str | Path,
+                 force: bool) -> tuple[str, Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """(spec, local path, state dict, info) of --source, or of config `<section>.pretrained`,
+    once `out` is known to be a place to write (the single-file rule, dinosae.outputs)."""
+    from dinosae.outputs import claim_file
+
     spec = source or (cfg.get(section) or {}).get("pretrained")
     if not spec:
         raise ConfigError(f"config: '{section}.pretrained' is not set and no --source given")
+    command = "import-ae" if kind == "ae" else "import-dit"
+    claim_file({out: _imported(AE_KIND if kind == "ae" else DIT_KIND)}, command, force=force,
+               inputs=[spec])
     path = resolve_source(spec, kind)
+    claim_file({out: _imported(AE_KIND if kind == "ae" else DIT_KIND)}, command, force=force,
+               inputs=[path])
     return (spec, path, *read_weights(path))
 
 
 # ---------------------------------------------------------------- autoencoder
 
-def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
+def import_autoencoder(cfg: dict, source: str, out: str | Path, force: bool = False) -> Path:
     """Released or exported autoencoder weights -> a stage-4 dinosae checkpoint at `out`.
     Config sections: autoencoder (its teacher gives what the file does not hold), data
     (image_size). `source` defaults to autoencoder.pretrained."""
@@ -421,7 +458,7 @@ def import_autoencoder(cfg: dict, source: str, out: str | Path) -> Path:
     from dinosae.files import sha256_file
     from dinosae.models.autoencoder import ae_config, build_autoencoder
 
-    spec, path, sd, info = _read_source(source, cfg, "autoencoder", "ae")
+    spec, path, sd, info = _read_source(source, cfg, "autoencoder", "ae", out, force)
     ae = build_autoencoder(cfg)
     if info["kind"] == AE_KIND:
         fmt, teacher = "dinosae", "the file"
@@ -626,7 +663,7 @@ def _reference_hints(file: dict[str, Any], cfg_dit: dict) -> list[str]:
 
 # ---------------------------------------------------------------- generator
 
-def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
+def import_generator(cfg: dict, source: str, out: str | Path, force: bool = False) -> Path:
     """A generator -> a dinosae DiT checkpoint at `out` (config sections: dit; data, when
     given, to check the token grid). `source` defaults to dit.pretrained. Sources:
 
@@ -670,7 +707,7 @@ def import_generator(cfg: dict, source: str, out: str | Path) -> Path:
     from dinosae.models.dit import DiTDH, build_dit, dit_from_config, switches_of
 
     dc = cfg.get("dit", {})
-    spec, path, sd, info = _read_source(source, cfg, "dit", "dit")
+    spec, path, sd, info = _read_source(source, cfg, "dit", "dit", out, force)
     kind = reference_dit_kind(sd)
     if info["kind"] == DIT_KIND:
         config = info["config"]

@@ -16,6 +16,17 @@ the file is created exclusively instead and a holder that no longer runs on this
 over. Under the lock, the temporary names (`.<name>.tmp<pid>`, `.<name>.old<pid>`) of earlier,
 killed writers are removed.
 
+The rule for a single file (`claim_file`): a command that writes one file (and perhaps a few
+beside it: `sample`'s grid and npz) names each with a recogniser of its own files; an existing
+regular file there that it did not make is refused in one line unless `--force`. Refused even
+with --force: a file that is one of the command's inputs (`--source X --out X`) or lies inside
+an input folder, a folder, and anything that is not a regular file or a link (a FIFO, a
+device). A link at `--out` is replaced by the file, never written through. The writers write to
+a temporary name and rename.
+
+Locks never follow links: a lock path that is a link, a folder or any non-regular file is
+refused in one line and never written through.
+
 Torch-free, so that it costs nothing to the light commands.
 """
 
@@ -30,6 +41,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -229,13 +241,44 @@ def _alive(pid: object) -> bool:
     return True
 
 
+def _file_type(mode: int) -> str:
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _open_lock(path: Path, out: Path, flags: int) -> int:
+    """Open the lock file without following a link and without blocking; anything but a
+    regular file there is refused (never written through)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
+            raise
+        try:
+            what = _file_type(os.lstat(path).st_mode)
+        except OSError:
+            what = "not a regular file"
+        raise OutputError(f"{out}: its lock file {path} is {what}; locks are never written "
+                          "through: remove it and rerun") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OutputError(f"{out}: its lock file {path} is {_file_type(mode)}; locks are never "
+                          "written through: remove it and rerun")
+    return fd
+
+
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def _lock_posix(path: Path, out: Path, me: dict) -> int | None:
     """The locked descriptor of `path`; None where the file system has no locks."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(path, out, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -248,7 +291,7 @@ def _lock_posix(path: Path, out: Path, me: dict) -> int | None:
                 return None
             raise
         try:  # the holder we waited for may have removed the file: lock the current one
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
@@ -268,12 +311,16 @@ def _lock_exclusive(path: Path, out: Path, me: dict) -> int:
     longer runs on this host is taken over."""
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         except FileExistsError:
             try:
-                h = _holder(path.read_bytes())
+                rfd = _open_lock(path, out, os.O_RDONLY)
             except FileNotFoundError:
                 continue
+            try:
+                h = _holder(os.pread(rfd, 4096, 0))
+            finally:
+                os.close(rfd)
             if h.get("host") == me["host"] and not _alive(h.get("pid")):
                 log.info("%s: taking over the lock of %s (no longer running)", out, _describe(h))
                 path.unlink(missing_ok=True)
@@ -317,6 +364,121 @@ def writing(out: str | Path, command: str, ours: Recogniser, *, force: bool = Fa
         if lock:
             remove_stale_temps(out)
         yield out
+
+
+# ---------------------------------------------------------------- single files
+
+# a file recogniser: whether the file at a path is one this command made (never raises)
+FileRecogniser = Callable[[Path], bool]
+
+
+def _same_or_inside(out: Path, given: Path) -> bool:
+    try:
+        if os.path.exists(out) and os.path.exists(given) and os.path.samefile(out, given):
+            return True
+    except OSError:
+        pass
+    src, target = given.resolve(), out.resolve()
+    return target == src or (src.is_dir() and src in target.parents)
+
+
+def claim_file(files: dict[str | Path, FileRecogniser], command: str, *, force: bool = False,
+               inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse to write any of `files` (the --out first, then the files the command writes beside
+    it, each with the recogniser of its own files) where the module doc says not to."""
+    inputs = [Path(i) for i in inputs if i is not None and not str(i).startswith("hf-hub:")]
+    out = Path(next(iter(files)))
+    for path, ours in files.items():
+        path = Path(path)
+        name = "--out" if path == out else f"--out {out}: the file beside it,"
+        for given in inputs:
+            if _same_or_inside(path, given):
+                raise OutputError(f"{name} {path}: is this command's input {given} or inside "
+                                  "it; give the output a name of its own")
+        if not os.path.lexists(path):
+            continue
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise OutputError(f"{name} {path}: is a folder; give a file name")
+        if stat.S_ISLNK(mode):
+            what = "is a symbolic link (the file would replace the link, never its target)"
+        elif not stat.S_ISREG(mode):
+            raise OutputError(f"{name} {path}: is {_file_type(mode)}, not a regular file; give "
+                              "another name")
+        else:
+            try:
+                mine = bool(ours(path))
+            except Exception:  # a recogniser that cannot read the file: not ours
+                mine = False
+            if mine:
+                continue
+            what = f"was not written by `dinosae {command}`"
+        if not force:
+            raise OutputError(f"{name} {path}: exists and {what}; choose another --out, or "
+                              "pass --force to replace it")
+        log.warning("--force: replacing %s (it %s)", path, what)
+
+
+def never_ours(path: Path) -> bool:
+    """The recogniser of a file format that carries no mark: every existing file is foreign."""
+    return False
+
+
+def png_ours(path: Path) -> bool:
+    """A PNG that dinosae wrote: its tEXt `Software` chunk says dinosae (see images.PNG_MARK)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    return b"tEXtSoftware\x00" + PNG_MARK.encode() in head
+
+
+def zip_ours(path: Path) -> bool:
+    """An .npz (a zip archive) that dinosae wrote: its zip comment is ZIP_MARK."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        return z.comment.startswith(ZIP_MARK.encode())
+
+
+def kv_ours(*keys: str) -> FileRecogniser:
+    """A small `key: value` results file holding every one of `keys`."""
+    def ours(path: Path) -> bool:
+        if os.path.getsize(path) > 1 << 20:
+            return False
+        found = {ln.split(":", 1)[0].strip() for ln in path.read_text().splitlines() if ":" in ln}
+        return set(keys) <= found
+    return ours
+
+
+def html_ours(path: Path) -> bool:
+    """An HTML page that dinosae wrote (it starts with HTML_MARK)."""
+    with open(path, "rb") as f:
+        return f.read(len(HTML_MARK)) == HTML_MARK.encode()
+
+
+def h5_ours(*attrs: str, **values: str) -> FileRecogniser:
+    """An HDF5 file with these attributes (and attribute values)."""
+    def ours(path: Path) -> bool:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return (all(a in f.attrs for a in (*attrs, *values))
+                    and all(str(f.attrs[k]) == v for k, v in values.items()))
+    return ours
+
+
+PNG_MARK = "dinosae"  # the tEXt Software value of every PNG dinosae writes
+ZIP_MARK = "dinosae"  # the zip comment of every .npz dinosae writes
+HTML_MARK = "<!DOCTYPE html><!-- dinosae -->"  # the start of every HTML page dinosae writes
+
+
+def mark_zip(path: str | Path) -> None:
+    """Set the zip comment of a freshly written .npz to ZIP_MARK (readers ignore it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = ZIP_MARK.encode()
 
 
 # ---------------------------------------------------------------- permissions

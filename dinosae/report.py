@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import logging
 import re
 from pathlib import Path
@@ -15,7 +16,8 @@ import numpy as np
 import yaml
 
 from dinosae.errors import DinosaeError
-from dinosae.files import atomic_path, atomic_write_text, read_kv
+from dinosae.files import atomic_path, atomic_write_text, check_regular, read_kv, read_regular
+from dinosae.outputs import HTML_MARK, PNG_MARK, claim_file, html_ours, png_ours
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,8 +36,8 @@ PAGE_STYLE = ("body{font-family:sans-serif;background:#fff;color:#111;margin:1.5
 
 def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
     """metrics.csv as column name -> float array (empty or non-numeric cells are NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    text = read_regular(path).decode("utf-8")  # never blocks on a FIFO
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise DinosaeError(f"{path}: no metrics rows yet")
     return {k: np.array([_number(r.get(k)) for r in rows]) for k in rows[0]}
@@ -74,7 +76,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str) -> list[str]:
 
 def save_figure(fig: Figure, out: str | Path) -> None:
     with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": PNG_MARK})
 
 
 def last_grid(run: str | Path) -> Path:
@@ -103,17 +105,20 @@ def image_figure(image: np.ndarray, title: str, out: str | Path) -> None:
 
 
 def stage_figures(cfg: dict, checkpoint: str, title: str, loss: str,
-                  grid: str | None = None) -> None:
+                  grid: str | None = None, force: bool = False) -> None:
     """Report figures of a training run, from the files beside its `checkpoint`: loss curves of
     metrics.csv -> `loss`; an AE stage's last image grid (input | reconstruction pairs),
     enlarged and titled -> `grid`. `cfg` is unused (the files carry what is needed)."""
     from matplotlib.image import imread
 
     run = Path(checkpoint).parent
+    claim_file({p: png_ours for p in (loss, grid) if p is not None}, "stage-figures",
+               force=force, inputs=[checkpoint, run / "metrics.csv"])
     names = plot_metrics(run / "metrics.csv", loss, title)
     log.info("%s: %d curves (%s) -> %s", title, len(names), ", ".join(names), loss)
     if grid is not None:
         src = last_grid(run)
+        check_regular(src)
         image_figure(imread(src), f"{title}: input | reconstruction pairs ({src.name})", grid)
         log.info("%s: %s -> %s", title, src, grid)
 
@@ -133,12 +138,14 @@ def montage(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
     return out
 
 
-def sample_grids(cfg: dict, samples: str, out: list[str]) -> None:
+def sample_grids(cfg: dict, samples: str, out: list[str], force: bool = False) -> None:
     """One grid per class of `samples` (samples.h5) for the first len(out) classes, each titled
     with the class index and name -> the PNGs `out` (an empty grid when a class has no samples
     or the run has fewer classes)."""
     import h5py
 
+    claim_file(dict.fromkeys(out, png_ours), "sample-grids", force=force, inputs=[samples])
+    check_regular(samples)
     with h5py.File(samples, "r") as f:
         labels = f["labels"][:]
         names = [c.decode() if isinstance(c, bytes) else str(c) for c in f.attrs["classes"]]
@@ -156,13 +163,14 @@ def sample_grids(cfg: dict, samples: str, out: list[str]) -> None:
 # ---------------------------------------------------------------- tables as HTML pages
 
 def html_page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+    return (f"{HTML_MARK}<html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{PAGE_STYLE}</style></head><body><h2>{html.escape(title)}</h2>"
             f"{body}</body></html>\n")
 
 
-def metrics_table(cfg: dict, results: str, title: str, out: str) -> None:
+def metrics_table(cfg: dict, results: str, title: str, out: str, force: bool = False) -> None:
     """A `key: value` results file (results/recon.txt, results/gfid.txt) -> an HTML table."""
+    claim_file({out: html_ours}, "metrics-table", force=force, inputs=[results])
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
                    for k, v in read_kv(results).items())
     body = (f"<table><tr><th>key</th><th>value</th></tr>{rows}</table>"
@@ -170,7 +178,8 @@ def metrics_table(cfg: dict, results: str, title: str, out: str) -> None:
     atomic_write_text(out, html_page(title, body))
 
 
-def config_page(cfg: dict, out: str) -> None:
+def config_page(cfg: dict, out: str, force: bool = False) -> None:
     """The config the run used (the sections the rules pass on) -> an HTML page of YAML."""
+    claim_file({out: html_ours}, "config-page", force=force)
     text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
     atomic_write_text(out, html_page("Configuration", f"<pre>{html.escape(text)}</pre>"))

@@ -2,8 +2,10 @@
 checkpoint (or cache) each used, read back from the files the stages leave behind.
 
 Those files are untrusted: a stage whose file cannot be read (damaged, truncated, unreadable,
-not what the stage writes) is shown as `unreadable` with the file and the reason, and the other
-stages are still reported. A results folder that does not exist is an error."""
+not what the stage writes, any JSON shape) is shown as `unreadable` with the file and the
+reason, and the other stages are still reported. Only regular files are opened (a FIFO, device
+or folder in a file's place is reported, never read: nothing blocks). A results folder that does
+not exist is an error."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dinosae.errors import DinosaeError, StatusError
-from dinosae.files import read_kv
+from dinosae.files import check_regular, read_kv, read_regular
 
 AE_METRICS = ("loss", "l1", "lpips", "align", "g_gan")
 RECON_SKIP = {"num_samples", "extractor", "extractor_id", "lpips_net", "checkpoint", "shards"}
@@ -42,7 +44,7 @@ def status(cfg: dict, results: str = "results") -> None:
 
 # what a damaged results file raises while its stage is read: reported, never a traceback
 UNREADABLE = (DinosaeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
-              csv.Error)
+              AttributeError, csv.Error)
 
 
 def _guarded(name: str, files: str, read: Callable[[], Stage]) -> Stage:
@@ -111,7 +113,9 @@ def latents(results: Path) -> Stage:
         return Stage("latents", "partial" if partial else "missing",
                      f"{partial[0].name} not validated yet" if partial else "")
     with _reading(reports[0]):
-        r = json.loads(reports[0].read_text())
+        r = json.loads(read_regular(reports[0]))
+        if not isinstance(r, dict):
+            raise ValueError(f"a JSON {type(r).__name__}, not the report's object")
         return Stage("latents", "done" if r.get("complete") else "partial",
                      f"{int(r['count'])} images, mean token norm {float(r['mean_norm']):.4g}",
                      str(r["encoder"]["path"]))
@@ -165,8 +169,10 @@ def gfid(results: Path) -> Stage:
 
 @contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """Errors while reading `path` become a StatusError naming it."""
+    """Errors while reading `path` become a StatusError naming it; a path that is not a
+    regular file (a FIFO would block) is not opened."""
     try:
+        check_regular(path)
         yield
     except StatusError:
         raise

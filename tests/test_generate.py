@@ -194,15 +194,18 @@ def test_generate_command_grid_and_npz(setup, tmp_path, capsys):
     with np.load(out2) as z:
         assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
     capsys.readouterr()
-    # one line and exit 2 for bad input; an existing --out is kept unless --force
-    for extra, why in ((["--out", str(npz)], "exists"),
+    # one line and exit 2 for bad input; an existing --out that generate did not write is kept
+    # unless --force (its own npz, marked, is replaced: tests/test_untrusted_input.py, 10)
+    foreign = tmp_path / "mine.npz"
+    np.savez(foreign, arr_0=np.zeros(3))
+    for extra, why in ((["--out", str(foreign)], "was not written by `dinosae generate`"),
                        (["--out", str(tmp_path / "x.png"), "--classes", "0,9"], "--classes [9]"),
                        (["--out", str(tmp_path / "x.jpg")], ".png"),
                        (["--out", str(tmp_path / "x.png"), "--seeds", "5-1"], "--seeds")):
         assert cli.main(["generate", "--model", dit, "--s-vae", "7.5", *args, *extra]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and why in err, err
-    before = npz.read_bytes()
-    assert cli.main(["generate", "--model", dit, "--out", str(npz), "--s-vae", "7.5", "--force",
-                     "--classes", "1", "--seeds", "0", "--steps", "2"]) == 0
-    assert npz.read_bytes() != before
+    before = foreign.read_bytes()
+    assert cli.main(["generate", "--model", dit, "--out", str(foreign), "--s-vae", "7.5",
+                     "--force", "--classes", "1", "--seeds", "0", "--steps", "2"]) == 0
+    assert foreign.read_bytes() != before

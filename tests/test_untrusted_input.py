@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -520,8 +521,8 @@ def _cases(world, work: Path) -> dict[str, tuple[list[str], dict | None, tuple[s
            for kind in ("huge", "json", "empty")},
         "teacher-weights": (["ae-train", "--stage", "1", "--shards", str(work / "shards"),
                              "--out", out], teacher, ("teacher.safetensors", "header too large")),
-        "missing-val": (["shard", "--split", "train", "--out", out], folder_config(no_val),
-                        ("no_val", "has no val/ folder")),
+        "missing-val": (["shard", "--split", "val", "--out", out], folder_config(no_val),
+                        ("no_val", "no 'val' folder")),
         "image-size": (["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out",
                         out], wide, ("manifest.json", "images of 32 px", "expects 64 px")),
         "disc-layers": (["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out",
@@ -627,3 +628,691 @@ def test_9_temporaries_of_killed_runs_are_removed_and_modes_follow_the_umask(wor
                                              "model.safetensors"]
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o640)}
     assert stat.S_IMODE((work / "cache.zarr" / "zarr.json").stat().st_mode) == 0o640
+
+
+# ================================================================ issue 22: round two
+#
+#   10 single-file outputs      13 weights and evaluation inputs   16 tracebacks -> one line
+#   11 lock links               14 resume identity                 17 the CLI boundary (table)
+#   12 shell quoting, numbers   15 results-folder readers
+
+def _samples_h5(path: Path, n: int = 4, size: int = SIZE, **attrs) -> Path:
+    """A samples.h5 as generate.sample_to_h5 writes it (random uint8 images)."""
+    import h5py
+
+    rng = np.random.default_rng(1)
+    with h5py.File(path, "w") as f:
+        f["images"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        f["labels"] = np.arange(n) % NUM_CLASSES
+        f["seeds"] = np.arange(n)
+        f.attrs.update({"format": "dinosae-samples", "num_samples": n, "done": n,
+                        "complete": True, "classes": ["a", "b", "c"]} | attrs)
+    return path
+
+
+def _file_writers(world, work: Path) -> dict[str, tuple[list[str], dict | None, str]]:
+    """command -> (arguments without --out, --cfg sections, a good --out name) for every
+    command that writes a single file."""
+    (work / "recon.txt").write_text("PSNR: 1.0\nnum_samples: 2\n")
+    samples = _samples_h5(work / "in_samples.h5")
+    (work / "run").mkdir(exist_ok=True)
+    (work / "run" / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    ev = sections(world, "device", "eval", "autoencoder", "data")
+    return {
+        "sample": (["sample", "--dit", str(work / "dit.pt"), "--ae", str(work / "ae.pt")],
+                   sections(world, "seed", "device", "sample"), "samples.h5"),
+        "import-ae": (["import-ae", "--source", str(work / "ae.pt")],
+                      sections(world, "data", "autoencoder"), "imported.pt"),
+        "import-dit": (["import-dit", "--source", str(work / "dit.pt")],
+                       sections(world, "dit"), "imported.pt"),
+        "export-latents": (["export-latents", "--cache", str(work / "cache.zarr")], {},
+                           "latents.h5"),
+        "generate": (["generate", "--model", str(work / "exports" / "dit"), "--classes", "0",
+                      "--seeds", "0", "--steps", "2", "--device", "cpu"], None, "grid.png"),
+        "eval-recon": (["eval-recon", "--checkpoint", str(work / "ae.pt"), "--shards",
+                        str(work / "shards")], ev, "recon_out.txt"),
+        "fid-reference": (["fid-reference", "--shards", str(work / "shards")], ev, "ref.npz"),
+        "fid": (["fid", "--samples", str(samples), "--reference", str(work / "ref.npz")], ev,
+                "gfid.txt"),
+        "metrics-table": (["metrics-table", "--results", str(work / "recon.txt"), "--title",
+                           "recon"], None, "table.html"),
+        "config-page": (["config-page"], {"seed": 0}, "config.html"),
+        "stage-figures": (["stage-figures", "--checkpoint", str(work / "run" / "checkpoint.pt"),
+                           "--title", "run", "--loss"], None, "loss.png"),
+        "sample-grids": (["sample-grids", "--samples", str(samples), "--out"], None,
+                         "class0.png"),
+    }
+
+
+def _out_args(args: list[str], out: Path) -> list[str]:
+    """The arguments with the output path: after a trailing --loss/--out, else --out OUT."""
+    return [*args, str(out)] if args[-1] in ("--loss", "--out") else [*args, "--out", str(out)]
+
+
+FILE_WRITERS = ["sample", "import-ae", "import-dit", "export-latents", "generate", "eval-recon",
+                "fid-reference", "fid", "metrics-table", "config-page", "stage-figures",
+                "sample-grids"]
+
+
+@pytest.mark.parametrize("command", FILE_WRITERS)
+def test_10_a_foreign_file_at_out_is_refused_not_replaced(world, work, capsys, command):
+    args, cfg, name = _file_writers(world, work)[command]
+    out = work / name
+    out.write_text("years of work")
+    before = tree(work)
+    rc, err = cli(capsys, *_out_args(args, out), cfg=cfg)
+    one_line(rc, err, str(out), f"was not written by `dinosae {command}`", "--force")
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("import-dit", ["--source", "{dit}", "--out", "{dit}"], "is this command's input"),
+    ("import-ae", ["--source", "{exports}/ae", "--out", "{exports}/ae/model.safetensors"],
+     "is this command's input"),
+    ("export-latents", ["--cache", "{cache}", "--out", "{cache}/x.h5"], "is this command's input"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{dit}"], "give a .h5 file name"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/x.png"], "give a .h5"),
+    ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/dit.h5"], "dit.png"),
+    ("generate", ["--model", "{dit}", "--classes", "0", "--out", "{work}/dit.pt"], ".png"),
+    ("eval-recon", ["--checkpoint", "{ae}", "--shards", "{shards}", "--out", "{work}/r.png"],
+     "give a .txt name"),
+    ("metrics-table", ["--results", "{work}/recon.txt", "--title", "t", "--out",
+                       "{work}/recon.txt"], "is this command's input"),
+])
+def test_10_never_an_input_or_a_file_beside_it_even_with_force(world, work, capsys, command,
+                                                               args, needle):
+    (work / "recon.txt").write_text("PSNR: 1\n")
+    (work / "dit.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")  # beside dit.h5
+    cfg = {"sample": sections(world, "seed", "device", "sample"), "import-dit": sections(
+        world, "dit"), "import-ae": sections(world, "data", "autoencoder"), "eval-recon": sections(
+        world, "device", "eval", "autoencoder"), "export-latents": {}}.get(command)
+    paths = {"dit": work / "dit.pt", "ae": work / "ae.pt", "cache": work / "cache.zarr",
+             "exports": work / "exports", "work": work, "shards": work / "shards"}
+    argv = [command, *(a.format(**paths) for a in args)]
+    before = tree(work)
+    for force in ([], ["--force"]):
+        if force and needle == "dit.png":
+            continue  # --force may replace a file beside that is not an input
+        rc, err = cli(capsys, *argv, *force, cfg=cfg)
+        one_line(rc, err, needle)
+    assert tree(work) == before
+
+
+def test_10_own_files_are_replaced_force_replaces_a_foreign_one_and_a_link_not_its_target(
+        world, work, capsys):
+    cfg = sections(world, "data", "autoencoder")
+    out = work / "imported.pt"
+    for _ in range(2):  # a rerun over its own import
+        assert cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out", str(out),
+                   cfg=cfg)[0] == 0
+    # a checkpoint the importer did not make (a trained stage) is foreign
+    victim = work / "victim.txt"
+    victim.write_text("keep me")
+    for foreign in (work / "ae.pt", victim):
+        out.unlink()
+        out.symlink_to(foreign)
+        rc, err = cli(capsys, "import-ae", "--source", str(work / "dit.pt"), "--out", str(out),
+                      cfg=cfg)
+        one_line(rc, err, "is a symbolic link", "--force")
+    digest = hashlib.sha256(victim.read_bytes()).hexdigest()
+    rc, err = cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out", str(out),
+                  "--force", cfg=cfg)
+    assert rc == 0, err
+    assert not out.is_symlink() and out.stat().st_size > 1000  # the link replaced ...
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest  # ... never its target
+    shutil.copy(work / "ae.pt", work / "trained.pt")
+    before = tree(work)
+    rc, err = cli(capsys, "import-ae", "--source", str(work / "ae.pt"), "--out",
+                  str(work / "trained.pt"), cfg=cfg)
+    one_line(rc, err, "trained.pt", "was not written by `dinosae import-ae`")
+    assert tree(work) == before
+    # the report writers recognise their own PNG and HTML
+    args, _, _ = _file_writers(world, work)["metrics-table"]
+    for _ in range(2):
+        assert cli(capsys, *args, "--out", str(work / "t.html"))[0] == 0
+    args, _, _ = _file_writers(world, work)["stage-figures"]
+    for _ in range(2):
+        assert cli(capsys, *args, str(work / "loss.png"))[0] == 0
+
+
+def test_10_a_fifo_or_a_folder_at_out_is_refused_even_with_force(world, work, capsys):
+    os.mkfifo(work / "pipe.html")
+    (work / "folder.html").mkdir()
+    (work / "recon.txt").write_text("PSNR: 1\n")
+    before = tree(work)
+    for name, needle in (("pipe.html", "is a FIFO, not a regular file"),
+                         ("folder.html", "is a folder")):
+        for force in ([], ["--force"]):
+            rc, err = cli(capsys, "metrics-table", "--results", str(work / "recon.txt"),
+                          "--title", "t", "--out", str(work / name), *force)
+            one_line(rc, err, name, needle)
+    assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 11. lock links
+
+@pytest.mark.parametrize("kind", ["link", "dangling", "folder", "fifo"])
+def test_11_a_lock_that_is_not_a_regular_file_is_refused_never_written_through(tmp_path, capsys,
+                                                                              kind):
+    root = image_folder(tmp_path / "images")
+    lock, victim = tmp_path / ".shards.lock", tmp_path / "victim.txt"
+    victim.write_text("anything the writer can write")
+    if kind == "link":
+        lock.symlink_to(victim)
+    elif kind == "dangling":
+        lock.symlink_to(tmp_path / "created_by_the_lock")
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    before = tree(tmp_path)
+    rc, err = cli(capsys, "shard", "--split", "train", "--out", str(tmp_path / "shards"),
+                  cfg=folder_config(root))
+    what = {"link": "a symbolic link", "dangling": "a symbolic link", "folder": "a folder",
+            "fifo": "a FIFO"}[kind]
+    one_line(rc, err, ".shards.lock", f"is {what}", "never written through")
+    assert tree(tmp_path) == before
+    assert not (tmp_path / "created_by_the_lock").exists()
+
+
+# ---------------------------------------------------------------- 12. shell quoting, numbers
+
+def test_12_hostile_config_paths_reach_real_rules_quoted_and_a_space_path_works(tmp_path):
+    """data.root and data.shards holding $(...), ;, quotes and spaces: the mini_dataset and
+    shard rules run (Snakemake, real shell lines), nothing in the paths executes, and the
+    shards land in the folder named."""
+    from helpers import run_snakemake, workflow_copy
+
+    cfg = tiny_config()
+    root = "data/my root $(touch PWNED_1); touch PWNED_2 'q\" `touch PWNED_3`"
+    shards = "data/sh ards;touch PWNED_4 && touch PWNED_5"
+    cfg["data"].update(source="mini", root=root, shards=shards)
+    cfg["data"]["mini"].update(train_per_class=2, val_per_class=1)
+    work = workflow_copy(tmp_path / "wf", cfg)
+    r = run_snakemake(work, f"{shards}/train/manifest.json", check=False, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not [p for p in work.rglob("PWNED_*")], "a command in a path was executed"
+    m = json.loads((work / shards / "train" / "manifest.json").read_text())
+    assert m["count"] == 2 * len(list((work / root / "train").iterdir()))
+
+
+def cli_any(capsys, *args: str, cfg: dict | None = None) -> tuple[int, str]:
+    """cli(), also for argparse's refusals (SystemExit): (exit status, stderr)."""
+    try:
+        return cli(capsys, *args, cfg=cfg)
+    except SystemExit as e:
+        return int(e.code or 0), capsys.readouterr().err
+
+
+def _with(world, section: str, **changes) -> dict:
+    doc = json.loads(json.dumps(world["cfg"][section]))
+    doc.update(changes)
+    return {section: doc}
+
+
+NUMBERS = {  # name -> (arguments, needles)
+    "set-nan": (["--set", "dit.ema=.nan"], ("'dit.ema'", "nan is not a finite number")),
+    "set-inf": (["--set", "dit.lr=-.inf"], ("'dit.lr'", "-inf is not a finite number")),
+    "set-fraction": (["--set", "data.max_bad_fraction=.NaN"],
+                     ("'data.max_bad_fraction'", "not a finite number")),
+    "set-count": (["--set", "sample.num_samples=1.0e+12"],
+                  ("'sample.num_samples'", "maximum of 10000000")),
+    "set-newline": (["--set", 'data.root="a\\nb"'], ("'data.root'", "control character")),
+    "set-brace": (["--set", "data.shards=x/{split}"], ("'data.shards'", "brace")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMBERS))
+def test_12_non_finite_and_unbounded_numbers_are_refused_in_the_config(tmp_path, capsys, case):
+    args, needles = NUMBERS[case]
+    rc, err = cli_any(capsys, "validate-config", "--config", str(ROOT / "config.yaml"), *args)
+    one_line(rc, err, *needles)
+
+
+def test_12_nan_in_cfg_json_and_yaml_files_is_refused(world, tmp_path, capsys):
+    rc, err = cli_any(capsys, "validate-config", cfg=_with(world, "dit", ema=float("nan")))
+    one_line(rc, err, "'dit.ema'", "nan is not a finite number")
+    (tmp_path / "c.yaml").write_text((ROOT / "config.yaml").read_text() + "\nseed: .inf\n")
+    rc, err = cli_any(capsys, "validate-config", "--config", str(tmp_path / "c.yaml"))
+    one_line(rc, err, "'seed'")
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--cfg-scale", "nan"], ("--cfg-scale", "'nan' is not a finite number")),
+    (["--cfg-scale=-inf"], ("--cfg-scale", "not a finite number")),
+    (["--s-vae=-1"], ("--s-vae", "out of range")),
+    (["--batch-size", "0"], ("--batch-size", "out of range")),
+    (["--steps", "inf"], ("--steps", "not an integer")),
+    (["--interval", "nan,1"], ("--interval lo nan", "finite")),
+    (["--device", "foo"], ("--device 'foo'", "expected auto, cpu, cuda")),
+    (["--device", "cuda:7"], ("--device 'cuda:7'",)),
+    (["--classes", "0-1000000000"], ("--classes", "more than 100000")),
+    (["--seeds", "0-99999", "--classes", "0-1"], ("--classes x --seeds", "more than 100000")),
+])
+def test_12_generate_flags_are_checked_before_anything_loads(world, work, capsys, flags, needles):
+    out = work / "g.png"
+    before = tree(work)
+    base = {"--classes": "0"}
+    argv = ["generate", "--model", str(work / "exports" / "dit"), "--out", str(out)]
+    if "--classes" not in flags:
+        argv += ["--classes", base["--classes"]]
+    rc, err = cli_any(capsys, *argv, *flags)
+    one_line(rc, err, *needles)
+    assert tree(work) == before
+
+
+def test_12_a_billion_seeds_are_refused_within_a_small_memory_limit(work):
+    before = tree(work)
+    r = run("generate", "--model", str(work / "exports" / "dit"), "--classes", "0", "--seeds",
+            "0-1000000000", "--out", str(work / "g.png"), cwd=work, memory=1536 << 20,
+            timeout=120)
+    one_line(r.returncode, r.stderr, "--seeds '0-1000000000'", "more than 100000")
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["plan", "--mfu", "nan"], ("--mfu", "not a finite number")),
+    (["plan", "--gpus", "0"], ("--gpus", "out of range")),
+    (["plan", "--train-images", "1e3"], ("--train-images", "not an integer")),
+    (["encode-part", "--cache", "c", "--shards", "s", "--checkpoint", "a", "--index=-1",
+      "--parts", "2", "--done", "d"], ("--index", "out of range")),
+])
+def test_12_other_number_flags_refuse_nan_and_out_of_range(capsys, argv, needles):
+    rc, err = cli_any(capsys, *argv)
+    one_line(rc, err, *needles)
+
+
+# ---------------------------------------------------------------- 13. weights, evaluation inputs
+
+def _poisoned_checkpoint(src: Path, dst: Path, key_part: str, value: float | None = None,
+                         dtype: torch.dtype | None = None) -> str:
+    """A copy of checkpoint `src` whose first EMA tensor containing `key_part` gets `value` in
+    one element, or the integer `dtype`; returns the tensor's name."""
+    ck = torch.load(src, weights_only=True)
+    key = next(k for k in sorted(ck["ema"]) if key_part in k and ck["ema"][k].is_floating_point())
+    t = ck["ema"][key].clone()
+    if dtype is not None:
+        t = t.to(dtype)
+    else:
+        t.view(-1)[0] = value
+    ck["ema"] = {**ck["ema"], key: t}
+    ck["model"] = ck["ema"]
+    save_checkpoint(dst, ck)
+    return key
+
+
+@pytest.mark.parametrize("which, value, dtype, needle", [
+    ("ae", float("nan"), None, "values are NaN or Inf"),
+    ("ae", float("inf"), None, "values are NaN or Inf"),
+    ("ae", None, torch.int64, "int64 in the file, float32 in the model"),
+    ("dit", float("-inf"), None, "values are NaN or Inf"),
+    ("dit", None, torch.int32, "not floating point"),
+])
+def test_13_weights_are_checked_floating_and_finite_on_every_load_and_import(
+        world, work, capsys, which, value, dtype, needle):
+    bad = work / f"bad_{which}.pt"
+    key = _poisoned_checkpoint(work / f"{which}.pt", bad, "decoder" if which == "ae" else "blocks",
+                               value, dtype)
+    before = tree(work)
+    runs = [["export-model", "--checkpoint", str(bad), "--out", str(work / "exp")]]
+    if which == "ae":
+        runs.append(["import-ae", "--source", str(bad), "--out", str(work / "imp.pt")])
+        cfgs = [None, sections(world, "data", "autoencoder")]
+    else:
+        runs.append(["import-dit", "--source", str(bad), "--out", str(work / "imp.pt")])
+        cfgs = [None, sections(world, "dit")]
+    for argv, cfg in zip(runs, cfgs, strict=True):
+        rc, err = cli(capsys, *argv, cfg=cfg)
+        one_line(rc, err, key, needle)
+    assert tree(work) == before
+
+
+def test_13_non_finite_weights_in_an_export_are_refused_by_the_python_api(world, work):
+    from safetensors.torch import load_file, save_file
+
+    st = work / "exports" / "ae" / "model.safetensors"
+    sd = load_file(st)
+    key = sorted(k for k in sd if "decoder" in k)[0]
+    sd[key] = sd[key].clone().fill_(float("nan"))
+    save_file(sd, st)
+    with pytest.raises(ConfigError, match=f"{re.escape(key)}: .* NaN or Inf"):
+        dinosae.load_autoencoder(work / "exports" / "ae", device="cpu")
+
+
+def test_13_eval_recon_refuses_a_decoder_that_gives_nan(world, work, capsys, monkeypatch):
+    from dinosae.models.autoencoder import DinoSAE
+
+    monkeypatch.setattr(DinoSAE, "decode",
+                        lambda self, z, *a, **k: torch.full((len(z), 3, SIZE, SIZE), torch.nan))
+    out = work / "recon.txt"
+    before = tree(work)
+    rc, err = cli(capsys, "eval-recon", "--checkpoint", str(work / "ae.pt"), "--shards",
+                  str(work / "shards"), "--out", str(out),
+                  cfg=sections(world, "device", "eval", "autoencoder"))
+    one_line(rc, err, "reconstructions of", "are NaN or Inf; not scoring them")
+    assert tree(work) == before
+
+
+def _reference(path: Path, d: int = 8, resolution: int | None = SIZE, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, d))
+    arrays = {"mu": a.mean(0), "sigma": np.cov(a, rowvar=False), "extractor": "dinosae-teacher",
+              "extractor_id": "x", "count": 64, "source": "test"}
+    if resolution is not None:
+        arrays["resolution"] = resolution
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_samples(work: Path, case: str) -> Path:
+    import h5py
+
+    path = work / f"{case}.h5"
+    if case == "incomplete":
+        return _samples_h5(path, done=2, complete=False)
+    if case == "done-short":
+        return _samples_h5(path, done=3)
+    if case == "one":
+        return _samples_h5(path, n=1, done=1)
+    if case == "size":
+        return _samples_h5(path, size=16)
+    with h5py.File(path, "w") as f:
+        if case == "float":
+            f["images"] = np.zeros((4, SIZE, SIZE, 3), np.float32)
+        elif case == "chw":
+            f["images"] = np.zeros((4, 3, SIZE, SIZE), np.uint8)
+        elif case == "empty":
+            f["images"] = np.zeros((0, SIZE, SIZE, 3), np.uint8)
+        elif case == "no-images":
+            f["labels"] = np.zeros(4)
+    return path
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("incomplete", ("incomplete (2/4 samples written, complete: False)",)),
+    ("done-short", ("incomplete (3/4",)),
+    ("one", ("1 samples; FID needs at least 2",)),
+    ("size", ("16x16 images", "32x32")),
+    ("float", ("images float32 [4, 32, 32, 3]", "uint8")),
+    ("chw", ("[4, 3, 32, 32]", "NHWC")),
+    ("empty", ("0 samples",)),
+    ("no-images", ("no 'images' array",)),
+])
+def test_13_fid_checks_its_samples_before_scoring(world, work, capsys, case, needles):
+    samples = _bad_samples(work, case)
+    ref = _reference(work / "ref.npz")
+    before = tree(work)
+    rc, err = cli(capsys, "fid", "--samples", str(samples), "--reference", str(ref), "--out",
+                  str(work / "gfid.txt"), cfg=sections(world, "device", "eval", "autoencoder",
+                                                         "data"))
+    one_line(rc, err, str(samples), *needles)
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("changes, needles", [
+    ({"mu": np.array([np.nan] * 8)}, ("mu holds 8 NaN or Inf",)),
+    ({"sigma": np.full((8, 8), np.inf)}, ("sigma holds 64 NaN",)),
+    ({"sigma": np.eye(7)}, ("mu [8] and sigma [7, 7] do not fit",)),
+    ({"count": 1}, ("statistics of 1 images",)),
+    ({"features": np.zeros((5, 3))}, ("features [5, 3] do not fit",)),
+    ({"mu": None}, ("not reference statistics",)),
+])
+def test_13_fid_checks_its_reference(world, work, capsys, changes, needles):
+    samples = _samples_h5(work / "s.h5")
+    if changes.get("mu", 0) is None:
+        np.savez(work / "ref.npz", sigma=np.eye(8))
+    else:
+        _reference(work / "ref.npz", **changes)
+    before = tree(work)
+    rc, err = cli(capsys, "fid", "--samples", str(samples), "--reference",
+                  str(work / "ref.npz"), "--out", str(work / "gfid.txt"),
+                  cfg=sections(world, "device", "eval", "autoencoder", "data"))
+    one_line(rc, err, "ref.npz", *needles)
+    assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 14. resume identity
+
+def _stopped_run(capsys, monkeypatch, argv: list[str], cfg: dict, point: str) -> None:
+    """Run `argv` until SIGTERM after step 2 (via DINOSAE_FAULT): a last.pt at step 2."""
+    monkeypatch.setenv("DINOSAE_FAULT", f"{point}@2:TERM")
+    with pytest.raises(SystemExit, match="stopped by signal after step 2"):
+        cli(capsys, *argv, cfg=cfg)
+    monkeypatch.delenv("DINOSAE_FAULT")
+
+
+def test_14_train_dit_refuses_another_runs_last_pt_and_restart_starts_afresh(
+        world, work, capsys, monkeypatch, caplog):
+    out = work / "dit_run"
+    cfg = sections(world, "seed", "device", "dit", "sample")
+    cfg["dit"].update(steps=4, ckpt_every=3, image_every=100, log_every=1)
+    argv = ["train-dit", "--cache", str(work / "cache.zarr"), "--ae", str(work / "ae.pt"),
+            "--out", str(out)]
+    _stopped_run(capsys, monkeypatch, argv, cfg, "train-dit")
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    other = json.loads(json.dumps(cfg))
+    other["seed"] = 7
+    other["dit"].update(lr=other["dit"]["lr"] * 2, batch_size=4, log_every=2)  # cadence: free
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=other)
+    line = one_line(rc, err, "last.pt", "made by another run", "seed: 0 -> 7", "dit.lr:",
+                    "dit.batch_size: 8 -> 4", "--restart")
+    assert "log_every" not in line
+    assert tree(work) == before
+    # the same settings resume; --restart starts afresh
+    caplog.set_level(logging.INFO)
+    rc, err = cli(capsys, *argv, cfg=cfg)
+    assert rc == 0 and "resuming from" in caplog.text, err[-2000:]
+    shutil.copy(out / "checkpoint.pt", out / "last.pt")  # a final checkpoint in its place
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=cfg)
+    one_line(rc, err, "last.pt: a final checkpoint (no optimizer state)")
+    assert tree(work) == before
+    rc, err = cli(capsys, *argv, "--restart", cfg=other)
+    assert rc == 0, err[-2000:]
+    assert "--restart: starting afresh" in caplog.text and not (out / "last.pt").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["identity"]["seed"] == 7
+
+
+def test_14_ae_train_refuses_another_runs_last_pt(world, work, capsys, monkeypatch):
+    out = work / "stage1"
+    cfg = sections(world, "seed", "device", "data", "autoencoder", "ae_train")
+    cfg["ae_train"].update(stage_steps=[4, 1, 1, 1], ckpt_every=3, image_every=100)
+    argv = ["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out", str(out)]
+    _stopped_run(capsys, monkeypatch, argv, cfg, "ae-stage1")
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    edit_json(work / "shards" / "manifest.json", note="other shards")  # another manifest
+    other = json.loads(json.dumps(cfg))
+    other["ae_train"]["lr"] *= 3
+    before = tree(work)
+    rc, err = cli(capsys, *argv, cfg=other)
+    one_line(rc, err, "made by another run", "ae_train.lr:", "shards_manifest_sha256:",
+             "--restart")
+    assert tree(work) == before
+
+
+# ---------------------------------------------------------------- 15. results-folder readers
+
+def test_15_status_never_blocks_on_a_fifo_and_survives_any_json(tmp_path):
+    results = tmp_path / "results"
+    for sub in ("ae/stage1", "ae/stage2", "dit", "samples", "latents"):
+        (results / sub).mkdir(parents=True)
+    os.mkfifo(results / "recon.txt")
+    os.mkfifo(results / "gfid.txt")
+    os.mkfifo(results / "samples" / "samples.h5")
+    os.mkfifo(results / "ae" / "stage1" / "checkpoint.pt")
+    (results / "dit" / "metrics.csv").symlink_to("/dev/zero")
+    (results / "latents" / "train.report.json").write_text("[1, 2, 3]")
+    before = tree(tmp_path)
+    r = run("status", "--results", str(results), cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = {ln.split("  ")[0]: ln for ln in r.stdout.splitlines()[2:]}
+    for stage, needle in (("recon", "recon.txt: is a FIFO"), ("gfid", "gfid.txt: is a FIFO"),
+                          ("samples", "samples.h5: is a FIFO"),
+                          ("latents", "a JSON list, not the report's object")):
+        assert "unreadable" in rows[stage] and needle in rows[stage], rows[stage]
+    assert "unreadable" in rows["ae stage1"] and "checkpoint.pt" in rows["ae stage1"]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["metrics-table", "--results", "{fifo}", "--title", "t", "--out", "{work}/t.html"],
+     "is a FIFO, not a regular file"),
+    (["stage-figures", "--checkpoint", "{work}/run/checkpoint.pt", "--title", "t", "--loss",
+      "{work}/loss.png"], "metrics.csv: is a FIFO"),
+    (["sample-grids", "--samples", "{fifo}", "--out", "{work}/c0.png"], "is a FIFO"),
+])
+def test_15_report_rules_open_only_regular_files(tmp_path, argv, needle):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "metrics.csv")
+    before = tree(tmp_path)
+    r = run(*(a.format(fifo=fifo, work=tmp_path) for a in argv), cwd=tmp_path, timeout=60)
+    one_line(r.returncode, r.stderr, needle)
+    assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- 16. tracebacks -> one line
+
+def _broken_checkpoints(work: Path) -> None:
+    (work / "text.pt").write_text("hello, not a checkpoint\n")
+    torch.save({"kind": "dinosae-dit", "ema": {"w": torch.zeros(2)}, "model": {},
+                "config": {"tokens": 4}}, work / "noconfig_dit.pt")
+    torch.save({"kind": "dinosae-ae", "ema": {"w": torch.zeros(2)}, "model": {},
+                "config": {"tokens": 4}}, work / "noconfig_ae.pt")
+
+
+@pytest.mark.parametrize("argv, cfg_sections, needles", [
+    (["export-model", "--checkpoint", "{work}/text.pt", "--out", "{work}/e"], None,
+     ("text.pt", "is not a readable checkpoint")),
+    (["export-model", "--checkpoint", "{work}/noconfig_dit.pt", "--out", "{work}/e"], None,
+     ("noconfig_dit.pt", "config cannot rebuild a DiT", "'dit'")),
+    (["export-model", "--checkpoint", "{work}/noconfig_ae.pt", "--out", "{work}/e"], None,
+     ("noconfig_ae.pt", "config cannot rebuild an autoencoder")),
+    (["import-dit", "--source", "{work}/noconfig_dit.pt", "--out", "{work}/i.pt"], ("dit",),
+     ("noconfig_dit.pt", "config lacks 'dit' (a mapping)", "'grid'")),
+    (["import-ae", "--source", "{work}/noconfig_ae.pt", "--out", "{work}/i.pt"],
+     ("data", "autoencoder"), ("noconfig_ae.pt", "config cannot rebuild an autoencoder")),
+    (["import-dit", "--source", "{work}/text.pt", "--out", "{work}/i.pt"], ("dit",),
+     ("text.pt", "is not a readable checkpoint")),
+])
+def test_16_damaged_checkpoints_are_one_line(world, work, capsys, argv, cfg_sections, needles):
+    _broken_checkpoints(work)
+    before = tree(work)
+    rc, err = cli(capsys, *(a.format(work=work) for a in argv),
+                  cfg=sections(world, *cfg_sections) if cfg_sections else None)
+    one_line(rc, err, *needles)
+    assert tree(work) == before
+
+
+def test_16_shard_needs_only_the_split_it_reads(tmp_path, capsys):
+    root = tmp_path / "images"
+    for c in ("n01", "n02"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 36), (20 + 40 * i, 10, 90)).save(root / "train" / c / f"{i}.JPEG")
+    rc, err = cli(capsys, "shard", "--split", "train", "--out", str(tmp_path / "shards"),
+                  cfg=folder_config(root))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["count"] == 4
+    # the whole config (what the Snakefile validates) still asks for both
+    cfg = tiny_config()
+    cfg["data"].update(source="folder", root=str(root))
+    with pytest.raises(ConfigError, match="has no val/ folder"):
+        validate(cfg)
+
+
+# ---------------------------------------------------------------- 17. the CLI boundary
+
+def _boundary(world, work: Path) -> dict[str, list[tuple[list[str], tuple[str, ...] | None]]]:
+    """command -> [(arguments, config sections or None), ...]: a missing input and a damaged
+    one (a text file where a checkpoint, cache, shard folder, samples or reference belong) for
+    every `dinosae` command."""
+    text = work / "damaged.txt"
+    text.write_text("not what you think\n")
+    bad_dir = work / "damaged_dir"
+    bad_dir.mkdir()
+    (bad_dir / "manifest.json").write_text("[1, 2]")
+    (bad_dir / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", '
+                                       '"attributes": []}')
+    miss, out = str(work / "missing"), str(work / "out")
+    t, d = str(text), str(bad_dir)
+    ae, dit, sh, cache = str(work / "ae.pt"), str(work / "dit.pt"), str(work / "shards"), \
+        str(work / "cache.zarr")
+    ev = ("device", "eval", "autoencoder", "data")
+    return {
+        "validate-config": [(["--config", miss], None), (["--config", t], None)],
+        "mini-dataset": [(["--out", out, "--set", "data.mini.crop_size=8"], ("seed", "data")),
+                         (["--out", t], ("seed", "data"))],
+        "shard": [(["--split", "val", "--out", out, "--set", f"data.root={miss}",
+                    "--set", "data.source=folder"], ("data",)),
+                  (["--split", "val", "--out", out, "--set", f"data.root={t}",
+                    "--set", "data.source=folder"], ("data",))],
+        "ae-train": [(["--stage", "1", "--shards", miss, "--out", out], None),
+                     (["--stage", "2", "--shards", sh, "--init", t, "--out", out], None)],
+        "eval-recon": [(["--checkpoint", miss, "--shards", sh, "--out", out + ".txt"], ev),
+                       (["--checkpoint", t, "--shards", sh, "--out", out + ".txt"], ev),
+                       (["--checkpoint", ae, "--shards", d, "--out", out + ".txt"], ev)],
+        "encode-init": [(["--shards", miss, "--checkpoint", ae, "--out", out], ("latents",)),
+                        (["--shards", sh, "--checkpoint", t, "--out", out], ("latents",))],
+        "encode-part": [(["--cache", miss, "--shards", sh, "--checkpoint", ae, "--index", "0",
+                          "--parts", "1", "--done", out], ("latents",)),
+                        (["--cache", d, "--shards", sh, "--checkpoint", ae, "--index", "0",
+                          "--parts", "1", "--done", out], ("latents",))],
+        "encode-gather": [(["--cache", miss, "--out", out], ("latents",)),
+                          (["--cache", d, "--out", out], ("latents",))],
+        "export-latents": [(["--cache", miss, "--out", out + ".h5"], ()),
+                           (["--cache", d, "--out", out + ".h5"], ())],
+        "train-dit": [(["--cache", miss, "--ae", ae, "--out", out], None),
+                      (["--cache", cache, "--ae", t, "--out", out], None)],
+        "sample": [(["--dit", miss, "--ae", ae, "--out", out + ".h5"], None),
+                   (["--dit", t, "--ae", ae, "--out", out + ".h5"], None),
+                   (["--dit", dit, "--ae", ae, "--cache", d, "--out", out + ".h5"], None)],
+        "generate": [(["--model", miss, "--classes", "0", "--out", out + ".png"], None),
+                     (["--model", t, "--classes", "0", "--out", out + ".png"], None),
+                     (["--model", dit, "--classes", "x", "--out", out + ".png"], None)],
+        "fid-reference": [(["--shards", miss, "--out", out + ".npz"], ev),
+                          (["--shards", d, "--out", out + ".npz"], ev)],
+        "fid": [(["--samples", miss, "--reference", t, "--out", out + ".txt"], ev),
+                (["--samples", t, "--reference", t, "--out", out + ".txt"], ev)],
+        "export-model": [(["--checkpoint", miss, "--out", out], None),
+                         (["--checkpoint", t, "--out", out], None)],
+        "import-ae": [(["--source", miss, "--out", out + ".pt"], ("data", "autoencoder")),
+                      (["--source", t, "--out", out + ".pt"], ("data", "autoencoder"))],
+        "import-dit": [(["--source", miss, "--out", out + ".pt"], ("dit",)),
+                       (["--source", t, "--out", out + ".pt"], ("dit",))],
+        "plan": [(["--config", miss], None), (["--config", t], None),
+                 (["--config", str(ROOT / "config.yaml"), "--gpu", "abacus"], None)],
+        "status": [(["--results", miss], None), (["--results", t], None)],
+        "stage-figures": [(["--checkpoint", miss, "--title", "x", "--loss", out + ".png"], None),
+                          (["--checkpoint", t, "--title", "x", "--loss", out + ".png"], None)],
+        "sample-grids": [(["--samples", miss, "--out", out + ".png"], None),
+                         (["--samples", t, "--out", out + ".png"], None)],
+        "metrics-table": [(["--results", miss, "--title", "x", "--out", out + ".html"], None),
+                          (["--results", d, "--title", "x", "--out", out + ".html"], None)],
+        "config-page": [(["--out", d], ("seed",)), (["--out", out, "--set", "seed=-1"], None)],
+    }
+
+
+def test_17_every_command_has_boundary_cases(world, tmp_path):
+    from dinosae.cli import COMMANDS
+
+    assert set(_boundary(world, tmp_path)) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(__import__("dinosae.cli").cli.COMMANDS))
+def test_17_bad_arguments_and_damaged_files_are_one_line_at_every_command(world, work, capsys,
+                                                                          command):
+    cases = _boundary(world, work)[command]
+    full = {"ae-train": ("seed", "device", "data", "autoencoder", "ae_train"),
+            "train-dit": ("seed", "device", "dit", "sample"),
+            "sample": ("seed", "device", "sample")}
+    before = tree(work)
+    for args, names in cases:
+        names = full.get(command, names)
+        cfg = sections(world, *names) if names is not None else None
+        rc, err = cli_any(capsys, command, *args, cfg=cfg)
+        one_line(rc, err)
+        assert tree(work, skip=work / "out") == before, (command, args)

@@ -151,7 +151,11 @@ class DinoSAE(nn.Module):
         the one place an autoencoder is rebuilt from a checkpoint. The teacher comes from the
         checkpoint itself (imports, checkpoints written before lean checkpoints) or is rebuilt
         from its recorded source and must have the recorded sha256."""
-        args = AutoencoderArgs.from_dict(ck["config"])
+        try:
+            args = AutoencoderArgs.from_dict(ck["config"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{where}: its config cannot rebuild an autoencoder (missing "
+                                  f"or malformed {type(e).__name__}: {str(e)[:100]})") from None
         state = ck[weights]
         whole = any(k.startswith(TEACHER_PREFIX) for k in state)
         ae = build_autoencoder(args.to_dict(), load_teacher_weights=not whole)

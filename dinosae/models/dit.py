@@ -431,7 +431,13 @@ def dit_from_checkpoint(ck: dict, where: str, weights: str = "ema") -> nn.Module
     every missing, unexpected or misshapen key named: the one place a DiT is rebuilt."""
     from dinosae.models.keymap import check, mismatches
 
-    model = dit_from_config(ck["config"])
+    try:
+        model = dit_from_config(ck["config"])
+    except (KeyError, TypeError, AttributeError) as e:
+        from dinosae.errors import CheckpointError
+
+        raise CheckpointError(f"{where}: its config cannot rebuild a DiT (missing or malformed "
+                              f"{type(e).__name__}: {str(e)[:100]})") from None
     check(f"{where} does not fit its own config", mismatches(model.state_dict(), ck[weights]))
     model.load_state_dict(ck[weights])
     return model

@@ -48,6 +48,31 @@ def mismatches(expected: Mapping[str, Any], given: Mapping[str, Any],
     out += [f"wrong shape {label(k)}: {_shape(given[k])} in the file, {_shape(expected[k])} in "
             "the model" for k in sorted(set(expected) & set(given))
             if _shape(expected[k]) != _shape(given[k])]
+    return out + bad_values(expected, given, label)
+
+
+def bad_values(expected: Mapping[str, Any], given: Mapping[str, Any],
+               label: Any = str) -> list[str]:
+    """Tensors of `given` that are not floating point where the module's are (an integer or
+    bool tensor would be cast silently), and the first tensor holding NaN or Inf (named with
+    its count of non-finite values; the rest are counted)."""
+    out, bad = [], []
+    for k in sorted(set(expected) & set(given)):
+        e, g = expected[k], given[k]
+        if not isinstance(g, torch.Tensor):
+            out.append(f"{label(k)}: a {type(g).__name__}, not a tensor")
+        elif isinstance(e, torch.Tensor) and e.is_floating_point() and not (
+                g.is_floating_point()):
+            out.append(f"{label(k)}: {str(g.dtype).removeprefix('torch.')} in the file, "
+                       f"{str(e.dtype).removeprefix('torch.')} in the model (not floating point)")
+        elif g.is_floating_point() and g.device.type != "meta" and not bool(
+                torch.isfinite(g).all()):
+            bad.append(k)
+    if bad:
+        k = bad[0]
+        n = int((~torch.isfinite(given[k])).sum())
+        more = f" ({len(bad) - 1} more tensors hold some too)" if len(bad) > 1 else ""
+        out.append(f"{label(k)}: {n} of {given[k].numel()} values are NaN or Inf{more}")
     return out
 
 

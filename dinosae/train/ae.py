@@ -100,8 +100,7 @@ def _resume_key(ckpt_or_meta: dict) -> dict:
     """What must be equal for last.pt to continue this very run (cadence keys may change)."""
     train = {k: v for k, v in ckpt_or_meta["train"].items() if k not in _CADENCE_KEYS}
     return {"config": ckpt_or_meta["config"], "train": train, "seed": ckpt_or_meta["seed"],
-            "world_size": ckpt_or_meta["world_size"], "stage": ckpt_or_meta["stage"],
-            "init": ckpt_or_meta["init"]}
+            "world_size": ckpt_or_meta["world_size"], "stage": ckpt_or_meta["stage"]}
 
 
 def _check_init(ckpt: dict, path: str, stage: int, cfg: dict) -> None:
@@ -341,14 +340,15 @@ def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_range: list[fl
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
                 out: str | None = None, *, batches: EpochFn | None = None,
-                force: bool = False) -> DinoSAE:
+                force: bool = False, restart: bool = False) -> DinoSAE:
     """Train autoencoder stage `stage` (1-4), write `out`/checkpoint.pt, return the model.
 
     cfg sections: seed, device, autoencoder, data (image_size, workers), ae_train.
     shards: train shard folder (dinosae.data.loader); `batches`, for tests, replaces it with a
     function epoch -> iterable of (images (b,3,H,W) in [0,1], labels) for this rank. `out` is
     locked by rank 0 while it trains; an existing `out` holding other files than a stage's is
-    refused (`force`: replaced).
+    refused (`force`: replaced). A last.pt in `out` from another run is refused (`restart`:
+    replaced by a fresh run), see train.loop.RunCheckpoints.resume.
     """
     _check_args(stage, init, out)
     if batches is None:  # a missing or truncated shard stops here, before any model is built
@@ -359,11 +359,28 @@ def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = No
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
     with writing(out, "ae-train", STAGE_FOLDER, force=force, inputs=[shards, init]
                  ) if rank0 else nullcontext():
-        return _train_stage(cfg, stage, shards, init, out, batches)
+        return _train_stage(cfg, stage, shards, init, out, batches, restart)
+
+
+def run_identity(cfg: dict, stage: int, shards: str | None, init: str | None,
+                 world: int) -> dict:
+    """What makes a stage's run this run (last.pt records it; a resume must match it): the
+    init checkpoint's and the shards' manifest's sha256, seed, world size and every setting
+    that changes the trajectory (ae_train less its cadence keys, the autoencoder config)."""
+    from dinosae.files import sha256_file
+
+    manifest = Path(shards) / "manifest.json" if shards else None
+    return {"stage": stage, "seed": int(cfg.get("seed", 0)), "world_size": world,
+            "init_sha256": sha256_file(init) if init else None,
+            "shards_manifest_sha256": sha256_file(manifest) if manifest and manifest.is_file()
+            else None,
+            "image_size": cfg["data"]["image_size"], "autoencoder": cfg["autoencoder"],
+            "ae_train": {k: v for k, v in cfg["ae_train"].items()
+                         if k not in (*_CADENCE_KEYS, "max_bad_steps")}}
 
 
 def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, out: str,
-                 batches: EpochFn | None) -> DinoSAE:
+                 batches: EpochFn | None, restart: bool = False) -> DinoSAE:
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
     tcfg = cfg["ae_train"]
@@ -373,7 +390,8 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     if batches is None:
         batches = _shard_batches(cfg, shards, tcfg["batch_size"] // world, rank, world)
     files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stage_steps"][stage - 1],
-                           f"ae stage {stage}", f"ae-stage{stage}", device)
+                           f"ae stage {stage}", f"ae-stage{stage}", device,
+                           run_identity(cfg, stage, shards, init, world), restart)
     try:
         with ExitStack() as closing_stack:  # loader workers stop cleanly however the loop ends
             st = build_stage(cfg, stage, init, device)

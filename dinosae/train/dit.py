@@ -130,7 +130,7 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
 # ---------------------------------------------------------------- the loop
 
 def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
-              force: bool = False) -> Path:
+              force: bool = False, restart: bool = False) -> Path:
     """Train the DiT on a latent cache; returns out/checkpoint.pt.
 
     Config sections: seed, device, dit, sample (grid sampling: steps, cfg_scale,
@@ -138,7 +138,8 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
     or an already open cache-like object (`.attrs`, `len`, `.batches(...)`); `ae` the
     autoencoder checkpoint used to decode the sample grids (None: grids are sampled, not saved).
     `out` is locked by rank 0 while it trains; an existing `out` holding other files than a
-    DiT run's is refused (`force`: replaced).
+    DiT run's is refused (`force`: replaced). A last.pt in `out` from another run is refused
+    (`restart`: replaced by a fresh run), see train.loop.RunCheckpoints.resume.
     """
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
     inputs = [cache if isinstance(cache, (str, Path)) else None, ae]
@@ -146,7 +147,7 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
                  ) if rank0 else nullcontext():
         rank, world, device = setup_ddp(cfg.get("device", "auto"))
         try:
-            return _train(cfg, cache, ae, Path(out), rank, world, device)
+            return _train(cfg, cache, ae, Path(out), rank, world, device, restart)
         finally:
             cleanup_ddp()
 
@@ -183,8 +184,22 @@ def _build(dc: dict, meta: dict, seed: int, device: torch.device
     return model, ema, opt, config
 
 
+def run_identity(cfg: dict, data: Any, world: int) -> dict:
+    """What makes a DiT run this run (last.pt records it; a resume must match it): the cache's
+    identity (sha256 of its attributes: encoder, shards, count, ...), seed, world size and
+    every dit setting that changes the trajectory (all but cadence, compile, max_bad_steps)."""
+    import hashlib
+    import json
+
+    attrs = json.dumps(dict(data.attrs), sort_keys=True, default=str)
+    return {"cache_sha256": hashlib.sha256(attrs.encode()).hexdigest(), "seed":
+            int(cfg.get("seed", 0)), "world_size": world,
+            "dit": {k: v for k, v in cfg["dit"].items() if k not in
+                    ("log_every", "image_every", "ckpt_every", "compile", "max_bad_steps")}}
+
+
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
-           device: torch.device) -> Path:
+           device: torch.device, restart: bool = False) -> Path:
     """The loop: resume, then step, log, draw grids, checkpoint until done. Long because it is
     the loop, read top to bottom like nanoGPT's train.py."""
     dc, sample_cfg, seed = cfg["dit"], cfg.get("sample", {}), int(cfg.get("seed", 0))
@@ -199,7 +214,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     model, ema, opt, config = _build(dc, meta, seed, device)
 
     # resume from out/last.pt
-    files = RunCheckpoints(out, dc["ckpt_every"], dc["steps"], "dit", "train-dit", device)
+    files = RunCheckpoints(out, dc["ckpt_every"], dc["steps"], "dit", "train-dit", device,
+                           run_identity(cfg, data, world), restart)
     step, epoch, skip, bad_total = 0, 0, 0, 0
     ck = files.resume()
     if ck is not None:

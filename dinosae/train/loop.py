@@ -99,6 +99,28 @@ class MetricsCSV:
             w.writerow(row)
 
 
+def _flat(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(doc, Mapping):
+        return {prefix: doc}
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Each setting or input identity that differs between what made a last.pt (`saved`) and
+    this run (`now`), as 'key: was -> now'."""
+    a, b = _flat(saved), _flat(now)
+
+    def show(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{k}: {show(a.get(k, '(none)'))} -> {show(b.get(k, '(none)'))}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 class RunCheckpoints:
     """The checkpoint files of one training run in `out`:
 
@@ -116,16 +138,44 @@ class RunCheckpoints:
     """
 
     def __init__(self, out: Path, every: int, steps: int, name: str, fault: str,
-                 device: torch.device) -> None:
+                 device: torch.device, identity: Mapping[str, Any] | None = None,
+                 restart: bool = False) -> None:
         self.last, self.final = out / "last.pt", out / "checkpoint.pt"
         self.every, self.steps, self.name, self.fault = every, steps, name, fault
         self.device = device
+        self.identity, self.restart = dict(identity or {}), restart
         self.signal = StopFlag()
 
     def resume(self) -> dict | None:
-        """last.pt's contents, or None when there is none."""
-        return load_checkpoint(self.last, map_location=self.device) if self.last.is_file() \
-            else None
+        """last.pt's contents, or None when there is none (or `restart`: it is then replaced at
+        the first save). A last.pt made by another run (its `identity`: input checkpoints and
+        cache, seed, every setting that changes the trajectory) or a final checkpoint put in
+        its place is refused in one line naming each difference."""
+        from dinosae.errors import CheckpointError
+
+        if not os.path.lexists(self.last):
+            return None
+        if self.restart:
+            log.warning("%s: --restart: starting afresh; %s (another run's) will be replaced",
+                        self.name, self.last)
+            return None
+        ck = load_checkpoint(self.last, map_location=self.device)
+        again = "rerun with the settings it was made with, or pass --restart to start afresh"
+        if "optimizer" not in ck:
+            raise CheckpointError(f"{self.last}: a final checkpoint (no optimizer state), not a "
+                                  f"last.pt a run resumes from; move it away, or {again}")
+        saved = ck.get("identity")
+        if not isinstance(saved, Mapping):
+            raise CheckpointError(f"{self.last}: does not record what made it (an older "
+                                  f"dinosae's?); it may be another run's: {again}")
+        diffs = identity_differences(saved, self.identity)
+        if diffs:
+            raise CheckpointError(f"{self.last}: made by another run ({'; '.join(diffs)}); "
+                                  f"{again}")
+        return ck
+
+    def _stamped(self, state: dict) -> dict:
+        return {**state, "identity": self.identity}
 
     def after_step(self, done: int, state: Callable[[], dict], stop: bool | None = None
                    ) -> None:
@@ -137,7 +187,7 @@ class RunCheckpoints:
         stopping = stop and done < self.steps
         if (done % self.every == 0 and done < self.steps) or stopping:
             if is_main():
-                save_checkpoint(self.last, state())
+                save_checkpoint(self.last, self._stamped(state()))
             barrier()
         if stopping:
             raise SystemExit(f"{self.name}: stopped by signal after step {done}; rerun to resume "
@@ -145,7 +195,7 @@ class RunCheckpoints:
 
     def finish(self, state: Callable[[], dict]) -> Path:
         if is_main():
-            save_checkpoint(self.final, state())
+            save_checkpoint(self.final, self._stamped(state()))
             self.last.unlink(missing_ok=True)
             log.info("%s: wrote %s", self.name, self.final)
         barrier()

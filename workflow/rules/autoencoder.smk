@@ -20,11 +20,13 @@ for k in (1, 2, 3, 4):
             stage=k,
             launch=launch,
             shards=shard_folder,
-            init=lambda w, input: f"--init {input.init}" if input.init else "",
+            init=lambda w, input: (
+                f"--init {shlex.quote(str(input.init))}" if input.init else ""
+            ),
             out=run_folder,
         shell:
-            "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage} --shards {params.shards}"
-            " {params.init} --out {params.out} > {log} 2>&1"
+            "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage:q} --shards {params.shards:q}"
+            " {params.init} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule eval_recon:
@@ -41,8 +43,8 @@ rule eval_recon:
         cfg=cfg("seed", "device", "autoencoder", "eval"),
         shards=shard_folder,
     shell:
-        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae} --shards {params.shards}"
-        " --out {output} > {log} 2>&1"
+        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae:q} --shards {params.shards:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 # Released weights instead of training (autoencoder.pretrained, e.g. the authors' DINO-SAE): one
@@ -62,7 +64,7 @@ if PRETRAINED_AE:
             cfg=cfg("data", "autoencoder"),
             source=lambda w, input: shlex.quote(input[0] if input else PRETRAINED_AE),
         shell:
-            "dinosae import-ae --cfg {params.cfg} --source {params.source} --out {output}"
-            " > {log} 2>&1"
+            "dinosae import-ae --cfg {params.cfg} --source {params.source:q} --out {output:q}"
+            " > {log:q} 2>&1"
 
     ruleorder: import_autoencoder > ae_stage4

@@ -13,7 +13,7 @@ if config["data"]["source"] == "mini":
         params:
             cfg=cfg("seed", "data"),
         shell:
-            "dinosae mini-dataset --cfg {params.cfg} --out {output} > {log} 2>&1"
+            "dinosae mini-dataset --cfg {params.cfg} --out {output:q} > {log:q} 2>&1"
 
 
 rule shard:
@@ -32,4 +32,4 @@ rule shard:
         cfg=cfg("data"),
         out=f"{SHARDS}/{{split}}",
     shell:
-        "dinosae shard --cfg {params.cfg} --split {wildcards.split} --out {params.out} > {log} 2>&1"
+        "dinosae shard --cfg {params.cfg} --split {wildcards.split:q} --out {params.out:q} > {log:q} 2>&1"

@@ -15,8 +15,8 @@ rule fid_reference:
         cfg=cfg("device", "autoencoder", "eval"),
         shards=shard_folder,
     shell:
-        "dinosae fid-reference --cfg {params.cfg} --shards {params.shards} --ae {input.ae}"
-        " --out {output} > {log} 2>&1"
+        "dinosae fid-reference --cfg {params.cfg} --shards {params.shards:q} --ae {input.ae:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule fid:
@@ -33,5 +33,5 @@ rule fid:
     params:
         cfg=cfg("device", "autoencoder", "eval"),
     shell:
-        "dinosae fid --cfg {params.cfg} --samples {input.samples} --reference {input.reference}"
-        " --ae {input.ae} --out {output} > {log} 2>&1"
+        "dinosae fid --cfg {params.cfg} --samples {input.samples:q} --reference {input.reference:q}"
+        " --ae {input.ae:q} --out {output:q} > {log:q} 2>&1"

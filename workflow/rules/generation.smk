@@ -21,8 +21,8 @@ rule train_dit:
         cache=CACHE,
         out=run_folder,
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae}"
-        " --out {params.out} > {log} 2>&1"
+        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae:q}"
+        " --out {params.out:q} > {log:q} 2>&1"
 
 
 rule sample:
@@ -38,10 +38,10 @@ rule sample:
         "../../envs/dinosae.yaml"
     params:
         cfg=cfg("seed", "device", "sample"),
-        cache="" if PRETRAINED_DIT else f"--cache {CACHE}",
+        cache="" if PRETRAINED_DIT else f"--cache {shlex.quote(CACHE)}",
     shell:
-        "dinosae sample --cfg {params.cfg} --dit {input.dit} --ae {input.ae}"
-        " {params.cache} --out {output} > {log} 2>&1"
+        "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
+        " {params.cache} --out {output:q} > {log:q} 2>&1"
 
 
 # A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export,
@@ -61,7 +61,7 @@ if PRETRAINED_DIT:
             cfg=cfg("dit"),
             source=lambda w, input: shlex.quote(input[0] if input else PRETRAINED_DIT),
         shell:
-            "dinosae import-dit --cfg {params.cfg} --source {params.source} --out {output}"
-            " > {log} 2>&1"
+            "dinosae import-dit --cfg {params.cfg} --source {params.source:q} --out {output:q}"
+            " > {log:q} 2>&1"
 
     ruleorder: import_dit > train_dit

@@ -19,8 +19,8 @@ rule encode_init:
         shards=shard_folder,
         store=store_of,
     shell:
-        "dinosae encode-init --cfg {params.cfg} --shards {params.shards}"
-        " --checkpoint {input.ae} --out {params.store} > {log} 2>&1"
+        "dinosae encode-init --cfg {params.cfg} --shards {params.shards:q}"
+        " --checkpoint {input.ae:q} --out {params.store:q} > {log:q} 2>&1"
 
 
 rule encode_part:
@@ -40,9 +40,9 @@ rule encode_part:
         shards=shard_folder,
         store=store_of,
     shell:
-        "dinosae encode-part --cfg {params.cfg} --cache {params.store}"
-        " --shards {params.shards} --checkpoint {input.ae} --index {wildcards.i}"
-        " --parts {params.parts} --done {output} > {log} 2>&1"
+        "dinosae encode-part --cfg {params.cfg} --cache {params.store:q}"
+        " --shards {params.shards:q} --checkpoint {input.ae:q} --index {wildcards.i:q}"
+        " --parts {params.parts:q} --done {output:q} > {log:q} 2>&1"
 
 
 rule encode:
@@ -58,4 +58,4 @@ rule encode:
         cfg=cfg("latents"),
         store=store_of,
     shell:
-        "dinosae encode-gather --cfg {params.cfg} --cache {params.store} --out {output} > {log} 2>&1"
+        "dinosae encode-gather --cfg {params.cfg} --cache {params.store:q} --out {output:q} > {log:q} 2>&1"

@@ -41,8 +41,8 @@ rule report_ae_stage:
     conda:
         "../../envs/dinosae.yaml"
     shell:
-        "dinosae stage-figures --checkpoint {input} --title 'autoencoder stage {wildcards.k}'"
-        " --loss {output.loss} --grid {output.grid} > {log} 2>&1"
+        "dinosae stage-figures --checkpoint {input:q} --title 'autoencoder stage {wildcards.k}'"
+        " --loss {output.loss:q} --grid {output.grid:q} > {log:q} 2>&1"
 
 
 rule report_dit:
@@ -60,8 +60,8 @@ rule report_dit:
     conda:
         "../../envs/dinosae.yaml"
     shell:
-        "dinosae stage-figures --checkpoint {input} --title 'DiT (flow matching)'"
-        " --loss {output} > {log} 2>&1"
+        "dinosae stage-figures --checkpoint {input:q} --title 'DiT (flow matching)'"
+        " --loss {output:q} > {log:q} 2>&1"
 
 
 rule report_samples:
@@ -79,7 +79,7 @@ rule report_samples:
     conda:
         "../../envs/dinosae.yaml"
     shell:
-        "dinosae sample-grids --samples {input} --out {output} > {log} 2>&1"
+        "dinosae sample-grids --samples {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report_recon:
@@ -96,9 +96,11 @@ rule report_recon:
         f"{LOGS}/report_recon.log",
     conda:
         "../../envs/dinosae.yaml"
+    params:
+        title=lambda w, input: f"Reconstruction ({input})",
     shell:
-        "dinosae metrics-table --results {input} --title 'Reconstruction ({input})'"
-        " --out {output} > {log} 2>&1"
+        "dinosae metrics-table --results {input:q} --title {params.title:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule report_gfid:
@@ -115,9 +117,11 @@ rule report_gfid:
         f"{LOGS}/report_gfid.log",
     conda:
         "../../envs/dinosae.yaml"
+    params:
+        title=lambda w, input: f"Generation ({input})",
     shell:
-        "dinosae metrics-table --results {input} --title 'Generation ({input})'"
-        " --out {output} > {log} 2>&1"
+        "dinosae metrics-table --results {input:q} --title {params.title:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule report_config:
@@ -134,7 +138,7 @@ rule report_config:
     params:
         cfg=cfg(*config),
     shell:
-        "dinosae config-page --cfg {params.cfg} --out {output} > {log} 2>&1"
+        "dinosae config-page --cfg {params.cfg} --out {output:q} > {log:q} 2>&1"
 
 
 REPORT_FILES = [
