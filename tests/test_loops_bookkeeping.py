@@ -162,7 +162,7 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
     seeds = [d["seed"] for d in draws]
     assert seeds == [TD.step_seed(cfg["seed"], 0, s) for s in range(6)]
     assert len(set(seeds)) == 6
-    for a, b in zip(draws, draws[1:]):
+    for a, b in zip(draws, draws[1:], strict=False):
         assert not torch.allclose(a["out"][0], b["out"][0])  # noise
         assert not torch.allclose(a["out"][1], b["out"][1])  # times
     for d in draws:
@@ -171,7 +171,7 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
         assert d["kw"]["alpha"] == pytest.approx(rfm.alpha_for(4, 16))
         again = REAL_DRAW(d["z0"], d["y_in"], torch.Generator().manual_seed(d["seed"]),
                                **d["kw"])
-        for x, y in zip(again, d["out"]):
+        for x, y in zip(again, d["out"], strict=True):
             assert torch.equal(x, y)
     # over the run, about a quarter of the labels became the null class, the rest kept theirs
     y_in = torch.cat([d["y_in"] for d in draws])
@@ -183,7 +183,7 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
     d = dc["ema"]
     ema = steps[0]["before"]
     for s in steps:
-        ema = [d * e + (1 - d) * w for e, w in zip(ema, s["after"])]
+        ema = [d * e + (1 - d) * w for e, w in zip(ema, s["after"], strict=True)]
     names = [n for n, _ in TD.dit_from_config(ck["config"]).named_parameters()]
     for name, e in zip(names, ema, strict=True):
         torch.testing.assert_close(ck["ema"][name], e, rtol=1e-5, atol=1e-7, msg=name)
@@ -269,10 +269,11 @@ def test_ae_loop_lr_and_ema(tmp_path, monkeypatch):
              + [f"decoder.{n}" for n, _ in TA.DinoSAE.from_checkpoint(
                  ck2, "s2", weights="model").decoder.named_parameters()])
     ema = [ck1["ema"][n].float() for n in names]
-    assert all(torch.equal(a, b) for a, b in zip(g_calls[0]["before"], g_calls[0]["after"]))
+    first = zip(g_calls[0]["before"], g_calls[0]["after"], strict=True)
+    assert all(torch.equal(a, b) for a, b in first)  # the warm-up step trains no generator
     for c in g_calls[1:]:
         assert c["ok"]
-        ema = [tc["ema"] * e + (1 - tc["ema"]) * w for e, w in zip(ema, c["after"])]
+        ema = [tc["ema"] * e + (1 - tc["ema"]) * w for e, w in zip(ema, c["after"], strict=True)]
     moved = 0.0
     for name, e in zip(names, ema, strict=True):
         assert name in keys
