@@ -28,7 +28,6 @@ from dinosae.data.loader import make_loader
 from dinosae.data.shard import iter_shard, read_manifest
 from dinosae.errors import CheckpointError, DataError
 
-
 # ---------------------------------------------------------------- checkpoints
 
 def _calls(attr: str, module: str, root: Path = ROOT) -> list[tuple[str, ast.Call]]:
