@@ -138,7 +138,8 @@ def _record_dit_steps(monkeypatch):
         before = [p.detach().clone() for p in model.parameters()]
         res = real_step(model, opt, z0, z1, t, y, **kw)
         steps.append({"lr": opt.param_groups[0]["lr"], "before": before, "ok": res["ok"],
-                      "after": [p.detach().clone() for p in model.parameters()]})
+                      "after": [p.detach().clone() for p in model.parameters()], "kw": kw,
+                      "z0": z0.clone(), "z1": z1.clone(), "t": t.clone(), "y": y.clone()})
         return res
 
     monkeypatch.setattr(TD, "train_step", step)
@@ -147,7 +148,7 @@ def _record_dit_steps(monkeypatch):
 
 
 def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
-    cfg = _dit_cfg(tmp_path)
+    cfg = _dit_cfg(tmp_path, lambda_rad=0.3)
     dc = cfg["dit"]
     steps, draws = _record_dit_steps(monkeypatch)
     ck = load_checkpoint(TD.train_dit(cfg, FakeCache(), None, tmp_path / "run"))
@@ -156,6 +157,15 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
     # the learning rate of every step: warm-up over 3 steps, then constant (the DiT's schedule)
     want = [schedule(s, dc["lr"], dc["warmup_steps"], dc["steps"], "constant") for s in range(6)]
     np.testing.assert_allclose([s["lr"] for s in steps], want, rtol=1e-9)
+
+    # the step gets the configured objective and this step's draws
+    for s, d in zip(steps, draws, strict=True):
+        assert s["kw"]["lambda_rad"] == 0.3 and s["kw"]["path"] == dc["path"]
+        assert s["kw"]["r"] == pytest.approx(4.0) and s["kw"]["grad_clip"] == dc["grad_clip"]
+        for got, drawn in zip((s["z1"], s["t"], s["y"]), d["out"], strict=True):
+            assert torch.equal(got, drawn)
+        assert torch.equal(s["z0"], d["z0"])  # data tokens at radius √C
+        torch.testing.assert_close(s["z0"].norm(dim=-1), torch.full(s["z0"].shape[:2], 4.0))
 
     # the draws: a generator seeded by (seed, rank, step), so each step's noise, times and
     # dropout are new, yet a pure function of the step
