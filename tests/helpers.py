@@ -10,6 +10,30 @@ import yaml
 from dinosae.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"  # the project's shared folder (CI always has it)
+
+
+def in_ci() -> bool:
+    """CI=true (or 1/yes), as .ci/run and CI services set it."""
+    import os
+
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; fail in CI, where a skip would hide a missing part."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: this test must run, not skip)")
+    pytest.skip(reason)
+
+
+def require_shared(path: Path) -> Path:
+    """`path` (under ../shared) when it exists, else skip (or fail in CI)."""
+    if not Path(path).exists():
+        skip_or_fail(f"{path} is missing (../shared is not next to this checkout)")
+    return Path(path)
 
 
 def default_config() -> dict:

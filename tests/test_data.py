@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import SHARED, require_shared, tiny_config
 from PIL import Image
 
 from dinosae.data.loader import infinite_batches, make_loader
 from dinosae.data.mini import build_mini_dataset
 from dinosae.data.shard import read_manifest, shard_split
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "imagenet-sample"
+IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 SIZE = 32
 EXTS = (".JPEG", ".jpg", ".png", ".Jpeg", ".PNG")
 SHAPES = ((40, 56), (90, 64), (64, 150), (33, 33), (200, 120))  # (w, h); some >= 2*SIZE
@@ -408,8 +408,8 @@ def test_mini_dataset_is_deterministic(tmp_path):
 
 # ---------------------------------------------------------------------------------- real data
 
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="../shared/imagenet-sample absent")
 def test_real_imagenet_sample(tmp_path):
+    require_shared(IMAGENET_SAMPLE)
     files = [(p, w) for p, w in _walk(IMAGENET_SAMPLE, "train")]
     grey = []
     for p, _ in files:

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import SHARED, require_shared, tiny_config
 from PIL import Image
 
 from dinosae.data import loader
 from dinosae.data.loader import infinite_batches, make_loader
 from dinosae.data.shard import shard_split
 
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "imagenet-sample"
+IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 SIZE = 32
 N = 27
 
@@ -176,9 +176,9 @@ def test_converted_batches_go_back_to_the_pool(shards, monkeypatch):
     assert 0 < len(made) <= 2 * loader._POOL  # images and their flags
 
 
-@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="../shared/imagenet-sample absent")
 def test_real_imagenet_sample_at_256(tmp_path):
     """Real photographs (some grayscale at the source) at full size: exact PIL pixels, flips."""
+    require_shared(IMAGENET_SAMPLE)
     expected = _shard(tmp_path, IMAGENET_SAMPLE, tmp_path / "s", 256)
     batches = make_loader(tmp_path / "s", 16, train=True, flip=True, workers=0, seed=1,
                           drop_last=False, with_index=True)

@@ -5,7 +5,8 @@
   GPUs, CPUs, time and memory its resources say. Needs no Slurm and no GPU; never skips.
 * `test_pipeline_through_real_slurm`: the tiny pipeline (data, the four AE stages, encode)
   submitted by `snakemake --profile tests/slurm-profile` to the real single-node Slurm that
-  `scripts/slurm-local.sh start` brings up (`.ci/run` does); skips when no Slurm answers.
+  `scripts/slurm-local.sh start` brings up (`.ci/run` does); skips when no Slurm answers,
+  except in CI (CI=true), where it fails.
 """
 
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, tiny_config, workflow_copy
+from helpers import ROOT, skip_or_fail, tiny_config, workflow_copy
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
@@ -134,9 +135,9 @@ def our_jobs(work: Path) -> list[str]:
 def test_pipeline_through_real_slurm(tmp_path: Path):
     state = slurm_node_state()
     if state is None:
-        pytest.skip("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
+        skip_or_fail("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
     if not state.startswith(("idle", "mix", "alloc")):
-        pytest.skip(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
+        skip_or_fail(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
     work = workdir(tmp_path)
     target = "results/latents/train.report.json"  # data, ae_stage1..4, encode_init/part/encode
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -150,7 +151,7 @@ def test_pipeline_through_real_slurm(tmp_path: Path):
         for line in our_jobs(work):
             subprocess.run(["scancel", line.split()[0].split("=")[1]], timeout=30)
         if stuck:  # the local Slurm never ran them: an environment problem, not ours
-            pytest.skip(f"Slurm left jobs pending for 10 min: {stuck[0][:300]}")
+            skip_or_fail(f"Slurm left jobs pending for 10 min: {stuck[0][:300]}")
         raise
     took = time.time() - t0
     logs = "".join(f"\n--- {p}\n{p.read_text()[-2000:]}"
