@@ -90,6 +90,115 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return out[KEY_METRIC_FID]
 
 
+# ---------------------------------------------------------------- ADM evaluator statistics
+#
+# IS, sFID and the k-NN precision/recall exactly as ADM's evaluator computes them
+# (openai/guided-diffusion evaluations/evaluator.py, which RAE, LightningDiT and REPA-E report
+# with); FID/sFID use frechet_distance above (the same formula, eigenvalues for the trace of the
+# matrix square root). tests/test_adm_stats.py holds these to that evaluator's own outputs on
+# saved features (tests/fixtures/adm_stats).
+
+ADM_IS_SPLIT = 5000  # Evaluator.compute_inception_score: consecutive splits of 5000 samples
+ADM_NHOOD = 3  # ManifoldEstimator nhood_sizes=(3,): the radius is the 3rd neighbour's distance
+ADM_BLOCK = 10_000  # its row/column batch: distances are computed (and fall back) per block
+ADM_SPATIAL_CHANNELS = 7  # _create_feature_graph: mixed_6/conv[..., :7]
+ADM_REFERENCE_IMAGES = 10_000  # real features kept for precision/recall (ADM's arr_0 holds 10k)
+
+
+def inception_score(logits: torch.Tensor | np.ndarray, split_size: int = ADM_IS_SPLIT) -> float:
+    """ADM's Inception Score: p = softmax(logits) (logits = pool_3 features times the softmax
+    weight, no bias: torch-fidelity's `logits_unbiased`); for consecutive splits of `split_size`
+    samples (the last may be shorter; no shuffling) exp(mean KL(p || mean p)); the mean over
+    splits. In float64 (ADM's float32 gives NaN where a probability underflows to 0)."""
+    logits = torch.as_tensor(logits).double()
+    if logits.dim() != 2 or len(logits) == 0:
+        raise ValueError(f"expecting (N, classes) logits, got {tuple(logits.shape)}")
+    scores = []
+    for s in range(0, len(logits), split_size):
+        log_p = torch.log_softmax(logits[s:s + split_size], dim=1)
+        p = log_p.exp()
+        kl = (p * (log_p - p.mean(0, keepdim=True).log())).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores))
+
+
+def _sq_norms_fp16(x16: torch.Tensor) -> torch.Tensor:
+    """Row sums of squares of fp16 `x16`, rounded as TensorFlow's reduce_sum(square(x)) in fp16
+    rounds them on a CPU (measured against it: 8 fp16 lanes x 4 fp16 accumulators over the row,
+    accumulators added in turn, the 8 lanes summed in fp32, one rounding to fp16)."""
+    sq = (x16.float() ** 2).half()
+    n, d = sq.shape
+    pad = (-d) % 32
+    if pad:
+        sq = torch.cat([sq, sq.new_zeros(n, pad)], dim=1)  # adding fp16 zeros changes nothing
+    blocks = sq.view(n, -1, 4, 8)  # element j: block j // 32, accumulator (j // 8) % 4, lane j % 8
+    acc = blocks[:, 0]
+    for m in range(1, blocks.shape[1]):
+        acc = (acc.float() + blocks[:, m].float()).half()
+    lanes = acc[:, 0]
+    for a in range(1, 4):
+        lanes = (lanes.float() + acc[:, a].float()).half()
+    return lanes.float().sum(1).half()
+
+
+def adm_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's DistanceBlock: squared Euclidean distances (len(u), len(v)) computed in fp16 --
+    max(|u|^2 - 2 u.v + |v|^2, 0), each step rounded to fp16, the product accumulated in fp32 --
+    and, when any is not finite (fp16 overflows at 65504), the whole block again in fp32.
+    Returned as fp32 (as ADM compares them). These fp16 roundings decide ties: precision and
+    recall differ by percents from an fp32 computation on the same features."""
+    u16, v16 = u.half(), v.half()
+    mm = (u16.float() @ v16.float().T).half()
+    d = (_sq_norms_fp16(u16)[:, None].float() - 2 * mm.float()).half()
+    d = (d.float() + _sq_norms_fp16(v16)[None, :].float()).half().clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    u, v = u.float(), v.float()
+    return ((u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None, :]).clamp_min(0)
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, ADM_BLOCK):
+        yield s, min(s + ADM_BLOCK, n)
+
+
+def manifold_radii(features: torch.Tensor, k: int = ADM_NHOOD) -> torch.Tensor:
+    """ADM's ManifoldEstimator.manifold_radii: each feature's squared distance (adm_sq_distances,
+    in ADM's blocks) to its k-th nearest neighbour, itself counted as the 0-th."""
+    out = []
+    for r0, r1 in _blocks(len(features)):
+        row = torch.cat([adm_sq_distances(features[r0:r1], features[c0:c1])
+                         for c0, c1 in _blocks(len(features))], dim=1)
+        out.append(torch.kthvalue(row.cpu(), k + 1, dim=1).values)
+    return torch.cat(out)
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
+                     device: torch.device | str = "cpu", k: int = ADM_NHOOD
+                     ) -> tuple[float, float]:
+    """ADM's k-NN precision and recall (Evaluator.compute_prec_recall(ref, sample)): precision =
+    fraction of fake features inside some real feature's k-NN ball (distance <= its radius),
+    recall = fraction of real features inside some fake feature's ball."""
+    real = torch.as_tensor(real, dtype=torch.float32).to(device)
+    fake = torch.as_tensor(fake, dtype=torch.float32).to(device)
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features differ in shape: real {tuple(real.shape)}, "
+                         f"fake {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall need more than {k} real and fake features "
+                         f"(got {len(real)} and {len(fake)})")
+    r_real = manifold_radii(real, k).to(device)
+    r_fake = manifold_radii(fake, k).to(device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    for a0, a1 in _blocks(len(real)):
+        for b0, b1 in _blocks(len(fake)):
+            d = adm_sq_distances(real[a0:a1], fake[b0:b1])
+            real_in[a0:a1] |= (d <= r_fake[None, b0:b1]).any(1)
+            fake_in[b0:b1] |= (d <= r_real[a0:a1, None]).any(0)
+    return float(fake_in.double().mean()), float(real_in.double().mean())
+
+
 # ---------------------------------------------------------------- teacher feature extractor
 
 class TeacherFeatures(FeatureExtractorBase):
