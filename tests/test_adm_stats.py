@@ -43,10 +43,12 @@ def test_inception_score_equals_adm(adm):
 def test_precision_recall_equal_adm(adm, case):
     ref = adm["pool_ref"] if case == "pr" else adm[f"{case}_ref"]
     sample = adm["pool_sample"] if case == "pr" else adm[f"{case}_sample"]
-    radii = evaluate.manifold_radii(torch.from_numpy(ref)).numpy()
-    np.testing.assert_array_equal(radii, adm[f"{case}_ref_radii"][:, 0])
-    radii = evaluate.manifold_radii(torch.from_numpy(sample)).numpy()
-    np.testing.assert_array_equal(radii, adm[f"{case}_sample_radii"][:, 0])
+    # fp16 distances round alike (equal); the fp32 fallback (pr_big) differs in fp32 round-off
+    check = (np.testing.assert_array_equal if case != "pr_big" else
+             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4))
+    check(evaluate.manifold_radii(torch.from_numpy(ref)).numpy(), adm[f"{case}_ref_radii"][:, 0])
+    check(evaluate.manifold_radii(torch.from_numpy(sample)).numpy(),
+          adm[f"{case}_sample_radii"][:, 0])
     precision, recall = evaluate.precision_recall(ref, sample)
     # 256-d: TensorFlow's fp32 accumulation order inside its fp16 matmul is not torch's; 14 of
     # 90,000 products round to another fp16 (measured), which flips one sample here
