@@ -42,6 +42,9 @@ SEED_STRIDE = 1 << 32  # seeds[i] = seed * 2^32 + i: distinct across config seed
 
 
 
+LABEL_SCHEME = "class-balanced: label i = i mod K"
+
+
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     """Label i = i mod K: class counts differ by at most one, in every prefix too."""
     return (np.arange(n, dtype=np.int64) % num_classes).astype(np.int64)
@@ -170,6 +173,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
     classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
     integrator = sc.get("integrator", "euler_project")
+    precision = sc.get("precision", "fp32")  # bf16: the DiT under bf16 autocast (CUDA only)
+    bf16 = precision == "bf16" and device.type == "cuda"
     settings_kw = sampler_settings(meta, int(sc["steps"]), integrator)
     n, bs = int(sc["num_samples"]), int(sc["batch_size"])
     if n % num_classes:
@@ -190,6 +195,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
         "cache": str(cache or ""), "device_type": device.type, "integrator": integrator,
         "convention": str(meta.get("convention") or "dinosae"),
         "seeding": "sample i: rfm.noise from torch.Generator().manual_seed(seeds[i]) (cpu)",
+        "label_scheme": LABEL_SCHEME,
+        "precision": "bf16 autocast" if bf16 else "fp32",
     }
 
     def generate(lo: int, hi: int) -> np.ndarray:
@@ -197,7 +204,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
         y = torch.from_numpy(labels[lo:hi]).to(device)
         z = sample(model, y, cfg_scale=float(sc["cfg_scale"]), r=r, alpha=alpha, shape=shape,
                    guidance_interval=tuple(sc["guidance_interval"]), z1=z1,
-                   amp=device.type == "cuda", **settings_kw)
+                   amp=bf16, **settings_kw)
         images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
         if not torch.isfinite(images).all():
             raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "
