@@ -805,9 +805,15 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str) -> None:
         "num_samples": len(psnrs),
         "extractor": info["extractor"],
         "extractor_id": info["extractor_id"],
+        "extractor_weights_sha256": info["weights_sha256"],
         "lpips_net": cfg["autoencoder"]["lpips"]["net"],
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "reference": "the reconstructed images themselves (their shards' pixels)",
         "shards": str(shards),
+        "shards_manifest_sha256": sha256_file(Path(shards) / "manifest.json"),
+        "shards_format": manifest.get("preprocess", {}).get("format", "unrecorded"),
+        "selection": "evenly spread over the split in manifest order",
     })
     pairs = torch.cat(grid)[:16]
     ncol = min(8, len(pairs))

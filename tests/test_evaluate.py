@@ -26,8 +26,9 @@ from helpers import tiny_config
 from PIL import Image
 
 from dinosae import evaluate
+from dinosae.checkpoint import tensors_fingerprint
 from dinosae.errors import ConfigError
-from dinosae.files import read_kv
+from dinosae.files import read_kv, sha256_file
 
 
 @pytest.fixture
@@ -98,6 +99,10 @@ def test_fd_teacher_equals_torch_fidelity(tmp_path, tiny_teacher, monkeypatch, n
     assert kv["metric"] == "FD_teacher" and "FID" not in kv
     assert kv["extractor"] == "teacher" and kv["IS"].startswith("n/a")
     assert int(kv["num_samples"]) == 12 and int(kv["reference_count"]) == 14
+    assert kv["reference_sha256"] == sha256_file(tmp_path / "ref.npz")
+    assert kv["reference_source_sha256"] == sha256_file(tmp_path / "val" / "manifest.json")
+    assert kv["extractor_weights_sha256"].startswith(tensors_fingerprint(tiny_teacher))
+    assert kv["steps"] == "4" and kv["sampling_precision"] == "unrecorded"
     assert kv["dit_checkpoint"] == "dit.pt"
     with np.load(tmp_path / "ref.npz") as z:
         assert str(z["extractor"]) == "teacher" and int(z["count"]) == 14
@@ -112,6 +117,18 @@ def test_fd_teacher_equals_torch_fidelity(tmp_path, tiny_teacher, monkeypatch, n
 
 
 # ---------------------------------------------------------------- reference statistics
+
+
+def test_running_stats_equal_numpy_mean_and_cov():
+    rng = np.random.default_rng(3)
+    x = (rng.gamma(0.8, 0.5, size=(103, 6)) + 100.0).astype(np.float32)  # a large mean
+    rs = evaluate.RunningStats()
+    bounds = (0, 7, 8, 50, 103)  # uneven batches, one of a single row
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        rs.update(torch.from_numpy(x[a:b]))
+    mu, sigma = rs.result()
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9)
 
 
 def test_adm_reference_npz_is_read(tmp_path):
@@ -221,5 +238,10 @@ def test_eval_recon_metrics_against_direct_computation(tmp_path, no_network):
     assert "rFID" not in kv and float(kv["rFD_teacher"]) > 0
     assert kv["extractor"] == "teacher" and int(kv["num_samples"]) == 5
     assert kv["checkpoint"] == str(ckpt)
+    # the protocol: what was reconstructed, from which pixels, measured with which weights
+    assert kv["checkpoint_sha256"] == sha256_file(ckpt)
+    assert kv["shards_manifest_sha256"] == sha256_file(tmp_path / "val" / "manifest.json")
+    assert kv["shards_format"] in ("jpeg", "png")
+    assert kv["extractor_weights_sha256"].startswith(tensors_fingerprint(ae.teacher))
     with Image.open(out.with_suffix(".png")) as im:  # rows: 5 inputs over 5 reconstructions
         assert im.size == (5 * 34 + 2, 2 * 34 + 2)
