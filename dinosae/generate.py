@@ -45,6 +45,14 @@ SEED_STRIDE = 1 << 32  # seeds[i] = seed * 2^32 + i: distinct across config seed
 LABEL_SCHEME = "class-balanced: label i = i mod K"
 
 
+def sampling_bf16(precision: str, device: torch.device) -> bool:
+    """sample.precision: "fp32" (the field's protocol: RAE, LightningDiT and REPA-E sample in
+    fp32) or "bf16" (the DiT under bf16 autocast; CUDA only: elsewhere fp32)."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"config: 'sample.precision' must be fp32 or bf16, not {precision!r}")
+    return precision == "bf16" and device.type == "cuda"
+
+
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     """Label i = i mod K: class counts differ by at most one, in every prefix too."""
     return (np.arange(n, dtype=np.int64) % num_classes).astype(np.int64)
@@ -173,8 +181,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str) -> N
     classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
     integrator = sc.get("integrator", "euler_project")
-    precision = sc.get("precision", "fp32")  # bf16: the DiT under bf16 autocast (CUDA only)
-    bf16 = precision == "bf16" and device.type == "cuda"
+    bf16 = sampling_bf16(sc.get("precision", "fp32"), device)
     settings_kw = sampler_settings(meta, int(sc["steps"]), integrator)
     n, bs = int(sc["num_samples"]), int(sc["batch_size"])
     if n % num_classes:
