@@ -143,7 +143,12 @@ def adm_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     Returned as fp32 (as ADM compares them). These fp16 roundings decide ties: precision and
     recall differ by percents from an fp32 computation on the same features."""
     u16, v16 = u.half(), v.half()
-    mm = (u16.float() @ v16.float().T).half()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the product must accumulate in true fp32
+    try:
+        mm = (u16.float() @ v16.float().T).half()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     d = (_sq_norms_fp16(u16)[:, None].float() - 2 * mm.float()).half()
     d = (d.float() + _sq_norms_fp16(v16)[None, :].float()).half().clamp_min(0)
     if torch.isfinite(d).all():
@@ -563,7 +568,7 @@ def iter_npz_images(path: str | Path, key: str, batch_size: int) -> Iterator[np.
             data = f.read(n * per)
             if len(data) != n * per:
                 raise ValueError(f"{path}: {key} is truncated")
-            yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+            yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
 
 
 def _spread(count: int, n: int) -> np.ndarray:

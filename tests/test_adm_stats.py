@@ -39,17 +39,23 @@ def test_inception_score_equals_adm(adm):
         float(adm["is"]), rel=1e-4)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["pr", "pr_wide", "pr_big"])
-def test_precision_recall_equal_adm(adm, case):
+def test_precision_recall_equal_adm(adm, case, device):
     ref = adm["pool_ref"] if case == "pr" else adm[f"{case}_ref"]
     sample = adm["pool_sample"] if case == "pr" else adm[f"{case}_sample"]
     # fp16 distances round alike (equal); the fp32 fallback (pr_big) differs in fp32 round-off
     check = (np.testing.assert_array_equal if case != "pr_big" else
              lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4))
-    check(evaluate.manifold_radii(torch.from_numpy(ref)).numpy(), adm[f"{case}_ref_radii"][:, 0])
-    check(evaluate.manifold_radii(torch.from_numpy(sample)).numpy(),
+    check(evaluate.manifold_radii(torch.from_numpy(ref).to(device)).numpy(),
+          adm[f"{case}_ref_radii"][:, 0])
+    check(evaluate.manifold_radii(torch.from_numpy(sample).to(device)).numpy(),
           adm[f"{case}_sample_radii"][:, 0])
-    precision, recall = evaluate.precision_recall(ref, sample)
+    precision, recall = evaluate.precision_recall(ref, sample, device)
     # 256-d: TensorFlow's fp32 accumulation order inside its fp16 matmul is not torch's; 14 of
     # 90,000 products round to another fp16 (measured), which flips one sample here
     tol = {"abs": 1.0 / len(sample)} if case == "pr_wide" else {"rel": 1e-4}
