@@ -8,13 +8,6 @@ ADM_REFERENCE = config["eval"].get("adm_reference")
 REFERENCE_SPLIT = config["eval"]["reference"]
 
 
-def reference_shards(wildcards, input):
-    """--shards for fid-reference: the split's shard folder (none with ADM's reference)."""
-    if not input.shards:
-        return ""
-    return "--shards " + shlex.quote(os.path.dirname(str(input.shards)))
-
-
 rule fid_reference:
     input:
         shards=(
