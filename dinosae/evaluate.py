@@ -42,7 +42,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from dinosae.checkpoint import tensors_fingerprint
 from dinosae.dist import pick_device
-from dinosae.errors import ConfigError
+from dinosae.errors import ConfigError, DataError
 from dinosae.files import sha256_file, write_kv
 from dinosae.images import save_grid
 from dinosae.progress import Progress
@@ -276,7 +276,7 @@ class RunningStats:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         if self.mean is None or self.m2 is None or self.n < 2:
-            raise ValueError("feature statistics need at least 2 images")
+            raise DataError("feature statistics need at least 2 images")
         return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
@@ -510,7 +510,7 @@ def load_reference(path: str | Path) -> dict:
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         if not {"mu", "sigma"} <= keys:
-            raise ValueError(f"{path}: not reference statistics (needs arrays 'mu' and 'sigma'; "
+            raise DataError(f"{path}: not reference statistics (needs arrays 'mu' and 'sigma'; "
                              f"has {sorted(keys)})")
         ref = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
         if "extractor" in keys:  # ours
@@ -525,9 +525,9 @@ def load_reference(path: str | Path) -> dict:
                count=int(shape[0]) if shape else -1, source=f"adm:{path}",
                source_sha256=sha256_file(path))
     if ref["mu"].shape != (2048,) or ref["sigma"].shape != (2048, 2048):
-        raise ValueError(f"{path}: ADM reference statistics must be 2048-d Inception features")
+        raise DataError(f"{path}: ADM reference statistics must be 2048-d Inception features")
     if "mu_s" in ref and (ref["mu_s"].ndim != 1 or ref["sigma_s"].shape != (len(ref["mu_s"]),) * 2):
-        raise ValueError(f"{path}: mu_s/sigma_s are not a mean and its covariance")
+        raise DataError(f"{path}: mu_s/sigma_s are not a mean and its covariance")
     return ref
 
 
@@ -555,19 +555,22 @@ def _save_npz(path: str | Path, **arrays: Any) -> None:
 def iter_npz_images(path: str | Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
     """(B, H, W, 3) uint8 batches of one array of an .npz, read from the zip member in turn
     (ADM's reference batch: 10k images, 2 GB, never loaded whole)."""
+    with zipfile.ZipFile(path) as z:
+        if f"{key}.npy" not in z.namelist():
+            raise DataError(f"{path}: no array {key!r} (ADM's reference images)")
     with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
         major, _ = np.lib.format.read_magic(f)
         read = (np.lib.format.read_array_header_1_0 if major == 1
                 else np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read(f)
         if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-            raise ValueError(f"{path}: {key} is not uint8 NHWC images ({dtype}, {shape})")
+            raise DataError(f"{path}: {key} is not uint8 NHWC images ({dtype}, {shape})")
         per = int(np.prod(shape[1:]))
         for s in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - s)
             data = f.read(n * per)
             if len(data) != n * per:
-                raise ValueError(f"{path}: {key} is truncated")
+                raise DataError(f"{path}: {key} is truncated")
             yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
 
 
@@ -595,7 +598,7 @@ def fid_reference(cfg: dict, shards: str | None, out: str, ae: str | None = None
         ref = load_reference(adm)
         count, keep = ref["count"], None
         if count < 0:
-            raise ValueError(f"{adm}: no reference images (arr_0) for precision/recall")
+            raise DataError(f"{adm}: no reference images (arr_0) for precision/recall")
         images: Iterable[np.ndarray] = iter_npz_images(adm, "arr_0", ev["batch_size"])
     else:
         if not shards:
@@ -626,7 +629,7 @@ def fid_reference(cfg: dict, shards: str | None, out: str, ae: str | None = None
     progress.close()
     if adm:
         if seen != count:
-            raise ValueError(f"{adm}: arr_0 holds {seen} images, its header says {count}")
+            raise DataError(f"{adm}: arr_0 holds {seen} images, its header says {count}")
         arrays = {k: ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in ref}
         source, source_sha = ref["source"], ref["source_sha256"]
     else:

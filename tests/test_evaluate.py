@@ -27,7 +27,7 @@ from PIL import Image
 
 from dinosae import evaluate
 from dinosae.checkpoint import tensors_fingerprint
-from dinosae.errors import ConfigError
+from dinosae.errors import ConfigError, DataError
 from dinosae.files import read_kv, sha256_file
 
 
@@ -149,6 +149,14 @@ def test_adm_reference_npz_is_read(tmp_path):
     cfg["eval"].update(extractor="teacher", adm_reference=str(path))
     with pytest.raises(ConfigError, match="eval.extractor: inception"):
         evaluate.fid_reference(cfg, None, str(tmp_path / "ref2.npz"))
+    # without its images (arr_0) there is nothing for precision/recall: one line, before any model
+    no_images = tmp_path / "no_images.npz"
+    np.savez(no_images, mu=mu, sigma=sigma)
+    cfg["eval"].update(extractor="inception", adm_reference=str(no_images))
+    with pytest.raises(DataError, match="no reference images"):
+        evaluate.fid_reference(cfg, None, str(tmp_path / "ref3.npz"))
+    with pytest.raises(DataError, match="no array 'arr_0'"):
+        next(evaluate.iter_npz_images(no_images, "arr_0", 2))
 
 
 def test_reference_from_other_teacher_is_refused(tmp_path, tiny_teacher, monkeypatch):
