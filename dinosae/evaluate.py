@@ -169,7 +169,7 @@ def manifold_radii(features: torch.Tensor, k: int = ADM_NHOOD) -> torch.Tensor:
     for r0, r1 in _blocks(len(features)):
         row = torch.cat([adm_sq_distances(features[r0:r1], features[c0:c1])
                          for c0, c1 in _blocks(len(features))], dim=1)
-        out.append(torch.kthvalue(row.cpu(), k + 1, dim=1).values)
+        out.append(torch.kthvalue(row, k + 1, dim=1).values.cpu())
     return torch.cat(out)
 
 
@@ -236,7 +236,8 @@ class InceptionADM(FeatureExtractorInceptionV3):
             feats = dict(zip(self.base_features, super().forward(x), strict=True))
         finally:
             self.features_list = wanted
-        feats[SPATIAL] = adm_spatial(self._spatial.pop())
+        if SPATIAL in wanted:  # the hook ran: Mixed_6d comes before every feature but 64, 192
+            feats[SPATIAL] = adm_spatial(self._spatial.pop())
         return tuple(feats[name] for name in wanted)
 
 
