@@ -32,7 +32,7 @@ def test_frechet_distance_equals_adm(adm, kind):
 
 
 def test_inception_score_equals_adm(adm):
-    logits = torch.from_numpy(adm["is_acts"]) @ torch.from_numpy(adm["is_w"])
+    logits = torch.from_numpy(adm["is_acts"]).float() @ torch.from_numpy(adm["is_w"])
     assert evaluate.inception_score(logits) == pytest.approx(float(adm["is"]), rel=1e-4)
     # ADM splits into consecutive 5000s (11000 samples: 5000, 5000, 1000), not 10 equal splits
     assert evaluate.inception_score(logits, split_size=1100) != pytest.approx(
@@ -44,10 +44,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["pr", "pr_wide", "pr_big"])
+@pytest.mark.parametrize("case", ["pr", "pr_wide", "pr_big", "pr_2048"])
 def test_precision_recall_equal_adm(adm, case, device):
-    ref = adm["pool_ref"] if case == "pr" else adm[f"{case}_ref"]
-    sample = adm["pool_sample"] if case == "pr" else adm[f"{case}_sample"]
+    ref = (adm["pool_ref"] if case == "pr" else adm[f"{case}_ref"]).astype(np.float32)
+    sample = (adm["pool_sample"] if case == "pr" else adm[f"{case}_sample"]).astype(np.float32)
     # fp16 distances round alike (equal); the fp32 fallback (pr_big) differs in fp32 round-off
     check = (np.testing.assert_array_equal if case != "pr_big" else
              lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4))
