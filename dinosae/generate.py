@@ -46,8 +46,9 @@ LABEL_SCHEME = "class-balanced: label i = i mod K"
 
 
 def sampling_bf16(precision: str, device: torch.device) -> bool:
-    """sample.precision: "fp32" (the field's protocol: RAE, LightningDiT and REPA-E sample in
-    fp32) or "bf16" (the DiT under bf16 autocast; CUDA only: elsewhere fp32)."""
+    """sample.precision: "fp32" (RAE's README recommends fp32 sampling "when model FID is low")
+    or "bf16" (the DiT under bf16 autocast, LightningDiT's inference default; CUDA only:
+    elsewhere fp32)."""
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"config: 'sample.precision' must be fp32 or bf16, not {precision!r}")
     return precision == "bf16" and device.type == "cuda"
