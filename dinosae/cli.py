@@ -158,11 +158,14 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     ),
     "fid-reference": (
         "dinosae.evaluate", "fid_reference", "reference feature statistics of real images",
-        [("--shards", dict(required=True)), ("--out", dict(required=True)),
+        [("--shards", dict(default=None, help="shard folder of the reference split (not with "
+                                              "eval.adm_reference)")),
+         ("--out", dict(required=True)),
          ("--ae", dict(default=None, help=AE_HELP)), FORCE],
     ),
     "fid": (
-        "dinosae.evaluate", "fid", "FID/IS (or FD in the configured extractor) -> gfid.txt",
+        "dinosae.evaluate", "fid",
+        "FID, sFID, IS, precision/recall as ADM's evaluator (or FD in the teacher) -> gfid.txt",
         [("--samples", dict(required=True)), ("--reference", dict(required=True)),
          ("--out", dict(required=True)),
          ("--ae", dict(default=None, help=AE_HELP)), FORCE],

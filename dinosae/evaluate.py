@@ -28,28 +28,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
 from torch_fidelity.metric_fid import (
     KEY_METRIC_FID,
     fid_features_to_statistics,
     fid_statistics_to_metric,
-)
-from torch_fidelity.metric_isc import (
-    KEY_METRIC_ISC_MEAN,
-    KEY_METRIC_ISC_STD,
-    isc_features_to_metric,
-)
-from torch_fidelity.metric_prc import (
-    KEY_METRIC_PRECISION,
-    KEY_METRIC_RECALL,
-    prc_features_to_metric,
 )
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from dinosae.checkpoint import tensors_fingerprint
 from dinosae.dist import pick_device
-from dinosae.errors import ConfigError, NumericsError
+from dinosae.errors import ConfigError, DataError, NumericsError
 from dinosae.files import check_regular, sha256_file, write_kv
 from dinosae.images import save_grid
 from dinosae.outputs import claim_file, kv_ours, mark_zip, png_ours, zip_ours
@@ -59,13 +52,14 @@ log = logging.getLogger("dinosae.evaluate")
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's TF-compatible Inception-v3 (the FID one)
 TEACHER = "dinosae-teacher"  # the DINOv3 teacher, registered below
+INCEPTION_ADM = "dinosae-inception-v3-adm"  # the same network + ADM's spatial features, below
+SPATIAL = "mixed_6/conv"  # ADM's sFID features (FID_SPATIAL_NAME), first 7 channels
 LAYER = {  # torch-fidelity feature layers per metric
-    INCEPTION: {"fd": "2048", "is": "logits_unbiased"},
+    INCEPTION: {"fd": "2048", "is": "logits_unbiased", "sfid": SPATIAL},
     TEACHER: {"fd": "pooled"},
 }
 IS_SPLITS = 10  # torch-fidelity's default (and the usual IS protocol)
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
-MAX_REFERENCE_FEATURES = 10_000  # real features kept in the reference npz for precision/recall
 
 
 # ---------------------------------------------------------------- Frechet distance maths
@@ -89,6 +83,210 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     out = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2},
                                    verbose=False)
     return out[KEY_METRIC_FID]
+
+
+# ---------------------------------------------------------------- ADM evaluator statistics
+#
+# IS, sFID and the k-NN precision/recall exactly as ADM's evaluator computes them
+# (openai/guided-diffusion evaluations/evaluator.py, which RAE, LightningDiT and REPA-E report
+# with); FID/sFID use frechet_distance above (the same formula, eigenvalues for the trace of the
+# matrix square root). tests/test_adm_stats.py holds these to that evaluator's own outputs on
+# saved features (tests/fixtures/adm_stats).
+
+ADM_IS_SPLIT = 5000  # Evaluator.compute_inception_score: consecutive splits of 5000 samples
+ADM_NHOOD = 3  # ManifoldEstimator nhood_sizes=(3,): the radius is the 3rd neighbour's distance
+ADM_BLOCK = 10_000  # its row/column batch: distances are computed (and fall back) per block
+ADM_SPATIAL_CHANNELS = 7  # _create_feature_graph: mixed_6/conv[..., :7]
+ADM_REFERENCE_IMAGES = 10_000  # real features kept for precision/recall (ADM's arr_0 holds 10k)
+
+
+def inception_score(logits: torch.Tensor | np.ndarray, split_size: int = ADM_IS_SPLIT) -> float:
+    """ADM's Inception Score: p = softmax(logits) (logits = pool_3 features times the softmax
+    weight, no bias: torch-fidelity's `logits_unbiased`); for consecutive splits of `split_size`
+    samples (the last may be shorter; no shuffling) exp(mean KL(p || mean p)); the mean over
+    splits. In float64 (ADM's float32 gives NaN where a probability underflows to 0)."""
+    logits = torch.as_tensor(logits).double()
+    if logits.dim() != 2 or len(logits) == 0:
+        raise ValueError(f"expecting (N, classes) logits, got {tuple(logits.shape)}")
+    scores = []
+    for s in range(0, len(logits), split_size):
+        log_p = torch.log_softmax(logits[s:s + split_size], dim=1)
+        p = log_p.exp()
+        kl = (p * (log_p - p.mean(0, keepdim=True).log())).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores))
+
+
+def _sq_norms_fp16(x16: torch.Tensor) -> torch.Tensor:
+    """Row sums of squares of fp16 `x16`, rounded as TensorFlow's reduce_sum(square(x)) in fp16
+    rounds them on a CPU (Eigen's inner-most reduction, measured against TensorFlow at 32, 256
+    and 2048 features): rows longer than 1024 split in halves recursively, the halves' sums
+    added in fp16; a leaf runs 8 fp16 lanes x 4 fp16 accumulators, the accumulators added in
+    turn, the 8 lanes summed in fp32 and rounded once."""
+    return _sum_fp16((x16.float() ** 2).half())
+
+
+def _sum_fp16(sq: torch.Tensor) -> torch.Tensor:
+    n, d = sq.shape
+    if d > 1024:
+        h = d // 2
+        return (_sum_fp16(sq[:, :h]).float() + _sum_fp16(sq[:, h:]).float()).half()
+    pad = (-d) % 32  # fp16 zeros change no partial sum (Eigen sums a ragged tail its own way:
+    if pad:          # not reproduced; Inception's 2048 and the tests' widths are multiples of 32)
+        sq = torch.cat([sq, sq.new_zeros(n, pad)], dim=1)
+    blocks = sq.reshape(n, -1, 4, 8)  # element j: block j//32, accumulator (j//8) % 4, lane j % 8
+    acc = blocks[:, 0]
+    for m in range(1, blocks.shape[1]):
+        acc = (acc.float() + blocks[:, m].float()).half()
+    lanes = acc[:, 0]
+    for a in range(1, 4):
+        lanes = (lanes.float() + acc[:, a].float()).half()
+    return lanes.float().sum(1).half()
+
+
+def adm_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's DistanceBlock: squared Euclidean distances (len(u), len(v)) computed in fp16 --
+    max(|u|^2 - 2 u.v + |v|^2, 0), each step rounded to fp16, the product accumulated in fp32 --
+    and, when any is not finite (fp16 overflows at 65504), the whole block again in fp32.
+    Returned as fp32 (as ADM compares them). These fp16 roundings decide ties: precision and
+    recall differ by percents from an fp32 computation on the same features."""
+    u16, v16 = u.half(), v.half()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the product must accumulate in true fp32
+    try:
+        mm = (u16.float() @ v16.float().T).half()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    d = (_sq_norms_fp16(u16)[:, None].float() - 2 * mm.float()).half()
+    d = (d.float() + _sq_norms_fp16(v16)[None, :].float()).half().clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    u, v = u.float(), v.float()
+    return ((u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None, :]).clamp_min(0)
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    for s in range(0, n, ADM_BLOCK):
+        yield s, min(s + ADM_BLOCK, n)
+
+
+def manifold_radii(features: torch.Tensor, k: int = ADM_NHOOD) -> torch.Tensor:
+    """ADM's ManifoldEstimator.manifold_radii: each feature's squared distance (adm_sq_distances,
+    in ADM's blocks) to its k-th nearest neighbour, itself counted as the 0-th."""
+    out = []
+    for r0, r1 in _blocks(len(features)):
+        row = torch.cat([adm_sq_distances(features[r0:r1], features[c0:c1])
+                         for c0, c1 in _blocks(len(features))], dim=1)
+        out.append(torch.kthvalue(row, k + 1, dim=1).values.cpu())
+    return torch.cat(out)
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
+                     device: torch.device | str = "cpu", k: int = ADM_NHOOD
+                     ) -> tuple[float, float]:
+    """ADM's k-NN precision and recall (Evaluator.compute_prec_recall(ref, sample)): precision =
+    fraction of fake features inside some real feature's k-NN ball (distance <= its radius),
+    recall = fraction of real features inside some fake feature's ball."""
+    real = torch.as_tensor(real, dtype=torch.float32).to(device)
+    fake = torch.as_tensor(fake, dtype=torch.float32).to(device)
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features differ in shape: real {tuple(real.shape)}, "
+                         f"fake {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall need more than {k} real and fake features "
+                         f"(got {len(real)} and {len(fake)})")
+    r_real = manifold_radii(real, k).to(device)
+    r_fake = manifold_radii(fake, k).to(device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    for a0, a1 in _blocks(len(real)):
+        for b0, b1 in _blocks(len(fake)):
+            d = adm_sq_distances(real[a0:a1], fake[b0:b1])
+            real_in[a0:a1] |= (d <= r_fake[None, b0:b1]).any(1)
+            fake_in[b0:b1] |= (d <= r_real[a0:a1, None]).any(0)
+    return float(fake_in.double().mean()), float(real_in.double().mean())
+
+
+# ---------------------------------------------------- Inception with ADM's spatial features
+
+class InceptionADM(FeatureExtractorInceptionV3):
+    """torch-fidelity's TF-compatible Inception-v3 (same weights file, same forward) that also
+    gives ADM's sFID features, `mixed_6/conv` (evaluator.py FID_SPATIAL_NAME), first 7 channels.
+
+    `mixed_6/conv:0` is the ReLU output of the 1x1 branch of the graph's mixed_6 block; mixed_6
+    is torch-fidelity's `Mixed_6d` and its 1x1 branch `Mixed_6d.branch1x1` (BasicConv2d: conv, BN,
+    ReLU): torch-fidelity's own weight converter (utils/util_convert_inception_weights.py) maps
+    "mixed_6/conv/conv2d_params" -> "Mixed_6d.branch1x1.conv" and "mixed_6/conv/batchnorm" ->
+    "Mixed_6d.branch1x1.bn"; the graph's blocks run mixed, mixed_1, mixed_2 (35x35: Mixed_5b-d),
+    mixed_3 (the 35->17 reduction, Mixed_6a), mixed_4..mixed_7 (17x17: Mixed_6b-e), so mixed_6 is
+    the third 17x17 block. Its output is (N, 192, 17, 17); ADM slices [..., :7] of the NHWC
+    tensor and flattens it in (h, w, c) order: 17 * 17 * 7 = 2023 features, the size of mu_s in
+    ADM's reference batches. Taken with a forward hook, so the network stays torch-fidelity's.
+    """
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL)
+
+    def __init__(self, name: str, features_list: list[str], **kwargs: Any) -> None:
+        wanted = list(features_list)
+        base = [f for f in wanted if f != SPATIAL] or ["2048"]
+        super().__init__(name, base, **kwargs)
+        self.base_features, self.features_list = base, wanted
+        self._spatial: list[torch.Tensor] = []
+        self.Mixed_6d.branch1x1.register_forward_hook(
+            lambda module, inputs, output: self._spatial.append(output))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        wanted, self.features_list = self.features_list, self.base_features
+        self._spatial.clear()
+        try:
+            feats = dict(zip(self.base_features, super().forward(x), strict=True))
+        finally:
+            self.features_list = wanted
+        if SPATIAL in wanted:  # the hook ran: Mixed_6d comes before every feature but 64, 192
+            feats[SPATIAL] = adm_spatial(self._spatial.pop())
+        return tuple(feats[name] for name in wanted)
+
+
+def adm_spatial(mixed_6_conv: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) mixed_6/conv activations -> ADM's (N, H * W * 7) sFID features (first 7
+    channels, flattened in NHWC order as the TensorFlow graph lays them out)."""
+    x = mixed_6_conv[:, :ADM_SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+    return x.reshape(len(x), -1).to(torch.float32)
+
+
+if INCEPTION_ADM not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(INCEPTION_ADM, InceptionADM)
+
+
+class RunningStats:
+    """Mean and covariance (np.cov's, unbiased) of features streamed in batches, in float64 on
+    the features' device (batches merged as Chan et al.: stable, no N x D matrix held)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        nb, mb = len(x), x.mean(0)
+        xc = x - mb
+        m2b = xc.T @ xc
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        delta = mb - self.mean
+        n = self.n + nb
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + torch.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.mean is None or self.m2 is None or self.n < 2:
+            raise DataError("feature statistics need at least 2 images")
+        return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
 # ---------------------------------------------------------------- teacher feature extractor
@@ -204,17 +402,20 @@ def build_extractor(cfg: dict, layers: list[str], device: torch.device,
     cuda = device.type == "cuda"
     if cfg["eval"]["extractor"] == "inception":
         weights = inception_weights_path(cfg["eval"].get("inception_weights"))
-        fe = create_feature_extractor(INCEPTION, layers, cuda=cuda, verbose=False,
+        fe = create_feature_extractor(INCEPTION_ADM, layers, cuda=cuda, verbose=False,
                                       feature_extractor_weights_path=weights)
-        info = {"extractor": INCEPTION, "metric": "FID",
-                "extractor_id": f"{INCEPTION}:{sha256_file(weights)[:16]}", "weights": weights}
+        sha = sha256_file(weights)
+        info = {"extractor": INCEPTION, "metric": "FID", "extractor_id": f"{INCEPTION}:{sha[:16]}",
+                "weights": weights, "weights_sha256": sha}
     else:
         if teacher is None:
             raise ValueError("the teacher extractor needs the teacher module")
         fe = create_feature_extractor(TEACHER, layers, cuda=cuda, verbose=False,
                                       dinosae_teacher=teacher)
+        fingerprint = tensors_fingerprint(teacher)
         info = {"extractor": "teacher", "metric": "FD_teacher",
-                "extractor_id": f"teacher:{tensors_fingerprint(teacher)[:16]}"}
+                "extractor_id": f"teacher:{fingerprint[:16]}",
+                "weights_sha256": f"{fingerprint} (tensors fingerprint of the teacher)"}
     return fe, info
 
 
@@ -308,29 +509,34 @@ def _npz_member_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
 
 
 def load_reference(path: str | Path) -> dict:
-    """Reference statistics: our npz (mu, sigma, extractor, extractor_id, count, source[,
-    features]) or ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: mu, sigma are
-    Inception-v3 pool features)."""
+    """Reference statistics: our npz (mu, sigma, extractor, extractor_id, count, source,
+    source_sha256[, mu_s, sigma_s, features]) or ADM's reference batch
+    (VIRTUAL_imagenet256_labeled.npz: mu, sigma of Inception-v3 pool features, mu_s, sigma_s of
+    its spatial features, arr_0 the 10k reference images)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {str(path)!r} do not exist")
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         if not {"mu", "sigma"} <= keys:
-            raise ValueError(f"{path}: not reference statistics (needs arrays 'mu' and 'sigma'; "
+            raise DataError(f"{path}: not reference statistics (needs arrays 'mu' and 'sigma'; "
                              f"has {sorted(keys)})")
-        ref = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        ref = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
         if "extractor" in keys:  # ours
             ref.update(extractor=str(z["extractor"]), extractor_id=str(z["extractor_id"]),
-                       count=int(z["count"]), source=str(z["source"]))
+                       count=int(z["count"]), source=str(z["source"]),
+                       source_sha256=str(z["source_sha256"]) if "source_sha256" in keys else "")
             if "features" in keys:
                 ref["features"] = z["features"]
             return ref
     shape = _npz_member_shape(path, "arr_0")
     ref.update(extractor=INCEPTION, extractor_id="adm-reference",
-               count=int(shape[0]) if shape else -1, source=f"adm:{path}")
+               count=int(shape[0]) if shape else -1, source=f"adm:{path}",
+               source_sha256=sha256_file(path))
     if ref["mu"].shape != (2048,) or ref["sigma"].shape != (2048, 2048):
-        raise ValueError(f"{path}: ADM reference statistics must be 2048-d Inception features")
+        raise DataError(f"{path}: ADM reference statistics must be 2048-d Inception features")
+    if "mu_s" in ref and (ref["mu_s"].ndim != 1 or ref["sigma_s"].shape != (len(ref["mu_s"]),) * 2):
+        raise DataError(f"{path}: mu_s/sigma_s are not a mean and its covariance")
     return ref
 
 
@@ -438,61 +644,130 @@ def _save_npz(path: str | Path, **arrays: Any) -> None:
     os.replace(tmp, path)
 
 
-def fid_reference(cfg: dict, shards: str, out: str, ae: str | None = None,
-                  force: bool = False) -> None:
-    """Feature statistics of the real images in `shards` (or of ADM's reference batch when
-    cfg eval.adm_reference is set) -> npz with mu, sigma, extractor, extractor_id, count, source
-    (and, with Inception, up to 10k features for precision/recall).
+def iter_npz_images(path: str | Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
+    """(B, H, W, 3) uint8 batches of one array of an .npz, read from the zip member in turn
+    (ADM's reference batch: 10k images, 2 GB, never loaded whole)."""
+    with zipfile.ZipFile(path) as z:
+        if f"{key}.npy" not in z.namelist():
+            raise DataError(f"{path}: no array {key!r} (ADM's reference images)")
+    with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if major == 1
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+        if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+            raise DataError(f"{path}: {key} is not uint8 NHWC images ({dtype}, {shape})")
+        per = int(np.prod(shape[1:]))
+        for s in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - s)
+            data = f.read(n * per)
+            if len(data) != n * per:
+                raise DataError(f"{path}: {key} is truncated")
+            yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
 
-    Sections: device, eval, autoencoder (+ data when no `ae` checkpoint is given). All features
-    are held in memory (50k Inception features: 400 MB; for ImageNet-train statistics use ADM's
-    reference batch or a machine with the memory).
-    """
+
+def _spread(count: int, n: int) -> np.ndarray:
+    """n indices spread evenly over range(count) (manifest order is by class)."""
+    return np.unique(np.linspace(0, count - 1, min(count, n)).round().astype(np.int64))
+
+
+def fid_reference(cfg: dict, shards: str | None, out: str, ae: str | None = None,
+                  force: bool = False) -> None:
+    """Reference statistics -> npz: mu, sigma (and, with Inception, ADM's spatial mu_s, sigma_s
+    and up to 10k pool features for precision/recall), extractor, extractor_id, count, source,
+    source_sha256.
+
+    With cfg eval.adm_reference: ADM's reference batch (its mu, sigma, mu_s, sigma_s; the
+    features of its 10k images arr_0 through the network, as ADM's evaluator computes them).
+    Otherwise the real images of `shards` (the split cfg eval.reference names; ADM's statistics
+    are ImageNet-train's), streamed: statistics accumulate in float64, only the kept 10k
+    features are held. Sections: device, eval, autoencoder (+ data when no `ae` is given)."""
     ev = cfg["eval"]
-    claim_file({out: zip_ours}, "fid-reference", force=force,
-               inputs=[shards, ae, ev.get("adm_reference")])
-    if ev.get("adm_reference"):
+    adm = ev.get("adm_reference")
+    claim_file({out: zip_ours}, "fid-reference", force=force, inputs=[shards, ae, adm])
+    if adm:
         if ev["extractor"] != "inception":
             raise ConfigError("config: 'eval.adm_reference' holds Inception-v3 statistics; it "
                               f"needs 'eval.extractor: inception' (got {ev['extractor']!r})")
-        ref = load_reference(ev["adm_reference"])
-        _save_npz(out, mu=ref["mu"], sigma=ref["sigma"], extractor=ref["extractor"],
-                  extractor_id=ref["extractor_id"], count=ref["count"], source=ref["source"])
-        log.info("reference: ADM statistics from %s", ev["adm_reference"])
-        return
-    from dinosae.data.shard import read_manifest
+        ref = load_reference(adm)
+        count, keep = ref["count"], None
+        if count < 0:
+            raise DataError(f"{adm}: no reference images (arr_0) for precision/recall")
+        images: Iterable[np.ndarray] = iter_npz_images(adm, "arr_0", ev["batch_size"])
+    else:
+        if not shards:
+            raise ConfigError("fid-reference needs --shards (or eval.adm_reference)")
+        from dinosae.data.shard import read_manifest
 
-    count = int(read_manifest(shards)["count"])  # a bad shard stops here, before models load
+        count = int(read_manifest(shards)["count"])  # a bad shard stops here, before models load
+        keep = set(_spread(count, ADM_REFERENCE_IMAGES).tolist())
+        images = batched((image for _, image, _ in iter_shard_images(shards)), ev["batch_size"])
     device = pick_device(cfg.get("device", "auto"))
     teacher = load_teacher(cfg, ae, device) if ev["extractor"] == "teacher" else None
-    layers = _layers(cfg, inception_extras=False)
+    layers = _layers(cfg, inception_extras=True)
+    layers.pop("is", None)
     extractor, info = build_extractor(cfg, sorted(set(layers.values())), device, teacher)
-    images = (image for _, image, _ in iter_shard_images(shards))
-    batches = (_nchw(b) for b in batched(images, ev["batch_size"]))
+    stats = {m: RunningStats() for m in layers}
+    kept: list[torch.Tensor] = []
     progress = Progress(count, desc="fid reference", unit="img")
-    feats = extract_features(extractor, batches, device, progress)[layers["fd"]]
+    seen = 0
+    for batch in images:
+        feats = extract_features(extractor, [_nchw(batch)], device)
+        for m, layer in layers.items():
+            stats[m].update(feats[layer].to(device))
+        if ev["extractor"] == "inception":  # real features for precision/recall
+            idx = [i for i in range(len(batch)) if keep is None or seen + i in keep]
+            kept.append(feats[layers["fd"]][idx])
+        seen += len(batch)
+        resolution = int(batch.shape[1])
+        progress.update(len(batch))
     progress.close()
-    mu, sigma = feature_statistics(feats)
-    extra = {}
-    if ev["extractor"] == "inception":  # a strided subset of real features for precision/recall
-        keep = np.unique(np.linspace(0, len(feats) - 1, min(len(feats), MAX_REFERENCE_FEATURES))
-                         .round().astype(np.int64))
-        extra["features"] = feats[keep].numpy()
-    extra["resolution"] = int(read_manifest(shards)["preprocess"]["image_size"])
-    _save_npz(out, mu=mu, sigma=sigma, extractor=info["extractor"],
-              extractor_id=info["extractor_id"], count=len(feats),
-              source=f"shards:{shards}", **extra)
-    log.info("reference: %d images of %s, %s features -> %s", len(feats), shards,
-             info["extractor"], out)
+    if adm:
+        if seen != count:
+            raise DataError(f"{adm}: arr_0 holds {seen} images, its header says {count}")
+        arrays = {k: ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in ref}
+        source, source_sha = ref["source"], ref["source_sha256"]
+    else:
+        mu, sigma = stats["fd"].result()
+        arrays = {"mu": mu, "sigma": sigma}
+        if "sfid" in stats:
+            arrays["mu_s"], arrays["sigma_s"] = stats["sfid"].result()
+        source = f"shards:{shards}"
+        source_sha = sha256_file(Path(shards) / "manifest.json")
+    if kept:
+        arrays["features"] = torch.cat(kept).numpy()
+    if seen:
+        arrays["resolution"] = np.int64(resolution)  # what fid checks the samples against
+    _save_npz(out, **arrays, extractor=info["extractor"], extractor_id=info["extractor_id"],
+              count=count, source=source, source_sha256=source_sha)
+    log.info("reference: %d images of %s, %s features -> %s", count, source, info["extractor"],
+             out)
 
 
 # ---------------------------------------------------------------- generation metrics
 
+def _samples_protocol(attrs: dict) -> dict[str, Any]:
+    """What the samples file records about how it was made (generate.sample_to_h5)."""
+    out: dict[str, Any] = {}
+    for key in ("dit_checkpoint", "dit_sha256", "ae_checkpoint", "ae_sha256", "label_scheme",
+                "num_classes", "steps", "cfg_scale", "guidance_interval", "precision", "s_vae",
+                "flow_path", "integrator", "convention"):
+        if key in attrs:
+            v = attrs[key]
+            out[key] = v.tolist() if isinstance(v, np.ndarray | np.generic) else v
+    out["sampling_precision"] = out.pop("precision", "unrecorded")  # not the k-NN precision
+    out.setdefault("label_scheme", "unrecorded")
+    return out
+
+
 def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None,
         force: bool = False) -> None:
-    """FD of the samples in `samples` (HDF5 from generate.sample_to_h5) against `reference`
-    -> `out` (results/gfid.txt). With Inception: FID, IS, and precision/recall when the
-    reference carries real features. Sections: device, eval, autoencoder (+ data without `ae`)."""
+    """The samples in `samples` (HDF5 from generate.sample_to_h5) against `reference` -> `out`
+    (results/gfid.txt). With Inception, as ADM's evaluator computes them: FID, sFID (when the
+    reference has spatial statistics), IS, k-NN precision/recall (when it has real features).
+    The file states the protocol: reference and its source's sha256, extractor and its weights'
+    sha256, sample count, label scheme, steps, guidance, sampling precision.
+    Sections: device, eval, autoencoder (+ data without `ae`)."""
     import h5py
 
     ev = cfg["eval"]
@@ -515,33 +790,36 @@ def fid(cfg: dict, samples: str, reference: str, out: str, ae: str | None = None
     value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     metric = info["metric"]
     result: dict[str, Any] = {"metric": metric, metric: f"{value:.6f}"}
-    if "is" in layers:
-        isc = isc_features_to_metric(feats[layers["is"]], splits=IS_SPLITS)
-        result["IS"] = f"{isc[KEY_METRIC_ISC_MEAN]:.6f}"
-        result["IS_std"] = f"{isc[KEY_METRIC_ISC_STD]:.6f}"
+    inception = "is" in layers
+    if inception and "mu_s" in ref:
+        mu_s, sigma_s = feature_statistics(feats[layers["sfid"]])
+        result["sFID"] = f"{frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']):.6f}"
+    else:
+        result["sFID"] = "n/a" + ("" if inception else " (needs the inception extractor)")
+    if inception:
+        result["IS"] = f"{inception_score(feats[layers['is']]):.6f}"
     else:
         result["IS"] = "n/a (needs the inception extractor)"
-    if "is" in layers and "features" in ref:
-        prc = prc_features_to_metric(feats[layers["fd"]], torch.from_numpy(ref["features"]),
-                                     prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False)
-        result["precision"] = f"{prc[KEY_METRIC_PRECISION]:.6f}"
-        result["recall"] = f"{prc[KEY_METRIC_RECALL]:.6f}"
+    if inception and "features" in ref:
+        prec, rec = precision_recall(ref["features"], feats[layers["fd"]], device)
+        result["precision"], result["recall"] = f"{prec:.6f}", f"{rec:.6f}"
     else:
         result["precision"] = result["recall"] = "n/a"
     result.update({
+        "statistics": ("ADM evaluator (openai/guided-diffusion evaluations/evaluator.py)"
+                       if inception else "Frechet distance in the teacher's pooled features"),
         "num_samples": len(feats[layers["fd"]]),
         "extractor": info["extractor"],
         "extractor_id": info["extractor_id"],
+        "extractor_weights_sha256": info["weights_sha256"],
         "reference": str(reference),
         "reference_source": ref["source"],
+        "reference_source_sha256": ref.get("source_sha256") or "unrecorded",
+        "reference_sha256": sha256_file(reference),
         "reference_count": ref["count"],
         "samples": str(samples),
     })
-    for key in ("dit_checkpoint", "ae_checkpoint", "steps", "cfg_scale", "guidance_interval",
-                "s_vae", "flow_path"):
-        if key in attrs:
-            v = attrs[key]
-            result[key] = v.tolist() if isinstance(v, np.ndarray | np.generic) else v
+    result.update(_samples_protocol(attrs))
     write_kv(out, result)
     log.info("%s = %.4f over %d samples -> %s", metric, value, result["num_samples"], out)
 
@@ -643,9 +921,15 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str, force: bool = 
         "num_samples": len(psnrs),
         "extractor": info["extractor"],
         "extractor_id": info["extractor_id"],
+        "extractor_weights_sha256": info["weights_sha256"],
         "lpips_net": cfg["autoencoder"]["lpips"]["net"],
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "reference": "the reconstructed images themselves (their shards' pixels)",
         "shards": str(shards),
+        "shards_manifest_sha256": sha256_file(Path(shards) / "manifest.json"),
+        "shards_format": manifest.get("preprocess", {}).get("format", "unrecorded"),
+        "selection": "evenly spread over the split in manifest order",
     })
     pairs = torch.cat(grid)[:16]
     ncol = min(8, len(pairs))

@@ -43,6 +43,18 @@ SEED_STRIDE = 1 << 32  # seeds[i] = seed * 2^32 + i: distinct across config seed
 
 
 
+LABEL_SCHEME = "class-balanced: label i = i mod K"
+
+
+def sampling_bf16(precision: str, device: torch.device) -> bool:
+    """sample.precision: "fp32" (RAE's README recommends fp32 sampling "when model FID is low")
+    or "bf16" (the DiT under bf16 autocast, LightningDiT's inference default; CUDA only:
+    elsewhere fp32)."""
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"config: 'sample.precision' must be fp32 or bf16, not {precision!r}")
+    return precision == "bf16" and device.type == "cuda"
+
+
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     """Label i = i mod K: class counts differ by at most one, in every prefix too."""
     return (np.arange(n, dtype=np.int64) % num_classes).astype(np.int64)
@@ -187,6 +199,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
     classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
     s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
     integrator = sc.get("integrator", "euler_project")
+    bf16 = sampling_bf16(sc.get("precision", "fp32"), device)
     settings_kw = sampler_settings(meta, int(sc["steps"]), integrator)
     n, bs = int(sc["num_samples"]), int(sc["batch_size"])
     if n % num_classes:
@@ -207,6 +220,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
         "cache": str(cache or ""), "device_type": device.type, "integrator": integrator,
         "convention": str(meta.get("convention") or "dinosae"),
         "seeding": "sample i: rfm.noise from torch.Generator().manual_seed(seeds[i]) (cpu)",
+        "label_scheme": LABEL_SCHEME,
+        "precision": "bf16 autocast" if bf16 else "fp32",
     }
 
     def generate(lo: int, hi: int) -> np.ndarray:
@@ -214,7 +229,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
         y = torch.from_numpy(labels[lo:hi]).to(device)
         z = sample(model, y, cfg_scale=float(sc["cfg_scale"]), r=r, alpha=alpha, shape=shape,
                    guidance_interval=tuple(sc["guidance_interval"]), z1=z1,
-                   amp=device.type == "cuda", **settings_kw)
+                   amp=bf16, **settings_kw)
         images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
         if not torch.isfinite(images).all():
             raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "

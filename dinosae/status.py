@@ -22,7 +22,10 @@ from dinosae.errors import DinosaeError, StatusError
 from dinosae.files import check_regular, read_kv, read_regular
 
 AE_METRICS = ("loss", "l1", "lpips", "align", "g_gan")
-RECON_SKIP = {"num_samples", "extractor", "extractor_id", "lpips_net", "checkpoint", "shards"}
+RECON_SKIP = {"num_samples", "extractor", "extractor_id", "lpips_net", "checkpoint", "shards",
+              # recon.txt's protocol (evaluate.eval_recon)
+              "extractor_weights_sha256", "checkpoint_sha256", "reference",
+              "shards_manifest_sha256", "shards_format", "selection"}
 
 
 @dataclass
@@ -159,8 +162,9 @@ def gfid(results: Path) -> Stage:
         kv = read_kv(path)
     metric = kv.get("metric", "FID")
     metrics = [f"{metric} {kv.get(metric, '?')}"]
-    if _is_number(kv.get("IS")):
-        metrics.append(f"IS {kv['IS']}")
+    for key in ("sFID", "IS", "precision", "recall"):
+        if _is_number(kv.get(key)):
+            metrics.append(f"{key} {kv[key]}")
     metrics.append(f"{kv.get('num_samples', '?')} samples")
     return Stage("gfid", "done", ", ".join(metrics), kv.get("dit_checkpoint", ""))
 

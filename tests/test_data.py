@@ -166,6 +166,25 @@ def test_png_output_is_the_adm_center_crop(tmp_path):
                                       _adm_reference(imgs[name], SIZE))
 
 
+def test_val_format_png_keeps_val_lossless(tmp_path):
+    # data.val_format: png with format jpeg: train stays JPEG, val holds the crop's own pixels
+    rng = np.random.default_rng(1)
+    imgs = {f"c{k}/x.png": Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+            for k in range(2)}
+    for split in ("train", "val"):
+        for name, img in imgs.items():
+            _save(img, tmp_path / "in" / split / name)
+    cfg = _config(tmp_path, tmp_path / "in", format="jpeg", val_format="png", workers=1)
+    for split in ("train", "val"):
+        shard_split(cfg, split, tmp_path / split)
+    train, val = _read_tars(tmp_path / "train"), _read_tars(tmp_path / "val")
+    assert all(set(s) == {"jpg", "cls"} for s in train.values())
+    assert read_manifest(tmp_path / "val")["preprocess"]["format"] == "png"
+    for i, name in enumerate(sorted(imgs)):
+        np.testing.assert_array_equal(_decode(val[f"{i:08d}"]["png"]),
+                                      _adm_reference(imgs[name], SIZE))
+
+
 def test_bad_files_are_listed_and_good_ones_kept(tmp_path):
     root = tmp_path / "in"
     _make_folder(root, classes=("a", "b"), per_class=(6, 6))

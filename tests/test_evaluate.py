@@ -26,8 +26,9 @@ from helpers import tiny_config
 from PIL import Image
 
 from dinosae import evaluate
-from dinosae.errors import ConfigError
-from dinosae.files import read_kv
+from dinosae.checkpoint import tensors_fingerprint
+from dinosae.errors import ConfigError, DataError
+from dinosae.files import read_kv, sha256_file
 
 
 @pytest.fixture
@@ -98,6 +99,10 @@ def test_fd_teacher_equals_torch_fidelity(tmp_path, tiny_teacher, monkeypatch, n
     assert kv["metric"] == "FD_teacher" and "FID" not in kv
     assert kv["extractor"] == "teacher" and kv["IS"].startswith("n/a")
     assert int(kv["num_samples"]) == 12 and int(kv["reference_count"]) == 14
+    assert kv["reference_sha256"] == sha256_file(tmp_path / "ref.npz")
+    assert kv["reference_source_sha256"] == sha256_file(tmp_path / "val" / "manifest.json")
+    assert kv["extractor_weights_sha256"].startswith(tensors_fingerprint(tiny_teacher))
+    assert kv["steps"] == "4" and kv["sampling_precision"] == "unrecorded"
     assert kv["dit_checkpoint"] == "dit.pt"
     with np.load(tmp_path / "ref.npz") as z:
         assert str(z["extractor"]) == "teacher" and int(z["count"]) == 14
@@ -114,6 +119,18 @@ def test_fd_teacher_equals_torch_fidelity(tmp_path, tiny_teacher, monkeypatch, n
 # ---------------------------------------------------------------- reference statistics
 
 
+def test_running_stats_equal_numpy_mean_and_cov():
+    rng = np.random.default_rng(3)
+    x = (rng.gamma(0.8, 0.5, size=(103, 6)) + 100.0).astype(np.float32)  # a large mean
+    rs = evaluate.RunningStats()
+    bounds = (0, 7, 8, 50, 103)  # uneven batches, one of a single row
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        rs.update(torch.from_numpy(x[a:b]))
+    mu, sigma = rs.result()
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9)
+
+
 def test_adm_reference_npz_is_read(tmp_path):
     rng = np.random.default_rng(5)
     mu = rng.normal(size=2048)
@@ -127,16 +144,19 @@ def test_adm_reference_npz_is_read(tmp_path):
     np.testing.assert_array_equal(ref["sigma"], sigma)
     assert ref["extractor"] == "inception-v3-compat" and ref["count"] == 7
 
+    np.testing.assert_array_equal(ref["mu_s"], np.zeros(3))
     cfg = tiny_config(tmp_path)
-    cfg["eval"].update(extractor="inception", adm_reference=str(path))
-    evaluate.fid_reference(cfg, "unused", str(tmp_path / "ref.npz"))  # needs no weights
-    with np.load(tmp_path / "ref.npz") as z:
-        np.testing.assert_array_equal(z["mu"], mu)
-        np.testing.assert_array_equal(z["sigma"], sigma)
-        assert int(z["count"]) == 7
-    cfg["eval"]["extractor"] = "teacher"
+    cfg["eval"].update(extractor="teacher", adm_reference=str(path))
     with pytest.raises(ConfigError, match="eval.extractor: inception"):
-        evaluate.fid_reference(cfg, "unused", str(tmp_path / "ref2.npz"))
+        evaluate.fid_reference(cfg, None, str(tmp_path / "ref2.npz"))
+    # without its images (arr_0) there is nothing for precision/recall: one line, before any model
+    no_images = tmp_path / "no_images.npz"
+    np.savez(no_images, mu=mu, sigma=sigma)
+    cfg["eval"].update(extractor="inception", adm_reference=str(no_images))
+    with pytest.raises(DataError, match="no reference images"):
+        evaluate.fid_reference(cfg, None, str(tmp_path / "ref3.npz"))
+    with pytest.raises(DataError, match="no array 'arr_0'"):
+        next(evaluate.iter_npz_images(no_images, "arr_0", 2))
 
 
 def test_reference_from_other_teacher_is_refused(tmp_path, tiny_teacher, monkeypatch):
@@ -226,5 +246,10 @@ def test_eval_recon_metrics_against_direct_computation(tmp_path, no_network):
     assert "rFID" not in kv and float(kv["rFD_teacher"]) > 0
     assert kv["extractor"] == "teacher" and int(kv["num_samples"]) == 5
     assert kv["checkpoint"] == str(ckpt)
+    # the protocol: what was reconstructed, from which pixels, measured with which weights
+    assert kv["checkpoint_sha256"] == sha256_file(ckpt)
+    assert kv["shards_manifest_sha256"] == sha256_file(tmp_path / "val" / "manifest.json")
+    assert kv["shards_format"] in ("jpeg", "png")
+    assert kv["extractor_weights_sha256"].startswith(tensors_fingerprint(ae.teacher))
     with Image.open(out.with_suffix(".png")) as im:  # rows: 5 inputs over 5 reconstructions
         assert im.size == (5 * 34 + 2, 2 * 34 + 2)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from dinosae import generate, rfm, sphere
 from dinosae.checkpoint import save_checkpoint
+from dinosae.errors import ConfigError
 from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
 from dinosae.models.dit import build_dit, load_dit
 
@@ -72,6 +73,7 @@ def test_samples_file_is_plain_hdf5_class_balanced_and_seeded(setup, tmp_path):
     assert attrs["done"] == 12 and attrs["dit_checkpoint"] == dit and attrs["ae_checkpoint"] == ae
     assert attrs["steps"] == 3 and attrs["cfg_scale"] == 1.5
     assert attrs["s_vae"] == pytest.approx(MEAN_NORM)  # s_vae: null -> the cache's mean_norm
+    assert attrs["precision"] == "fp32" and attrs["label_scheme"] == generate.LABEL_SCHEME
     assert images.std() > 1.0  # not a constant image
 
     # sample i, recomputed directly from its own seed, alone in its batch
@@ -209,3 +211,11 @@ def test_generate_command_grid_and_npz(setup, tmp_path, capsys):
     assert cli.main(["generate", "--model", dit, "--out", str(foreign), "--s-vae", "7.5",
                      "--force", "--classes", "1", "--seeds", "0", "--steps", "2"]) == 0
     assert foreign.read_bytes() != before
+
+
+def test_sampling_precision_switch():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert generate.sampling_bf16("bf16", cuda) and not generate.sampling_bf16("fp32", cuda)
+    assert not generate.sampling_bf16("bf16", cpu)  # no autocast off CUDA: recorded as fp32
+    with pytest.raises(ConfigError, match="sample.precision"):
+        generate.sampling_bf16("fp16", cuda)

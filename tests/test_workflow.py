@@ -138,3 +138,37 @@ def test_each_result_path_is_spelled_once():
     # checkpoints (two producers each for stage 4 and the DiT, chosen by config) are named in
     # common.smk only
     assert [f.name for f in files if "checkpoint.pt" in f.read_text()] == ["common.smk"]
+
+
+def test_paper_reference_is_train_statistics_or_adm_batch(tmp_path):
+    # workflow/configs/imagenet256.yaml: gFID against ImageNet-train statistics made by rule
+    # fid_reference from the train shards, or ADM's reference batch when eval.adm_reference
+    # names it (then no shards are read for the reference)
+    workflow_copy(tmp_path / "wf")
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split).mkdir(parents=True)
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    adm.write_bytes(b"")  # a stand-in: the dry run reads nothing
+    paper = ["-p", "--configfile", "workflow/configs/imagenet256.yaml", "--config",
+             f"data={{root: {tmp_path / 'imagenet'}}}"]  # one --config: a second replaces it
+
+    def reference_job(stdout: str) -> str:
+        return stdout.split("rule fid_reference:")[1].split("\n\n")[0]
+
+    r = dry_run(*paper, cwd=tmp_path / "wf")
+    assert r.returncode == 0, r.stderr
+    job = reference_job(r.stdout)
+    assert "input: data/shards/train/manifest.json" in job
+    assert "output: results/fid/reference_train.npz" in job
+    cmd = [ln for ln in r.stdout.splitlines() if "dinosae fid-reference" in ln][0]
+    assert "--shards data/shards/train " in cmd
+
+    r = dry_run(*paper, f"eval={{adm_reference: {adm}}}", cwd=tmp_path / "wf")
+    assert r.returncode == 0, r.stderr
+    job = reference_job(r.stdout)
+    assert str(adm) in job and "shards/" not in job.split("output:")[0]
+    assert "output: results/fid/reference_adm.npz" in job
+    cmd = [ln for ln in r.stdout.splitlines() if "dinosae fid-reference" in ln][0]
+    assert "--shards" not in cmd
+    fid = r.stdout.split("rule fid:")[1].split("\n\n")[0]
+    assert "results/fid/reference_adm.npz" in fid

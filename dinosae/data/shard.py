@@ -255,11 +255,19 @@ class _Journal:
         self.path.unlink(missing_ok=True)
 
 
+def split_format(d: dict, split: str) -> str:
+    """The image format of a split's shards: data.val_format for val when set (png: the
+    reconstruction metrics then see the original crop's pixels), else data.format."""
+    if split == "val" and d.get("val_format"):
+        return d["val_format"]
+    return d["format"]
+
+
 def _fingerprint(d: dict, split: str, items: list[tuple[str, str]], classes: list[str]) -> str:
     """What fixes the tars' content: the settings and the listed files (path, class, size)."""
-    keys = ("image_size", "format", "quality", "shard_max_bytes", "shard_max_count",
-            "max_bad_fraction")
-    settings = {k: d[k] for k in keys} | {"max_pixels": d.get("max_pixels", DEFAULT_MAX_PIXELS)}
+    keys = ("image_size", "quality", "shard_max_bytes", "shard_max_count", "max_bad_fraction")
+    settings = {k: d[k] for k in keys} | {"max_pixels": d.get("max_pixels", DEFAULT_MAX_PIXELS),
+                                          "format": split_format(d, split)}
     h = hashlib.sha256(json.dumps([split, classes, settings]).encode())
     for path, wnid in items:
         h.update(f"{path}\0{wnid}\0{os.path.getsize(path)}\n".encode())
@@ -307,7 +315,7 @@ def shard_split(cfg: dict, split: str, out: str | Path, force: bool = False) -> 
 
 def _shard(d: dict, split: str, root: Path, items: list[tuple[str, str]], classes: list[str],
            ignored: list[tuple[str, str]], out: Path) -> dict:
-    size, fmt, quality = d["image_size"], d["format"], d["quality"]
+    size, fmt, quality = d["image_size"], split_format(d, split), d["quality"]
     class_index = {w: i for i, w in enumerate(classes)}
     max_bad = int(d["max_bad_fraction"] * len(items))
     out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,13 @@ def shard_folder(wildcards, input):
     return os.path.dirname(str(input.shards))
 
 
+def reference_shards(wildcards, input):
+    """--shards for fid-reference: the split's shard folder (none with ADM's reference)."""
+    if not input.shards:
+        return ""
+    return f"--shards {shlex.quote(os.path.dirname(str(input.shards)))}"
+
+
 def run_folder(wildcards, output):
     """The folder of a training rule's checkpoint.pt, where its metrics and grids go too."""
     return os.path.dirname(output[0])
