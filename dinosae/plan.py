@@ -646,8 +646,9 @@ def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
     def batches(n: int, b: int) -> Load:
         return Load(n, math.ceil(n / b), b)
 
-    loads = {f"ae_stage{k}": Load(s * tc["batch_size"], s, tc["batch_size"], ddp=True)
-             for k, s in enumerate(tc["stage_steps"], start=1)}
+    loads = {f"ae_stage{k}": Load(s["steps"] * s["batch_size"], s["steps"], s["batch_size"],
+                                  ddp=True)
+             for k, s in enumerate(tc["stages"], start=1)}
     loads["eval_recon"] = batches(min(ev["recon_samples"], data.val), ev["batch_size"])
     n = count[lc["split"]]
     loads["encode_part"] = Load(n, math.ceil(n / lc["batch_size"]), lc["batch_size"],

@@ -34,14 +34,20 @@ def tiny_config(tmp: Path | None = None) -> dict:
     ae["decoder"].update(widths=[8, 16, 16, 32, 32], depths=[1, 1, 1, 1, 1])
     ae["discriminator"].update(layers=[0, 1], channels=16)
     t = cfg["ae_train"]
-    t.update(batch_size=4, warmup_steps=2, log_every=2, image_every=4, ckpt_every=2,
-             stage_steps=[6, 4, 3, 3], disc_warmup_steps=2)
+    t.update(stages=ae_stages([6, 4, 3, 3], 4, t["stages"][0]["lr"]), warmup_steps=2,
+             log_every=2, image_every=4, ckpt_every=2, disc_warmup_steps=2)
     cfg["latents"].update(parts=2, batch_size=8, chunk_rows=8, shard_chunks=1)  # 8-row units
     cfg["dit"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, image_every=4,
                       ckpt_every=3)
     cfg["sample"].update(num_samples=12, batch_size=6, steps=4)
     cfg["eval"].update(recon_samples=12, batch_size=6)
     return validate(cfg, check_paths=False)
+
+
+def ae_stages(steps: list[int], batch_size: int, lr: float | list[float]) -> list[dict]:
+    """ae_train.stages: the given steps per stage, one global batch, one lr (or one per stage)."""
+    lrs = lr if isinstance(lr, list) else [lr] * len(steps)
+    return [{"steps": s, "batch_size": batch_size, "lr": r} for s, r in zip(steps, lrs, strict=True)]
 
 
 def workflow_copy(dest: Path, config: dict | None = None) -> Path:

@@ -24,7 +24,7 @@ def test_shipped_configs_validate():
     [
         (lambda c: c["data"].update(image_size="big"), "data.image_size"),
         (lambda c: c["data"].update(image_size=40), "data.image_size"),  # not a multiple of 16
-        (lambda c: c["ae_train"].update(lr=-1e-4), "ae_train.lr"),
+        (lambda c: c["ae_train"]["stages"][1].update(lr=-1e-4), "ae_train.stages[1].lr"),
         (lambda c: c["dit"].update(betas=[0.9]), "dit.betas"),
         (lambda c: c["autoencoder"]["decoder"].update(blocks=["res"] * 4 + ["conv"]),
          "autoencoder.decoder.blocks[4]"),

@@ -3,7 +3,7 @@
     stage 1  alignment      stem + decoder   0.5*(1-cos) + L1 + LPIPS
     stage 2  adversarial    stem + decoder   stage 1 + adv*lambda*GAN (D warm-up first: D only)
     stage 3  refinement     decoder only     L1 + LPIPS + adv*lambda*GAN   (encoder frozen)
-    stage 4  noise aug.     decoder only     as stage 3 on z + sigma*eps, sigma ~ U(0, tau)
+    stage 4  noise aug.     decoder only     as stage 3 on z + sigma*rms(z)*eps, sigma = tau*U(0,1)
 
 lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. Stage k > 1
 starts from stage k-1's checkpoint. Periodic checkpoints go to `out/last.pt` (full state: a
@@ -81,8 +81,11 @@ def step_generator(seed: int, stage: int, step: int, rank: int,
     return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def noise_tau(step: int, steps: int, tau: list[float]) -> float:
-    """Stage 4's tau, linear from tau[0] at the first step to tau[1] at the last."""
+def noise_tau(step: int, steps: int, tau: float | list[float]) -> float:
+    """Stage 4's tau: a number (RAE's 0.8), or [lo, hi] ramping linearly from lo at the first
+    step to hi at the last."""
+    if not isinstance(tau, list):
+        return float(tau)
     return tau[0] + (tau[1] - tau[0]) * step / max(1, steps - 1)
 
 
@@ -180,11 +183,6 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
     if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
         raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
                           f"teacher's {depth} blocks (0..{depth - 1})")
-    depth = len(ae.encoder.vit.blocks)
-    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
-    if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
-        raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
-                          f"teacher's {depth} blocks (0..{depth - 1})")
     if stage >= 3:
         ae.encoder.stem.requires_grad_(False)
     ae.set_grad_checkpointing(bool(tcfg.get("activation_checkpointing", False)))
@@ -195,7 +193,7 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+                            lr=tcfg["stages"][stage - 1]["lr"], betas=tuple(tcfg["betas"]))
     st = Stage(stage, AutoencoderArgs.from_config(cfg), ae, ema, params, opt, lpips)
     if stage >= 2:
         dcfg = acfg["discriminator"]
@@ -329,10 +327,11 @@ def _shard_batches(cfg: dict, shards: str, local_batch: int, rank: int, world: i
     return batches
 
 
-def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_range: list[float],
+def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_cfg: float | list[float],
            gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Stage 4's latent noise sigma * eps, sigma ~ U(0, tau) per sample; (noise, tau)."""
-    tau = noise_tau(step, steps, tau_range)
+    """Stage 4's relative latent noise sigma * eps, sigma = tau * U(0, 1) per sample (RAE's);
+    DinoSAE.forward scales it by each token's RMS. Returns (noise, tau)."""
+    tau = noise_tau(step, steps, tau_cfg)
     sigma = torch.rand(x.shape[0], generator=gen, device=x.device) * tau
     eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
                       generator=gen, device=x.device)
@@ -367,12 +366,13 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
     tcfg = cfg["ae_train"]
-    if tcfg["batch_size"] % world:
-        raise ConfigError(f"ae_train.batch_size {tcfg['batch_size']} is not divisible by the "
-                          f"{world} processes")
+    batch = tcfg["stages"][stage - 1]["batch_size"]
+    if batch % world:
+        raise ConfigError(f"ae_train.stages[{stage - 1}].batch_size {batch} is not divisible by "
+                          f"the {world} processes")
     if batches is None:
-        batches = _shard_batches(cfg, shards, tcfg["batch_size"] // world, rank, world)
-    files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stage_steps"][stage - 1],
+        batches = _shard_batches(cfg, shards, batch // world, rank, world)
+    files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stages"][stage - 1]["steps"],
                            f"ae stage {stage}", f"ae-stage{stage}", device)
     try:
         with ExitStack() as closing_stack:  # loader workers stop cleanly however the loop ends
@@ -391,7 +391,9 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     """The training loop of one stage: resume, then step, log, checkpoint until done. Long
     because it is the loop, read top to bottom like nanoGPT's train.py."""
     tcfg, seed, stage, main = cfg["ae_train"], int(cfg.get("seed", 0)), st.number, rank == 0
-    steps, max_bad = tcfg["stage_steps"][stage - 1], tcfg.get("max_bad_steps", 5)
+    mine = tcfg["stages"][stage - 1]  # this stage's steps, global batch and lr
+    steps, global_batch = mine["steps"], mine["batch_size"]
+    max_bad = tcfg.get("max_bad_steps", 5)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
 
@@ -428,7 +430,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
     if main:
         log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
-                 "device %s", stage, steps, tcfg["batch_size"], world,
+                 "device %s", stage, steps, global_batch, world,
                  sum(p.numel() for p in st.params), device)
     warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
     t_last, logged = time.time(), start
@@ -441,7 +443,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         noise = None
         if stage == 4:
             noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
-        lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
+        lr = lr_at(step - warmup_d, mine["lr"], tcfg["warmup_steps"], steps - warmup_d,
                    tcfg["schedule"]) if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
                                         tcfg=tcfg, autocast=autocast, device=device)
@@ -462,7 +464,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
             now = time.time()
             dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
             row.update(step=done, skipped=skipped, sec_per_step=dt,
-                       images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
+                       images_per_sec=global_batch / max(dt, 1e-9))
             metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
                          for k, v in row.items()})
         if main and (done % tcfg["image_every"] == 0 or done == steps):
