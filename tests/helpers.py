@@ -180,3 +180,30 @@ def html_table(page: str) -> dict[str, str]:
 
     Cells().feed(page)
     return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def seeded_weights(shapes: dict[str, list[int]], seed: int) -> dict:
+    """Deterministic stand-in weights for a parity fixture too large to store, made alike by the
+    fixture's make.py (for the reference code) and by the test (for ours): one generator, names
+    in sorted order, N(0, 1) draws scaled by the kind of tensor -- spectral-norm vectors (`*_u`,
+    `*_v`) unit length, 1-D weights (norms) 1 + 0.1 z, 1-D biases 0.1 z, cls_token and
+    pos_embed 0.02 z, other weights z / sqrt(fan-in)."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = list(shapes[name])
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        if name.endswith(("_u", "_v")):
+            t = t / t.norm()
+        elif len(shape) == 1:
+            t = 1 + 0.1 * t if name.endswith("weight") else 0.1 * t
+        elif name.endswith(("cls_token", "pos_embed")):
+            t = 0.02 * t
+        else:
+            t = t / math.sqrt(math.prod(shape[1:]))
+        out[name] = t
+    return out

@@ -52,3 +52,58 @@ def test_official_stem_and_decoder_imported_with_no_override_match_the_authors_c
     # ours maps their [-1, 1] output to [0, 1]
     torch.testing.assert_close(2 * rec - 1, io["dec_out"], rtol=0, atol=1e-5)
     assert io["dec_out"].abs().mean() > 0.1  # a real signal, not a dead network
+
+
+def _rae_head_name(name: str) -> str:
+    """RAE's head keys (nn.Sequential, old-style spectral norm) -> DinoHead's."""
+    import re
+
+    for theirs, ours in ((r"\.0\.0\.", ".conv_in."), (r"\.0\.1\.", ".norm_in."),
+                         (r"\.1\.fn\.0\.", ".conv_mid."), (r"\.1\.fn\.1\.", ".norm_mid."),
+                         (r"\.2\.", ".conv_out.")):
+        name = re.sub(r"^(heads\.\d+)" + theirs, r"\1" + ours, name)
+    for theirs, ours in (("weight_orig", "original"), ("weight_u", "_u"), ("weight_v", "_v")):
+        sub = "" if theirs == "weight_orig" else "0."  # _u, _v live on parametrization 0
+        name = name.replace(f".{theirs}", f".parametrizations.weight.{sub}{ours}")
+    return name
+
+
+def test_rae_dino_discriminator_diffaug_and_loss_match_rae_code(tmp_path):
+    import json
+
+    from helpers import seeded_weights
+
+    from dinosae.models.discriminator import DinoDiscriminator, d_hinge_loss, rae_diffaug
+
+    fx = load_file(FIXTURES / "rae_disc" / "fixture.safetensors")
+    meta = json.loads((FIXTURES / "rae_disc" / "meta.json").read_text())
+    w = seeded_weights(meta["shapes"], meta["seed"])
+    sums = torch.tensor([w[k].double().sum().item() for k in sorted(w)], dtype=torch.float64)
+    torch.testing.assert_close(sums, fx["sums"], rtol=0, atol=1e-9)  # the same stand-in weights
+    torch.save({k: v for k, v in w.items() if not k.startswith("heads.")}, tmp_path / "dino.pth")
+    disc = DinoDiscriminator(str(tmp_path / "dino.pth"))  # a local file; k's bias zeroed
+    disc.load_trainable({_rae_head_name(k): v for k, v in w.items() if k.startswith("heads.")})
+
+    def close(got, want):  # logits reach ~1e2: within 1e-5 of the reference's scale
+        scale = max(1.0, float(want.abs().max()))
+        assert float((got - want).abs().max()) <= 1e-5 * scale
+
+    x = fx["x"]
+    with torch.no_grad():
+        disc.eval()
+        close(disc(x), fx["logits_eval"])  # the stored spectral-norm vectors
+        disc.train()
+        logits = disc(x)  # one power iteration, as RAE's training forward
+    close(logits, fx["logits_train"])
+    close(0.5 * d_hinge_loss(logits[0:1], logits[1:2]), fx["d_loss"][0])
+    aug = rae_diffaug(x, torch.Generator().manual_seed(meta["aug_seed"]))
+    torch.testing.assert_close(aug, fx["aug"], rtol=0, atol=1e-6)
+
+
+def test_quantize_is_rae_8bit_fakes():
+    from dinosae.models.discriminator import quantize
+
+    x = torch.rand(2, 3, 8, 8) * 1.4 - 0.2  # reconstructions overshoot [0, 1]
+    pm1 = (2 * x - 1).clamp(-1, 1)  # RAE: fakes in [-1, 1], clamped, rounded to 8 bits
+    rae = torch.round((pm1 + 1) * 127.5) / 127.5 - 1
+    torch.testing.assert_close(2 * quantize(x) - 1, rae, rtol=0, atol=1e-6)
