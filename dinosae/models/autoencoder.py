@@ -37,7 +37,7 @@ TEACHER_PREFIX = "encoder.vit."  # state-dict keys of the frozen teacher
 class AutoencoderArgs:
     """The model config every AE checkpoint and export carries (as `to_dict()`): enough to
     rebuild the network. `teacher` = {arch, overrides, weights}; `decoder` = {widths, depths,
-    blocks, ...}; `discriminator` = {layers, channels}."""
+    blocks, ...}; `discriminator` = {backbone, layers, channels | weights}."""
 
     image_size: int
     teacher: dict
@@ -68,9 +68,10 @@ class AutoencoderArgs:
     def architecture(self) -> dict:
         """What fixes tensor shapes (the teacher's weights and LPIPS do not)."""
         teacher = {k: v for k, v in self.teacher.items() if k != "weights"}
+        disc = {k: v for k, v in self.discriminator.items() if k != "weights"}
         return {"image_size": self.image_size, "teacher": teacher, "stem": self.stem,
                 "stem_widths": self.stem_widths, "decoder": self.decoder,
-                "discriminator": self.discriminator}
+                "discriminator": disc}
 
 
 def _load(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:

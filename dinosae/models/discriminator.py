@@ -69,6 +69,20 @@ class Discriminator(nn.Module):
         return torch.cat([head(f.float()) for head, f in zip(self.heads, features, strict=True)],
                          dim=1)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+
+def build_discriminator(dcfg: dict, feature_dim: int) -> nn.Module:
+    """The discriminator `autoencoder.discriminator` describes (backbone teacher or dino_vits8);
+    its trainable weights random from torch's generator, a dino_vits8 backbone from `weights`."""
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        return DinoDiscriminator(dcfg.get("weights", "random"))
+    return Discriminator(feature_dim, dcfg["layers"], dcfg["channels"])
+
 
 # ---------------------------------------------------------------- RAE's DINO discriminator
 
@@ -211,9 +225,10 @@ def rae_diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tens
     size (uncovered pixels 0), then brightness (+-0.5), saturation (x0..2) and contrast
     (x0.5..1.5), per sample. Draws as RAE does (three policy switches, then a (7, B) block of
     uniforms), so the same seed gives RAE's numbers."""
-    torch.rand(3, generator=g)  # RAE's switches: with p = 1 every policy is on
+    x = x.float()  # as RAE's
     B, _, H, W = x.shape
-    r = torch.rand(7, B, 1, 1, generator=g).to(x.device)
+    torch.rand(3, generator=g, device=x.device)  # RAE's switches: with p = 1 all are on
+    r = torch.rand(7, B, 1, 1, generator=g, device=x.device)
     dh, dw = round(H * 0.125), round(W * 0.125)
     th = (r[0] * (2 * dh + 1)).floor().long() - dh  # (B, 1, 1)
     tw = (r[1] * (2 * dw + 1)).floor().long() - dw
@@ -282,6 +297,10 @@ def diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
 
 def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+# the discriminator's hinge loss is multiplied by this (RAE's hinge_d_loss halves the sum)
+D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 0.5}
 
 
 def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,11 @@
     stage 3  refinement     decoder only     L1 + LPIPS + adv*lambda*GAN   (encoder frozen)
     stage 4  noise aug.     decoder only     as stage 3 on z + sigma*rms(z)*eps, sigma = tau*U(0,1)
 
-lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. Stage k > 1
+lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. The GAN is
+the configured discriminator's (models.discriminator): with backbone dino_vits8, RAE's recipe --
+its DiffAug on [-1, 1] images, fakes quantised to 8 bits for the discriminator step, half the
+hinge loss, the discriminator in eval mode (no spectral-norm power iteration) for the generator
+step. Each stage's steps, global batch and lr are ae_train.stages[k-1]. Stage k > 1
 starts from stage k-1's checkpoint. Periodic checkpoints go to `out/last.pt` (full state: a
 rerun after a kill resumes from it); the finished stage writes `out/checkpoint.pt` with what the
 next stage needs (trained weights and their EMA, the discriminator from stage 2 on, no optimizer
@@ -37,17 +41,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dinosae.checkpoint import AE_KIND, read_checkpoint
+from dinosae.checkpoint import AE_KIND, read_checkpoint, tensors_fingerprint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
 from dinosae.errors import ConfigError, NumericsError
 from dinosae.images import save_grid
 from dinosae.models.autoencoder import AutoencoderArgs, DinoSAE, build_autoencoder
 from dinosae.models.discriminator import (
-    Discriminator,
+    D_LOSS_FACTOR,
     adaptive_weight,
+    build_discriminator,
     d_hinge_loss,
     diffaug,
     g_hinge_loss,
+    quantize,
+    rae_diffaug,
     teacher_features,
 )
 from dinosae.models.encoder import Encoder
@@ -122,13 +129,6 @@ def _check_init(ckpt: dict, path: str, stage: int, cfg: dict) -> None:
         raise ConfigError(f"--init {path!r} has no discriminator (stage {stage} needs one)")
 
 
-def _load(module: torch.nn.Module, state: dict, what: str, path: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{path!r}: {what} does not fit the configured network: {e}") from e
-
-
 # ---------------------------------------------------------------- building a stage
 
 @dataclass
@@ -153,7 +153,11 @@ class Stage:
              "teacher": self.ae.teacher_ref(self.args),
              "model": self.ae.trainable_state(), "ema": self.ema.trainable_state()}
         if self.disc is not None:
-            s["disc"] = self.disc.state_dict()
+            s["disc"] = self.disc.trainable_state()
+            backbone = getattr(self.disc, "dino", None)
+            if backbone is not None:  # frozen: referenced by its source and sha256
+                s["disc_backbone"] = {"weights": self.args.discriminator.get("weights", "random"),
+                                      "sha256": tensors_fingerprint(backbone)}
         if optimizers:
             s["optimizer"] = self.opt.state_dict()
             if self.d_opt is not None:
@@ -179,7 +183,9 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
         if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
             ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
     depth = len(ae.encoder.vit.blocks)
-    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
+    dcfg = acfg["discriminator"]
+    teacher_disc = dcfg.get("backbone", "teacher") == "teacher"
+    beyond = [k for k in dcfg["layers"] if not 0 <= k < depth] if teacher_disc else []
     if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
         raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
                           f"teacher's {depth} blocks (0..{depth - 1})")
@@ -196,15 +202,20 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
                             lr=tcfg["stages"][stage - 1]["lr"], betas=tuple(tcfg["betas"]))
     st = Stage(stage, AutoencoderArgs.from_config(cfg), ae, ema, params, opt, lpips)
     if stage >= 2:
-        dcfg = acfg["discriminator"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            st.disc = Discriminator(ae.channels, dcfg["layers"], dcfg["channels"])
+            st.disc = build_discriminator(dcfg, ae.channels)
         if stage >= 3:
-            _load(st.disc, prev["disc"], "discriminator", init)
+            _check_disc_backbone(st, prev, init)
+            try:
+                st.disc.load_trainable(prev["disc"])
+            except RuntimeError as e:
+                raise ConfigError(f"{init!r}: discriminator does not fit the configured "
+                                  f"network: {e}") from e
         st.disc.to(device).train()
-        st.d_opt = torch.optim.AdamW(st.disc.parameters(), lr=tcfg["disc_lr"],
-                                     betas=tuple(tcfg["betas"]), weight_decay=0.0)
+        st.d_opt = torch.optim.AdamW([p for p in st.disc.parameters() if p.requires_grad],
+                                     lr=tcfg["disc_lr"], betas=tuple(tcfg["betas"]),
+                                     weight_decay=0.0)
     return st
 
 
@@ -216,12 +227,38 @@ def resume(st: Stage, ck: dict, meta: dict) -> bool:
     st.ema.load_trainable(ck["ema"], "last.pt (ema)")
     st.opt.load_state_dict(ck["optimizer"])
     if st.disc is not None:
-        st.disc.load_state_dict(ck["disc"])
+        st.disc.load_trainable(ck["disc"])
         st.d_opt.load_state_dict(ck["disc_optimizer"])
     return True
 
 
+def _check_disc_backbone(st: Stage, prev: dict, init: str) -> None:
+    """A frozen discriminator backbone must be the one the previous stage trained against."""
+    ref, backbone = prev.get("disc_backbone"), getattr(st.disc, "dino", None)
+    if (ref is None) != (backbone is None):
+        raise ConfigError(f"--init {init!r} was trained with another discriminator backbone; "
+                          "rerun the earlier stages with this config")
+    if ref is not None and ref.get("sha256") != tensors_fingerprint(backbone):
+        raise ConfigError(f"--init {init!r}: the discriminator's DINO rebuilt from "
+                          f"{st.args.discriminator.get('weights')!r} is not the one it was "
+                          f"trained with ({ref.get('weights')!r}); restore those weights")
+
+
 # ---------------------------------------------------------------- one step
+
+def disc_logits(st: Stage, disc: torch.nn.Module, images: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+    """Logits of images in [0, 1], DiffAugmented as the backbone's recipe says. `disc` is the
+    bare discriminator or its DDP wrapper."""
+    if st.args.discriminator.get("backbone", "teacher") == "dino_vits8":
+        return disc(rae_diffaug(2 * images - 1, gen))
+    layers = st.args.discriminator["layers"]
+    if not torch.is_grad_enabled() or not images.requires_grad:
+        with torch.no_grad():
+            feats = teacher_features(st.ae.encoder.vit, diffaug(images, gen), layers)
+        return disc(feats)
+    return disc(teacher_features(st.ae.encoder.vit, diffaug(images, gen), layers))
+
 
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
@@ -232,7 +269,7 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
     values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
     is not finite (the update is then skipped)."""
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
-    layers = st.args.discriminator.get("layers")
+    rae = st.args.discriminator.get("backbone", "teacher") == "dino_vits8"
     row: dict[str, Any] = {}
     set_lr(st.opt, lr)
     with autocast, (nullcontext() if train_g else torch.no_grad()):
@@ -247,8 +284,9 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
             row["align"] = align
         if stage >= 2 and train_g:
             disc.requires_grad_(False)
-            g_gan = g_hinge_loss(disc(teacher_features(ae.encoder.vit, diffaug(rec, gen),
-                                                       layers)))
+            if rae:
+                disc.eval()  # RAE's generator step: stored spectral-norm vectors
+            g_gan = g_hinge_loss(disc_logits(st, disc, rec, gen))
             lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
                                   weights["adaptive_max"])
             loss = loss + weights["adv"] * lam * g_gan
@@ -275,18 +313,21 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                        rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
                        autocast: Any, device: torch.device) -> tuple[dict, bool]:
-    """Hinge loss on real vs reconstructed images, both DiffAugmented, in the frozen teacher's
-    features; skipped on every rank alike when not finite."""
+    """Hinge loss on real vs reconstructed images, both DiffAugmented (with the dino_vits8
+    backbone: fakes quantised to 8 bits, half the loss, as RAE); skipped on every rank alike
+    when not finite."""
+    backbone = st.args.discriminator.get("backbone", "teacher")
+    st.disc.train()
     st.disc.requires_grad_(True)
+    if backbone == "dino_vits8":
+        st.disc.dino.requires_grad_(False)  # frozen; train() keeps it in eval mode too
     set_lr(st.d_opt, d_lr)
     B = x.shape[0]
+    fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
     with autocast:
-        with torch.no_grad():
-            feats = teacher_features(st.ae.encoder.vit, diffaug(torch.cat([x, rec.detach()]), gen),
-                                     st.args.discriminator["layers"])
-        logits = disc_train(feats)
+        logits = disc_logits(st, disc_train, torch.cat([x, fake]), gen)
         d_real, d_fake = logits[:B], logits[B:]
-        d_loss = d_hinge_loss(d_real, d_fake)
+        d_loss = D_LOSS_FACTOR[backbone] * d_hinge_loss(d_real, d_fake)
     row = {"d_loss": d_loss, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
     st.d_opt.zero_grad(set_to_none=True)
     ok = all_ranks(bool(torch.isfinite(d_loss)), device)
