@@ -376,3 +376,41 @@ def test_stage4_noise_is_relative_to_each_token_rms():
         assert not torch.allclose(rms, torch.ones_like(rms), rtol=0.2)  # the scale matters
         torch.testing.assert_close(rec, ae.decode(z + noise * rms))
         assert noise_tau(5, 10, 0.8) == 0.8 and noise_tau(9, 10, [0.8, 1.2]) == 1.2
+
+
+@pytest.mark.integration  # ~40 s of CPU: a 22 M-parameter ViT-S/8 at 224 px, built five times
+def test_dino_discriminator_stages_train_its_heads_and_reference_its_dino(tmp_path):
+    """backbone dino_vits8 (RAE's): stage 2 trains the heads, never the frozen DINO, which the
+    checkpoint references by sha256 instead of storing; stage 3 refuses another DINO."""
+    from dinosae.models.discriminator import DinoDiscriminator
+
+    cfg = small_config()
+    cfg["autoencoder"]["discriminator"] = {"backbone": "dino_vits8", "weights": "random"}
+    cfg["ae_train"].update(stages=ae_stages([1, 2, 1, 1], 2, 2e-4), disc_warmup_steps=1)
+    data = images()[:4]
+    init = None
+    for k in (1, 2, 3):
+        train_stage(cfg, k, None, init=init, out=str(tmp_path / f"s{k}"),
+                    batches=make_batches(data, 2))
+        init = str(tmp_path / f"s{k}" / "checkpoint.pt")
+    ck2, ck3 = (load_checkpoint(tmp_path / f"s{k}" / "checkpoint.pt") for k in (2, 3))
+    torch.manual_seed(cfg["seed"])
+    fresh = DinoDiscriminator("random")
+    assert not any(k.startswith("dino.") for k in ck2["disc"])
+    assert ck2["disc"].keys() == fresh.trainable_state().keys()
+    assert ck2["disc_backbone"] == {"weights": "random",
+                                    "sha256": tensors_fingerprint(fresh.dino)}
+    moved = [k for k, v in fresh.trainable_state().items()
+             if k.endswith(".original") and not torch.equal(v, ck2["disc"][k])]
+    assert len(moved) == 15  # every conv of the five heads
+    assert not _equal(ck3["disc"], ck2["disc"])
+    log2 = rows(tmp_path / "s2" / "metrics.csv")
+    assert log2[0]["g_gan"] == "nan" and float(log2[1]["lambda"]) > 0
+    assert all(float(r["d_loss"]) > 0 for r in log2)
+    other = fresh.dino.state_dict()
+    other["blocks.0.mlp.fc1.weight"] = other["blocks.0.mlp.fc1.weight"] + 0.01
+    torch.save(other, tmp_path / "other_dino.pth")
+    cfg["autoencoder"]["discriminator"]["weights"] = str(tmp_path / "other_dino.pth")
+    with pytest.raises(ConfigError, match="DINO rebuilt from .* is not the one"):
+        train_stage(cfg, 3, None, init=str(tmp_path / "s2" / "checkpoint.pt"),
+                    out=str(tmp_path / "x"), batches=make_batches(data, 2))
