@@ -387,11 +387,9 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
     from dinosae.models.discriminator import (
         adaptive_weight,
         d_hinge_loss,
-        diffaug,
+        disc_logits,
         g_hinge_loss,
         quantize,
-        rae_diffaug,
-        teacher_features,
     )
     from dinosae.train.ae import alignment_loss
 
@@ -400,14 +398,8 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
     dcfg, w = n.cfg["autoencoder"]["discriminator"], tcfg["loss"]
     rae = dcfg.get("backbone", "teacher") == "dino_vits8"
 
-    def logits(images: torch.Tensor) -> torch.Tensor:  # dinosae.train.ae.disc_logits
-        if rae:
-            return disc(rae_diffaug(2 * images - 1))
-        if not images.requires_grad:
-            with torch.no_grad():
-                feats = teacher_features(n.vit, diffaug(images), dcfg["layers"])
-            return disc(feats)
-        return disc(teacher_features(n.vit, diffaug(images), dcfg["layers"]))
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return disc_logits(disc, images, dcfg, n.vit)
     T, C, size = n.tokens, n.channels, n.size
     checkpointing = bool(tcfg.get("activation_checkpointing", False))
 

@@ -47,7 +47,8 @@ def tiny_config(tmp: Path | None = None) -> dict:
 def ae_stages(steps: list[int], batch_size: int, lr: float | list[float]) -> list[dict]:
     """ae_train.stages: the given steps per stage, one global batch, one lr (or one per stage)."""
     lrs = lr if isinstance(lr, list) else [lr] * len(steps)
-    return [{"steps": s, "batch_size": batch_size, "lr": r} for s, r in zip(steps, lrs, strict=True)]
+    return [{"steps": s, "batch_size": batch_size, "lr": r}
+            for s, r in zip(steps, lrs, strict=True)]
 
 
 def workflow_copy(dest: Path, config: dict | None = None) -> Path:

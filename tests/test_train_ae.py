@@ -36,7 +36,8 @@ def small_config() -> dict:
     cfg["device"] = "cpu"
     cfg["autoencoder"]["lpips"]["net"] = "alex"  # the cheapest backbone for 32 px tests
     cfg["ae_train"].update(stages=ae_stages([4, 4, 3, 3], 4, 2e-4), disc_warmup_steps=1,
-                           noise_tau=[0.8, 1.2], log_every=1, image_every=2, ckpt_every=2, max_bad_steps=3)
+                           noise_tau=[0.8, 1.2], log_every=1, image_every=2, ckpt_every=2,
+                           max_bad_steps=3)
     return cfg
 
 
@@ -357,7 +358,8 @@ def test_each_stage_trains_at_its_configured_lr_and_batch(tmp_path, monkeypatch)
         out = tmp_path / f"s{k}"
         train_stage(cfg, k, str(tmp_path / "shards"), init=init, out=str(out))
         init = str(out / "checkpoint.pt")
-    assert [s[:3] for s in seen] == [(k, b, {r}) for k, b, r in zip((1, 2, 3, 4), batches, lrs)]
+    want = [(k, b, {r}) for k, b, r in zip((1, 2, 3, 4), batches, lrs, strict=True)]
+    assert [s[:3] for s in seen] == want
     assert [s[3] for s in seen] == [None, {7e-5}, {7e-5}, {7e-5}]
 
 

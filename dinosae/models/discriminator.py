@@ -299,6 +299,21 @@ def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
+def disc_logits(disc: nn.Module, images: torch.Tensor, dcfg: dict, vit: nn.Module,
+                g: torch.Generator | None = None) -> torch.Tensor:
+    """Logits of images in [0, 1], DiffAugmented as `dcfg`'s (autoencoder.discriminator)
+    backbone says: dino_vits8 -> rae_diffaug on [-1, 1] images into the DinoDiscriminator;
+    teacher -> diffaug, then the frozen teacher `vit`'s features (without a graph unless the
+    images need one) into the heads. `disc` may be wrapped in DDP."""
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        return disc(rae_diffaug(2 * images - 1, g))
+    if torch.is_grad_enabled() and images.requires_grad:
+        return disc(teacher_features(vit, diffaug(images, g), dcfg["layers"]))
+    with torch.no_grad():
+        feats = teacher_features(vit, diffaug(images, g), dcfg["layers"])
+    return disc(feats)
+
+
 # the discriminator's hinge loss is multiplied by this (RAE's hinge_d_loss halves the sum)
 D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 0.5}
 

@@ -51,11 +51,9 @@ from dinosae.models.discriminator import (
     adaptive_weight,
     build_discriminator,
     d_hinge_loss,
-    diffaug,
+    disc_logits,
     g_hinge_loss,
     quantize,
-    rae_diffaug,
-    teacher_features,
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
@@ -142,7 +140,7 @@ class Stage:
     params: list[torch.nn.Parameter]  # what the generator step trains
     opt: torch.optim.Optimizer
     lpips: torch.nn.Module
-    disc: Discriminator | None = None
+    disc: torch.nn.Module | None = None  # Discriminator or DinoDiscriminator
     d_opt: torch.optim.Optimizer | None = None
 
     def state(self, step: int, meta: dict, counters: dict, *, optimizers: bool) -> dict:
@@ -246,19 +244,6 @@ def _check_disc_backbone(st: Stage, prev: dict, init: str) -> None:
 
 # ---------------------------------------------------------------- one step
 
-def disc_logits(st: Stage, disc: torch.nn.Module, images: torch.Tensor,
-                gen: torch.Generator) -> torch.Tensor:
-    """Logits of images in [0, 1], DiffAugmented as the backbone's recipe says. `disc` is the
-    bare discriminator or its DDP wrapper."""
-    if st.args.discriminator.get("backbone", "teacher") == "dino_vits8":
-        return disc(rae_diffaug(2 * images - 1, gen))
-    layers = st.args.discriminator["layers"]
-    if not torch.is_grad_enabled() or not images.requires_grad:
-        with torch.no_grad():
-            feats = teacher_features(st.ae.encoder.vit, diffaug(images, gen), layers)
-        return disc(feats)
-    return disc(teacher_features(st.ae.encoder.vit, diffaug(images, gen), layers))
-
 
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
@@ -286,7 +271,8 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
             disc.requires_grad_(False)
             if rae:
                 disc.eval()  # RAE's generator step: stored spectral-norm vectors
-            g_gan = g_hinge_loss(disc_logits(st, disc, rec, gen))
+            g_gan = g_hinge_loss(disc_logits(disc, rec, st.args.discriminator, ae.encoder.vit,
+                                             gen))
             lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
                                   weights["adaptive_max"])
             loss = loss + weights["adv"] * lam * g_gan
@@ -325,7 +311,8 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     B = x.shape[0]
     fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
     with autocast:
-        logits = disc_logits(st, disc_train, torch.cat([x, fake]), gen)
+        logits = disc_logits(disc_train, torch.cat([x, fake]), st.args.discriminator,
+                             st.ae.encoder.vit, gen)
         d_real, d_fake = logits[:B], logits[B:]
         d_loss = D_LOSS_FACTOR[backbone] * d_hinge_loss(d_real, d_fake)
     row = {"d_loss": d_loss, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
