@@ -33,13 +33,15 @@ HEAVY = ("ae_stage1", "ae_stage2", "ae_stage3", "ae_stage4", "fid_reference", "e
 MODEL_KEYS = [("data", "image_size"), ("autoencoder", "teacher", "arch"),
               ("autoencoder", "teacher", "overrides"), ("autoencoder", "stem"),
               ("autoencoder", "stem_widths"), ("autoencoder", "decoder"),
-              ("autoencoder", "discriminator"), ("autoencoder", "lpips", "net"),
+              ("autoencoder", "discriminator", "backbone"),
+              ("autoencoder", "discriminator", "layers"),
+              ("autoencoder", "discriminator", "channels"), ("autoencoder", "lpips", "net"),
               ("dit", "model"), ("dit", "head")]
 # the paper's networks (DESIGN.md, Method): what the checkpoints must hold
 PAPER_AE = {"teacher": {"arch": "vit_large_patch16_dinov3", "overrides": None},
             "stem_widths": [64, 128, 256],
             "decoder": {"widths": [256, 512, 512, 1024, 1024], "depths": [5, 5, 3, 3, 3]},
-            "discriminator": {"layers": [5, 11, 17, 23], "channels": 256}}
+            "discriminator": {"backbone": "dino_vits8"}}  # RAE's: its weights random here
 LIGHTNINGDIT_XL = (670e6, 680e6)  # about 675-677 M parameters (LightningDiT / RAE)
 
 
