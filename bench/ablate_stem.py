@@ -9,7 +9,7 @@ trained too); the CNN stem starts from scratch. Reconstruction PSNR (EMA weights
 
     .venv/bin/python bench/ablate_stem.py --steps 150
     .venv/bin/python bench/ablate_stem.py --config config.yaml --train-shards data/shards/train \\
-        --val-shards data/shards/val --steps 300 --set ae_train.batch_size=32
+        --val-shards data/shards/val --steps 300 --set ae_train.stages.0.batch_size=32
 
 Without shards it builds the embedded mini dataset (scikit-image photographs) in a temporary
 folder first.
@@ -80,8 +80,8 @@ def main() -> None:
 
     cfg = load_config(args.config, None, args.set)
     if args.steps:
-        cfg["ae_train"]["stage_steps"][0] = args.steps
-    steps = cfg["ae_train"]["stage_steps"][0]
+        cfg["ae_train"]["stages"][0]["steps"] = args.steps
+    steps, b = cfg["ae_train"]["stages"][0]["steps"], cfg["ae_train"]["stages"][0]["batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out) if args.out else Path(tmp)
         train, val = args.train_shards, args.val_shards
@@ -100,9 +100,8 @@ def main() -> None:
             train_stage(run, 1, str(train), out=str(root / stem))
             seconds = time.time() - t0
             results[stem] = {**evaluate(root / stem / "checkpoint.pt", Path(val),
-                                        cfg["ae_train"]["batch_size"]), "seconds": seconds}
+                                        b), "seconds": seconds}
 
-    b = cfg["ae_train"]["batch_size"]
     size = cfg["data"]["image_size"]
     print(f"\nstem ablation: stage 1, {steps} steps, batch {b}, {size} px, seed {cfg['seed']}, "
           f"teacher {cfg['autoencoder']['teacher']['arch']} "

@@ -34,12 +34,11 @@ from dinosae import rfm, sphere
 from dinosae.config import load_config
 from dinosae.models.autoencoder import build_autoencoder
 from dinosae.models.discriminator import (
-    Discriminator,
     adaptive_weight,
+    build_discriminator,
     d_hinge_loss,
-    diffaug,
+    disc_logits,
     g_hinge_loss,
-    teacher_features,
 )
 from dinosae.models.dit import dit_from_config
 from dinosae.models.perceptual import build_lpips
@@ -137,15 +136,16 @@ def ae_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: Ta
     ae = build_autoencoder(cfg).to(device).train()
     ae.set_grad_checkpointing(bool(cfg["ae_train"].get("activation_checkpointing")))
     dcfg = cfg["autoencoder"]["discriminator"]
-    disc = Discriminator(ae.channels, dcfg["layers"], dcfg["channels"]).to(device)
+    disc = build_discriminator(dcfg, ae.channels).to(device)
     lpips = build_lpips(cfg["autoencoder"]["lpips"]["net"], "random").to(device)
     size, B = cfg["data"]["image_size"], args.ae_batch
     x = torch.rand(B, 3, size, size, device=device)
-    vit, layers = ae.encoder.vit, dcfg["layers"]
+    vit = ae.encoder.vit
     g = torch.Generator(device=device).manual_seed(0)
     params = [p for p in ae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-5, fused=True)
+    d_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=1e-5,
+                              fused=True)
 
     def stage1_step() -> None:
         with autocast(device):
@@ -162,7 +162,7 @@ def ae_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: Ta
             rec_loss = (rec.float() - x).abs().mean() + lpips(rec.float(), x).mean()
             align = alignment_loss(z, ae.teacher_tokens(x))
             disc.requires_grad_(False)
-            g_gan = g_hinge_loss(disc(teacher_features(vit, diffaug(rec, g), layers)))
+            g_gan = g_hinge_loss(disc_logits(disc, rec, dcfg, vit, g))
             lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer, 1e4)
             loss = rec_loss + 0.5 * align + 0.5 * lam * g_gan
         loss.backward()
@@ -170,9 +170,8 @@ def ae_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: Ta
         opt.zero_grad(set_to_none=True)
         disc.requires_grad_(True)
         with autocast(device):
-            with torch.no_grad():
-                feats = teacher_features(vit, diffaug(torch.cat([x, rec.detach()]), g), layers)
-            d_loss = d_hinge_loss(*disc(feats).split(B))
+            d_loss = d_hinge_loss(*disc_logits(disc, torch.cat([x, rec.detach()]), dcfg, vit,
+                                               g).split(B))
         d_loss.backward()
         d_opt.step()
         d_opt.zero_grad(set_to_none=True)
@@ -188,7 +187,7 @@ def ae_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: Ta
     table.row("AE stage-2 step (G + D)", B, B, stage2_step, args.warmup, args.iters)
     assert all(p.grad is None for p in vit.parameters()), "gradient reached the frozen ViT"
     if args.ae_parts:
-        ae_part_rows(ae, disc, lpips, x, g, layers, args, device, table)
+        ae_part_rows(ae, disc, lpips, x, g, dcfg, args, device, table)
 
     enc_b = args.encode_batch
     xe = torch.rand(enc_b, 3, size, size, device=device)
@@ -212,7 +211,7 @@ def ae_rows(cfg: dict, args: argparse.Namespace, device: torch.device, table: Ta
 
 
 def ae_part_rows(ae: torch.nn.Module, disc: torch.nn.Module, lpips: torch.nn.Module,
-                 x: torch.Tensor, g: torch.Generator, layers: list[int],
+                 x: torch.Tensor, g: torch.Generator, dcfg: dict,
                  args: argparse.Namespace,
                  device: torch.device, table: Table) -> None:
     """Forward + backward of each autoencoder part alone (where a stage's time goes)."""
@@ -241,7 +240,7 @@ def ae_part_rows(ae: torch.nn.Module, disc: torch.nn.Module, lpips: torch.nn.Mod
     def disc_fb() -> None:
         xr = x.clone().requires_grad_(True)
         with autocast(device):
-            logits = disc(teacher_features(vit, diffaug(xr, g), layers))
+            logits = disc_logits(disc, xr, dcfg, vit, g)
         logits.float().mean().backward()
 
     def perceptual() -> None:
@@ -377,6 +376,8 @@ def main() -> int:
     cfg = copy.deepcopy(load_config(config, None, args.set, check_paths=False))
     cfg["autoencoder"]["teacher"]["weights"] = "random"
     cfg["autoencoder"]["lpips"]["weights"] = "random"
+    if "weights" in cfg["autoencoder"]["discriminator"]:
+        cfg["autoencoder"]["discriminator"]["weights"] = "random"
     if smoke:
         args.classes = min(args.classes, 10)
     torch.manual_seed(0)

@@ -245,17 +245,30 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def set_key(cfg: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    """Set `a.b.c` in a nested dict; the value is parsed as YAML (numbers, lists, null). A
+    number indexes an existing list entry: `ae_train.stages.0.lr`."""
     if not all(dotted.split(".")):
         raise ConfigError(f"config: --set {_short(dotted)!r}: not a dotted key like dit.steps")
-    node = cfg
+    node: Any = cfg
     *parents, last = dotted.split(".")
     for i, p in enumerate(parents):
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list) and p.isdigit() and int(p) < len(node):
+            node = node[int(p)]
+        elif isinstance(node, dict):
+            node = node.setdefault(p, {})
+        else:
+            node = None
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"config: --set {_short(dotted)}: "
                               f"'{'.'.join(parents[:i + 1])}' is not a section")
-    node[last] = parse_yaml(value, f"--set {_short(dotted)}") if isinstance(value, str) else value
+    value = parse_yaml(value, f"--set {_short(dotted)}") if isinstance(value, str) else value
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"config: --set {_short(dotted)}: '{_short(last)}' is not an "
+                              f"index of '{'.'.join(parents)}' (0..{len(node) - 1})")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def load_config(

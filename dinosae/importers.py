@@ -21,8 +21,9 @@ Autoencoder sources
 * A dinosae AE checkpoint or a `dinosae export-model` folder: the same names, checked as well.
 
 Where the official names come from. Verified in the public code of the official repository
-(github.com/wkdgnsgo/dino-sae, stored copies of src/model.py and
-src/efficientvit/models/nn/ops.py, read Feb 2026):
+(github.com/wkdgnsgo/HAE, formerly wkdgnsgo/dino-sae: src/model.py and
+src/efficientvit/models/nn/ops.py; tests/test_ae_parity.py imports a state dict that code made,
+at a small width with the paper config's other decoder settings, and matches its outputs):
 * `DINOSphericalAutoencoder` (earlier `DinoAutoencoderV3_EarlyFusion`) holds `dino_model` (Meta's
   DinoVisionTransformer from torch.hub, patch_embed replaced) and `decoder` (DCAE_Decoder).
 * stem: `dino_model.patch_embed.cnn.{0..3}` = ConvLayer(conv, norm, act); `.conv.weight` without
@@ -41,11 +42,14 @@ src/efficientvit/models/nn/ops.py, read Feb 2026):
   `.local_module.main.depth_conv.conv.{weight,bias}`, `.local_module.main.point_conv.conv.weight`
   [+ `.point_conv.norm.weight`]; head dim 32, expand ratio 4; `project_out.op_list.0.weight`
   (norm, (1, C, 1, 1)), `.op_list.1` ReLU, `project_out.op_list.2.conv.{weight,bias}`.
-Assumed, not verifiable from the released code (their configs and training code are not
-published): the widths/depths/block kinds and upsampling type of the released decoder (taken from
-the paper: widths 256..1024, depths 5,5,3,3,3, nearest-interpolation upsampling); whether their
-EfficientViT blocks have norms (`evit_norm`; upstream efficientvit's build_norm returns None
-for the module instance their code passes, so: none); the checkpoint's container and file names
+Fixed by the released code (and so the paper config's): RMSNorm2d per sample (`norm: sample`),
+no multi-scale attention (`attn_scales: []`), no norms inside EfficientViT blocks (`evit_norm:
+false`: efficientvit's build_norm returns None for the module instance their code passes), and
+DecoderConfig's default ConvPixelShuffle upsampling (`upsample: pixel_shuffle`). Assumed, not
+verifiable from the released code (their configs and training code are not published): the
+widths/depths/block kinds of the released decoder (widths 256..1024, depths 5,5,3,3,3); the
+upsampling a released file was trained with, if not the default; the checkpoint's container and
+file names
 on the hub; their image convention (assumed: encoder input normalised with ImageNet mean/std,
 decoder output in [-1, 1], which is what our Encoder and Decoder do); their LiteMLA switches to
 quadratic attention at <= 32 positions per map, ours does not (never reached at 256 px); a

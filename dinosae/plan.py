@@ -353,15 +353,15 @@ class _AENets:
     @classmethod
     def build(cls, cfg: dict) -> _AENets:
         from dinosae.models.autoencoder import build_autoencoder
-        from dinosae.models.discriminator import Discriminator
+        from dinosae.models.discriminator import build_discriminator
         from dinosae.models.perceptual import build_lpips
 
         acfg, world = cfg["autoencoder"], FakeWorld()
         with torch.device("meta"):
             ae = build_autoencoder(cfg)
             lpips = build_lpips(acfg["lpips"]["net"], "random")
-            disc = Discriminator(ae.channels, acfg["discriminator"]["layers"],
-                                 acfg["discriminator"]["channels"])
+            disc = build_discriminator({**acfg["discriminator"], "weights": "random"},
+                                       ae.channels)
         return cls(cfg, world, world.module(ae), world.module(lpips), world.module(disc))
 
     def __post_init__(self) -> None:
@@ -371,7 +371,9 @@ class _AENets:
                                              self.ae.decoder)
         self.n_vit, self.n_stem, self.n_dec = (n_params(self.vit), n_params(self.stem),
                                                n_params(self.decoder))
-        self.n_lpips, self.n_disc = n_params(self.lpips), n_params(self.disc)
+        # n_disc: the discriminator's trained heads; n_disc_frozen: its own frozen backbone
+        self.n_lpips, self.n_disc = n_params(self.lpips), n_params(self.disc.heads)
+        self.n_disc_frozen = n_params(self.disc) - self.n_disc
         self.n_ae = self.n_vit + self.n_stem + self.n_dec
 
     def for_inference(self) -> None:
@@ -385,15 +387,19 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
     from dinosae.models.discriminator import (
         adaptive_weight,
         d_hinge_loss,
-        diffaug,
+        disc_logits,
         g_hinge_loss,
-        teacher_features,
+        quantize,
     )
     from dinosae.train.ae import alignment_loss
 
     tcfg = n.cfg["ae_train"]
     ae, lpips, disc, stem, decoder = n.ae, n.lpips, n.disc, n.stem, n.decoder
-    layers, w = n.cfg["autoencoder"]["discriminator"]["layers"], tcfg["loss"]
+    dcfg, w = n.cfg["autoencoder"]["discriminator"], tcfg["loss"]
+    rae = dcfg.get("backbone", "teacher") == "dino_vits8"
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return disc_logits(disc, images, dcfg, n.vit)
     T, C, size = n.tokens, n.channels, n.size
     checkpointing = bool(tcfg.get("activation_checkpointing", False))
 
@@ -402,7 +408,7 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
         ae.train()
         stem.requires_grad_(stage <= 2)
         decoder.requires_grad_(True)
-        for p in (*stem.parameters(), *decoder.parameters(), *disc.parameters()):
+        for p in (*stem.parameters(), *decoder.parameters(), *disc.heads.parameters()):
             p.grad = None
         x = torch.rand(b, 3, size, size)
         noise = torch.rand(b)[:, None, None] * torch.randn(b, T, C) if stage == 4 else None
@@ -415,7 +421,7 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
                 loss = loss + w["align"] * alignment_loss(z, ae.teacher_tokens(x))
             if stage >= 2:
                 disc.requires_grad_(False)
-                g_gan = g_hinge_loss(disc(teacher_features(n.vit, diffaug(rec), layers)))
+                g_gan = g_hinge_loss(logits(rec))
                 lam = adaptive_weight(rec_loss, g_gan, decoder.last_layer, w["adaptive_max"])
                 loss = loss + w["adv"] * lam * g_gan
         loss.backward()
@@ -423,13 +429,11 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
         for p in (*stem.parameters(), *decoder.parameters()):
             p.grad = None  # opt.zero_grad(set_to_none=True) before the D step
         if stage >= 2:
-            disc.requires_grad_(True)
+            disc.heads.requires_grad_(True)
+            fake = quantize(rec.detach()) if rae else rec.detach()
             with amp():
-                with torch.no_grad():
-                    feats = teacher_features(n.vit, diffaug(torch.cat([x, rec.detach()])),
-                                             layers)
-                logits = disc(feats)
-                d_loss = d_hinge_loss(logits[:b], logits[b:])
+                out = logits(torch.cat([x, fake]))
+                d_loss = d_hinge_loss(out[:b], out[b:])
             d_loss.backward()
             disc.requires_grad_(False)
         n.for_inference()
@@ -440,7 +444,7 @@ def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
         trainable = n.n_dec + (n.n_stem if stage <= 2 else 0) + (n.n_disc if stage >= 2 else 0)
         work[f"ae_stage{stage}"] = RuleWork(
             [Part("step", n.world, step, "bf16")],
-            weights=n.n_ae + n.n_lpips + (n.n_disc if stage >= 2 else 0),
+            weights=n.n_ae + n.n_lpips + (n.n_disc + n.n_disc_frozen if stage >= 2 else 0),
             trainable=trainable, ema=n.n_stem + n.n_dec)
     return work
 
@@ -646,8 +650,9 @@ def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
     def batches(n: int, b: int) -> Load:
         return Load(n, math.ceil(n / b), b)
 
-    loads = {f"ae_stage{k}": Load(s * tc["batch_size"], s, tc["batch_size"], ddp=True)
-             for k, s in enumerate(tc["stage_steps"], start=1)}
+    loads = {f"ae_stage{k}": Load(s["steps"] * s["batch_size"], s["steps"], s["batch_size"],
+                                  ddp=True)
+             for k, s in enumerate(tc["stages"], start=1)}
     loads["eval_recon"] = batches(min(ev["recon_samples"], data.val), ev["batch_size"])
     n = count[lc["split"]]
     loads["encode_part"] = Load(n, math.ceil(n / lc["batch_size"]), lc["batch_size"],

@@ -90,7 +90,7 @@ def ae_stage(results: Path, k: int) -> Stage:
     with _reading(path):
         if ck is None or "imported" in ck:
             return _imported(name, ck, state)
-        total = ck["train"]["stage_steps"][k - 1]
+        total = ck["train"]["stages"][k - 1]["steps"]
         weights = ck["config"]["autoencoder"]["teacher"]["weights"]
         step, uses = ck["step"], ck.get("init") or f"teacher weights: {weights}"
     metrics = [f"step {step}/{total}", *last_metrics(folder / "metrics.csv", AE_METRICS)]

@@ -58,14 +58,21 @@ def tiny_config(tmp: Path | None = None) -> dict:
     ae["decoder"].update(widths=[8, 16, 16, 32, 32], depths=[1, 1, 1, 1, 1])
     ae["discriminator"].update(layers=[0, 1], channels=16)
     t = cfg["ae_train"]
-    t.update(batch_size=4, warmup_steps=2, log_every=2, image_every=4, ckpt_every=2,
-             stage_steps=[6, 4, 3, 3], disc_warmup_steps=2)
+    t.update(stages=ae_stages([6, 4, 3, 3], 4, t["stages"][0]["lr"]), warmup_steps=2,
+             log_every=2, image_every=4, ckpt_every=2, disc_warmup_steps=2)
     cfg["latents"].update(parts=2, batch_size=8, chunk_rows=8, shard_chunks=1)  # 8-row units
     cfg["dit"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, image_every=4,
                       ckpt_every=3)
     cfg["sample"].update(num_samples=12, batch_size=6, steps=4)
     cfg["eval"].update(recon_samples=12, batch_size=6)
     return validate(cfg, check_paths=False)
+
+
+def ae_stages(steps: list[int], batch_size: int, lr: float | list[float]) -> list[dict]:
+    """ae_train.stages: the given steps per stage, one global batch, one lr (or one per stage)."""
+    lrs = lr if isinstance(lr, list) else [lr] * len(steps)
+    return [{"steps": s, "batch_size": batch_size, "lr": r}
+            for s, r in zip(steps, lrs, strict=True)]
 
 
 def workflow_copy(dest: Path, config: dict | None = None) -> Path:
@@ -198,3 +205,30 @@ def html_table(page: str) -> dict[str, str]:
 
     Cells().feed(page)
     return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def seeded_weights(shapes: dict[str, list[int]], seed: int) -> dict:
+    """Deterministic stand-in weights for a parity fixture too large to store, made alike by the
+    fixture's make.py (for the reference code) and by the test (for ours): one generator, names
+    in sorted order, N(0, 1) draws scaled by the kind of tensor -- spectral-norm vectors (`*_u`,
+    `*_v`) unit length, 1-D weights (norms) 1 + 0.1 z, 1-D biases 0.1 z, cls_token and
+    pos_embed 0.02 z, other weights z / sqrt(fan-in)."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = list(shapes[name])
+        t = torch.randn(shape, generator=g, dtype=torch.float32)
+        if name.endswith(("_u", "_v")):
+            t = t / t.norm()
+        elif len(shape) == 1:
+            t = 1 + 0.1 * t if name.endswith("weight") else 0.1 * t
+        elif name.endswith(("cls_token", "pos_embed")):
+            t = 0.02 * t
+        else:
+            t = t / math.sqrt(math.prod(shape[1:]))
+        out[name] = t
+    return out

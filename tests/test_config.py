@@ -24,7 +24,9 @@ def test_shipped_configs_validate():
     [
         (lambda c: c["data"].update(image_size="big"), "data.image_size"),
         (lambda c: c["data"].update(image_size=40), "data.image_size"),  # not a multiple of 16
-        (lambda c: c["ae_train"].update(lr=-1e-4), "ae_train.lr"),
+        (lambda c: c["ae_train"]["stages"][1].update(lr=-1e-4), "ae_train.stages[1].lr"),
+        (lambda c: c["autoencoder"].update(discriminator={"backbone": "dino_vits8"}),
+         "autoencoder.discriminator"),  # RAE's discriminator needs its DINO's weights source
         (lambda c: c["dit"].update(betas=[0.9]), "dit.betas"),
         (lambda c: c["autoencoder"]["decoder"].update(blocks=["res"] * 4 + ["conv"]),
          "autoencoder.decoder.blocks[4]"),
@@ -104,3 +106,16 @@ def test_released_weights_config_and_pretrained_paths(tmp_path):
     cfg["autoencoder"]["decoder"]["norm"] = "layer"
     with pytest.raises(ConfigError, match=r"'autoencoder\.decoder\.norm'"):
         validate(cfg)
+
+
+def test_set_indexes_list_entries_and_names_a_bad_index():
+    from dinosae.config import set_key
+
+    cfg = copy.deepcopy(default_config())
+    set_key(cfg, "ae_train.stages.2.lr", "5.4e-5")
+    assert cfg["ae_train"]["stages"][2]["lr"] == 5.4e-5
+    assert cfg["ae_train"]["stages"][1]["lr"] == default_config()["ae_train"]["stages"][1]["lr"]
+    with pytest.raises(ConfigError, match=r"'7' is not an index of 'ae_train.stages' \(0..3\)"):
+        set_key(cfg, "ae_train.stages.7", "{}")
+    with pytest.raises(ConfigError, match="'ae_train.stages.9' is not a section"):
+        set_key(cfg, "ae_train.stages.9.lr", "1")

@@ -146,7 +146,8 @@ def test_slurm_style_sigterm_to_the_whole_job_checkpoints(pipeline_run, tmp_path
     rerun resumes from that step."""
     cfg = tiny_config()
     cfg["data"]["workers"] = 1  # one DataLoader worker process in the job's process group
-    cfg["ae_train"].update(stage_steps=[10000, 4, 3, 3], ckpt_every=10000, log_every=1)
+    cfg["ae_train"]["stages"][0]["steps"] = 10000
+    cfg["ae_train"].update(ckpt_every=10000, log_every=1)
     out = tmp_path / "stage1"
     cmd = [str(Path(sys.executable).with_name("dinosae")), "ae-train", "--cfg", json.dumps(cfg),
            "--stage", "1", "--shards", str(pipeline_run / "data/shards/train"), "--out", str(out)]

@@ -55,7 +55,7 @@ def test_every_artifact_exists_and_parses(run_dir: Path):
     for k in (1, 2, 3, 4):
         ck = torch.load(run_dir / f"results/ae/stage{k}/checkpoint.pt", weights_only=True)
         assert ck["kind"] == "dinosae-ae" and ck["stage"] == k
-        assert ck["step"] == cfg["ae_train"]["stage_steps"][k - 1]
+        assert ck["step"] == cfg["ae_train"]["stages"][k - 1]["steps"]
         assert (run_dir / f"results/ae/stage{k}/metrics.csv").is_file()
     # the latent cache: complete, unit-norm tokens, one row per train image, with plain zarr
     g = zarr.open_group(run_dir / "results/latents/train.zarr", mode="r")
@@ -162,7 +162,7 @@ def test_status_matches_the_results_files(run_dir: Path):
     assert r.returncode == 0, r.stderr
     rows = {line.split("  ")[0]: line for line in r.stdout.splitlines()[2:]}
     cfg = tiny_config()
-    for k, steps in enumerate(cfg["ae_train"]["stage_steps"], start=1):
+    for k, steps in enumerate((s["steps"] for s in cfg["ae_train"]["stages"]), start=1):
         row, loss = rows[f"ae stage{k}"], float(last_row(run_dir / f"results/ae/stage{k}/"
                                                           "metrics.csv")["loss"])
         assert " done " in row and f"step {steps}/{steps}, loss {loss:.4g}" in row

@@ -153,7 +153,7 @@ def test_plan_arithmetic_on_the_tiny_config(tiny):
     assert list(rows) == ["ae_stage1", "ae_stage2", "ae_stage3", "ae_stage4", "eval_recon",
                           "encode_part", "train_dit", "sample", "fid_reference", "fid"]
     tc, dc, sc = cfg["ae_train"], cfg["dit"], cfg["sample"]
-    assert rows["ae_stage2"].images == tc["stage_steps"][1] * tc["batch_size"]
+    assert rows["ae_stage2"].images == tc["stages"][1]["steps"] * tc["stages"][1]["batch_size"]
     assert rows["train_dit"].images == dc["steps"] * dc["batch_size"]
     assert rows["encode_part"].images == p.data.train == 10 * cfg["data"]["mini"]["train_per_class"]
     assert rows["fid_reference"].images == p.data.val  # eval.reference: val
@@ -166,7 +166,7 @@ def test_plan_arithmetic_on_the_tiny_config(tiny):
         assert r.job_hours == pytest.approx(r.gpu_hours / per_job / r.jobs, rel=1e-9)
     assert rows["encode_part"].jobs == cfg["latents"]["parts"] == 2
     assert rows["encode_part"].wall_hours == pytest.approx(rows["encode_part"].job_hours)
-    assert rows["ae_stage1"].batch == tc["batch_size"] // 2
+    assert rows["ae_stage1"].batch == tc["stages"][0]["batch_size"] // 2
     # DiT state: weights, EMA, two AdamW moments and the DDP buckets, fp32 each
     assert rows["train_dit"].state_bytes == 5 * 4 * m.n_dit
     assert rows["train_dit"].peak_bytes > rows["train_dit"].state_bytes

@@ -33,13 +33,15 @@ HEAVY = ("ae_stage1", "ae_stage2", "ae_stage3", "ae_stage4", "fid_reference", "e
 MODEL_KEYS = [("data", "image_size"), ("autoencoder", "teacher", "arch"),
               ("autoencoder", "teacher", "overrides"), ("autoencoder", "stem"),
               ("autoencoder", "stem_widths"), ("autoencoder", "decoder"),
-              ("autoencoder", "discriminator"), ("autoencoder", "lpips", "net"),
+              ("autoencoder", "discriminator", "backbone"),
+              ("autoencoder", "discriminator", "layers"),
+              ("autoencoder", "discriminator", "channels"), ("autoencoder", "lpips", "net"),
               ("dit", "model"), ("dit", "head")]
 # the paper's networks (DESIGN.md, Method): what the checkpoints must hold
 PAPER_AE = {"teacher": {"arch": "vit_large_patch16_dinov3", "overrides": None},
             "stem_widths": [64, 128, 256],
             "decoder": {"widths": [256, 512, 512, 1024, 1024], "depths": [5, 5, 3, 3, 3]},
-            "discriminator": {"layers": [5, 11, 17, 23], "channels": 256}}
+            "discriminator": {"backbone": "dino_vits8"}}  # RAE's: its weights random here
 LIGHTNINGDIT_XL = (670e6, 680e6)  # about 675-677 M parameters (LightningDiT / RAE)
 
 
@@ -102,7 +104,7 @@ def _bytes(state: dict) -> int:
 @pytest.mark.timeout(TIMEOUT)  # the run (module fixture) counts: ~10 min on 2 free cores
 def test_smoke_artifacts_have_paper_sizes(smoke_run: Path):
     from dinosae.models.autoencoder import build_autoencoder
-    from dinosae.models.discriminator import Discriminator
+    from dinosae.models.discriminator import build_discriminator
     from dinosae.models.dit import build_dit
 
     cfg, work = smoke_config(), smoke_run
@@ -110,8 +112,7 @@ def test_smoke_artifacts_have_paper_sizes(smoke_run: Path):
     assert manifest["preprocess"]["image_size"] == 256
     with torch.device("meta"):  # the paper networks, freshly built, without memory or time
         ae = build_autoencoder(cfg, load_teacher_weights=False)
-        disc = Discriminator(1024, PAPER_AE["discriminator"]["layers"],
-                             PAPER_AE["discriminator"]["channels"])
+        disc = build_discriminator({**PAPER_AE["discriminator"], "weights": "random"}, 1024)
 
     # the four stages: the paper's stem, decoder and discriminator; lean (no teacher, no
     # optimizer state): the file is about the size of the tensors it has to hold
@@ -129,8 +130,8 @@ def test_smoke_artifacts_have_paper_sizes(smoke_run: Path):
         assert _shapes(ck["model"]) == _shapes(ck["ema"]) == _shapes(ae.trainable_state())
         held = _bytes(ck["model"]) + _bytes(ck["ema"])
         if k > 1:
-            assert arch["discriminator"] == PAPER_AE["discriminator"]
-            assert _shapes(ck["disc"]) == _shapes(disc.state_dict())
+            assert arch["discriminator"]["backbone"] == PAPER_AE["discriminator"]["backbone"]
+            assert _shapes(ck["disc"]) == _shapes(disc.trainable_state())
             held += _bytes(ck["disc"])
         assert "optimizer" not in ck
         size = path.stat().st_size

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import tiny_config
+from helpers import ae_stages, tiny_config
 
 from dinosae.checkpoint import load_checkpoint, tensors_fingerprint
 from dinosae.errors import ConfigError, NumericsError
@@ -35,8 +35,9 @@ def small_config() -> dict:
     cfg = tiny_config()
     cfg["device"] = "cpu"
     cfg["autoencoder"]["lpips"]["net"] = "alex"  # the cheapest backbone for 32 px tests
-    cfg["ae_train"].update(batch_size=4, stage_steps=[4, 4, 3, 3], disc_warmup_steps=1,
-                           log_every=1, image_every=2, ckpt_every=2, max_bad_steps=3)
+    cfg["ae_train"].update(stages=ae_stages([4, 4, 3, 3], 4, 2e-4), disc_warmup_steps=1,
+                           noise_tau=[0.8, 1.2], log_every=1, image_every=2, ckpt_every=2,
+                           max_bad_steps=3)
     return cfg
 
 
@@ -124,7 +125,7 @@ def test_stage1_trains_stem_and_decoder_only(stage1):
 def test_stage2_warmup_trains_only_the_discriminator(stage1, tmp_path):
     out1, _, _ = stage1
     cfg = small_config()
-    cfg["ae_train"].update(stage_steps=[4, 2, 3, 3], disc_warmup_steps=2)
+    cfg["ae_train"].update(stages=ae_stages([4, 2, 3, 3], 4, 2e-4), disc_warmup_steps=2)
     train_stage(cfg, 2, None, init=str(out1 / "checkpoint.pt"), out=str(tmp_path),
                 batches=make_batches(images(), 4))
     prev = load_checkpoint(out1 / "checkpoint.pt")
@@ -176,7 +177,7 @@ def test_resume_after_kill_matches_uninterrupted_run(stage1, tmp_path):
     SIGTERM after step 3 and by a crash during step 5, then rerun: identical weights."""
     out1, _, _ = stage1
     cfg = small_config()
-    cfg["ae_train"]["stage_steps"] = [4, 6, 3, 3]
+    cfg["ae_train"]["stages"] = ae_stages([4, 6, 3, 3], 4, 2e-4)
     init = str(out1 / "checkpoint.pt")
     data = images()
     ref = tmp_path / "ref"
@@ -271,7 +272,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict, data: torch.Tensor,
     # one process group for both stages (torchrun would start a fresh process per stage)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    batch = cfg["ae_train"]["batch_size"]
+    batch = cfg["ae_train"]["stages"][0]["batch_size"]
     train_stage(cfg, 1, None, out=f"{out}/s1",
                 batches=make_batches(data, batch, rank=rank, world=world))
     # stage 2 under DDP too (discriminator DDP, all-reduced adaptive weight): it must run
@@ -282,7 +283,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict, data: torch.Tensor,
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     cfg = small_config()
-    cfg["ae_train"].update(batch_size=8, stage_steps=[2, 2, 1, 1], ckpt_every=100)
+    cfg["ae_train"].update(stages=ae_stages([2, 2, 1, 1], 8, 2e-4), ckpt_every=100)
     data = images()
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, data, str(tmp_path / "ddp")), nprocs=2,
              join=True)
@@ -314,7 +315,7 @@ def test_stage1_from_shards_through_the_cli(tmp_path):
     out = tmp_path / "ae1"
     cfg_json = json.dumps({k: cfg[k] for k in ("seed", "data", "autoencoder", "ae_train")}
                           | {"device": "cpu"})
-    rc = main(["ae-train", "--cfg", cfg_json, "--set", "ae_train.stage_steps=[3,1,1,1]",
+    rc = main(["ae-train", "--cfg", cfg_json, "--set", "ae_train.stages.0.steps=3",
                "--set", "autoencoder.lpips.net=alex", "--stage", "1",
                "--shards", str(tmp_path / "shards" / "train"), "--out", str(out)])
     assert rc == 0
@@ -324,3 +325,94 @@ def test_stage1_from_shards_through_the_cli(tmp_path):
     rc = main(["ae-train", "--cfg", cfg_json, "--stage", "3", "--init", str(out / "checkpoint.pt"),
                "--shards", str(tmp_path / "shards" / "train"), "--out", str(tmp_path / "x")])
     assert rc == 2  # a clear ConfigError, not a traceback
+
+
+def test_each_stage_trains_at_its_configured_lr_and_batch(tmp_path, monkeypatch):
+    """ae_train.stages[k-1] is stage k's: the optimiser's lr and the loader's batch, from shards."""
+    import numpy as np
+    from helpers import write_shards
+
+    import dinosae.train.ae as ae_mod
+
+    rng = np.random.default_rng(0)
+    write_shards(tmp_path / "shards", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+                 [0, 1] * 6, [6, 6])
+    cfg = small_config()
+    lrs, batches = [1e-5, 1e-4, 3e-4, 5.4e-5], [2, 4, 6, 3]
+    cfg["ae_train"].update(stages=[{"steps": 1, "batch_size": b, "lr": r}
+                                   for b, r in zip(batches, lrs, strict=True)],
+                           schedule="constant", warmup_steps=0, disc_warmup_steps=0,
+                           disc_lr=7e-5)
+    seen = []
+    real_step = ae_mod.generator_step
+
+    def spy(st, model, x, *args, **kwargs):
+        out = real_step(st, model, x, *args, **kwargs)
+        d_lr = None if st.d_opt is None else {g["lr"] for g in st.d_opt.param_groups}
+        seen.append((st.number, x.shape[0], {g["lr"] for g in st.opt.param_groups}, d_lr))
+        return out
+
+    monkeypatch.setattr(ae_mod, "generator_step", spy)
+    init = None
+    for k in (1, 2, 3, 4):
+        out = tmp_path / f"s{k}"
+        train_stage(cfg, k, str(tmp_path / "shards"), init=init, out=str(out))
+        init = str(out / "checkpoint.pt")
+    want = [(k, b, {r}) for k, b, r in zip((1, 2, 3, 4), batches, lrs, strict=True)]
+    assert [s[:3] for s in seen] == want
+    assert [s[3] for s in seen] == [None, {7e-5}, {7e-5}, {7e-5}]
+
+
+def test_stage4_noise_is_relative_to_each_token_rms():
+    """DinoSAE.forward's noise: sigma*eps times ||z_t||/sqrt(C) per token (RAE's ratio)."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg).eval()
+    with torch.no_grad():  # a trained DINOv3's final-norm affine: components far from unit RMS
+        ae.encoder.vit.norm.weight.mul_(3.0)
+    x = torch.rand(2, 3, 32, 32)
+    noise = 0.5 * torch.randn(2, 4, ae.channels)
+    with torch.no_grad():
+        z, rec = ae(x, noise)
+        rms = z.norm(dim=-1, keepdim=True) / ae.channels ** 0.5
+        assert not torch.allclose(rms, torch.ones_like(rms), rtol=0.2)  # the scale matters
+        torch.testing.assert_close(rec, ae.decode(z + noise * rms))
+        assert noise_tau(5, 10, 0.8) == 0.8 and noise_tau(9, 10, [0.8, 1.2]) == 1.2
+
+
+@pytest.mark.integration  # ~40 s of CPU: a 22 M-parameter ViT-S/8 at 224 px, built five times
+def test_dino_discriminator_stages_train_its_heads_and_reference_its_dino(tmp_path):
+    """backbone dino_vits8 (RAE's): stage 2 trains the heads, never the frozen DINO, which the
+    checkpoint references by sha256 instead of storing; stage 3 refuses another DINO."""
+    from dinosae.models.discriminator import DinoDiscriminator
+
+    cfg = small_config()
+    cfg["autoencoder"]["discriminator"] = {"backbone": "dino_vits8", "weights": "random"}
+    cfg["ae_train"].update(stages=ae_stages([1, 2, 1, 1], 2, 2e-4), disc_warmup_steps=1)
+    data = images()[:4]
+    init = None
+    for k in (1, 2, 3):
+        train_stage(cfg, k, None, init=init, out=str(tmp_path / f"s{k}"),
+                    batches=make_batches(data, 2))
+        init = str(tmp_path / f"s{k}" / "checkpoint.pt")
+    ck2, ck3 = (load_checkpoint(tmp_path / f"s{k}" / "checkpoint.pt") for k in (2, 3))
+    torch.manual_seed(cfg["seed"])
+    fresh = DinoDiscriminator("random")
+    assert not any(k.startswith("dino.") for k in ck2["disc"])
+    assert ck2["disc"].keys() == fresh.trainable_state().keys()
+    assert ck2["disc_backbone"] == {"weights": "random",
+                                    "sha256": tensors_fingerprint(fresh.dino)}
+    moved = [k for k, v in fresh.trainable_state().items()
+             if k.endswith(".original") and not torch.equal(v, ck2["disc"][k])]
+    assert len(moved) == 15  # every conv of the five heads
+    assert not _equal(ck3["disc"], ck2["disc"])
+    log2 = rows(tmp_path / "s2" / "metrics.csv")
+    assert log2[0]["g_gan"] == "nan" and float(log2[1]["lambda"]) > 0
+    assert all(float(r["d_loss"]) > 0 for r in log2)
+    other = fresh.dino.state_dict()
+    other["blocks.0.mlp.fc1.weight"] = other["blocks.0.mlp.fc1.weight"] + 0.01
+    torch.save(other, tmp_path / "other_dino.pth")
+    cfg["autoencoder"]["discriminator"]["weights"] = str(tmp_path / "other_dino.pth")
+    with pytest.raises(ConfigError, match="DINO rebuilt from .* is not the one"):
+        train_stage(cfg, 3, None, init=str(tmp_path / "s2" / "checkpoint.pt"),
+                    out=str(tmp_path / "x"), batches=make_batches(data, 2))

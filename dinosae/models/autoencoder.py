@@ -37,7 +37,7 @@ TEACHER_PREFIX = "encoder.vit."  # state-dict keys of the frozen teacher
 class AutoencoderArgs:
     """The model config every AE checkpoint and export carries (as `to_dict()`): enough to
     rebuild the network. `teacher` = {arch, overrides, weights}; `decoder` = {widths, depths,
-    blocks, ...}; `discriminator` = {layers, channels}."""
+    blocks, ...}; `discriminator` = {backbone, layers, channels | weights}."""
 
     image_size: int
     teacher: dict
@@ -68,9 +68,10 @@ class AutoencoderArgs:
     def architecture(self) -> dict:
         """What fixes tensor shapes (the teacher's weights and LPIPS do not)."""
         teacher = {k: v for k, v in self.teacher.items() if k != "weights"}
+        disc = {k: v for k, v in self.discriminator.items() if k != "weights"}
         return {"image_size": self.image_size, "teacher": teacher, "stem": self.stem,
                 "stem_widths": self.stem_widths, "decoder": self.decoder,
-                "discriminator": self.discriminator}
+                "discriminator": disc}
 
 
 def _load(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -186,9 +187,16 @@ class DinoSAE(nn.Module):
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, reconstruction); `noise` (B, T, C), if given, is added to z before decoding."""
+        """(z, reconstruction). `noise` (B, T, C), if given, is relative (stage 4): scaled by
+        each token's RMS over C, ||z_t|| / sqrt(C), and added to z before decoding. Its
+        noise-to-signal ratio is then RAE's (RAE noises layer-normalised tokens, whose components
+        have unit RMS) whatever the tokens' radius: the encoder's raw norms here, s_vae for
+        generated latents, which `decode_at` rescales before this same decoder."""
         z = self.encode(x)
-        return z, self.decode(z if noise is None else z + noise)
+        if noise is None:
+            return z, self.decode(z)
+        rms = z.detach().float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return z, self.decode(z + (noise.float() * rms).to(z.dtype))
 
 
 def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> DinoSAE:

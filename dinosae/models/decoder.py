@@ -10,14 +10,19 @@ blocks (lite multi-scale ReLU linear attention + GLU MBConv) or ResBlocks. Chann
 Widths / depths / block kinds are listed highest resolution first, like DC-AE's configs:
 widths[4] runs at the token grid, widths[0] at full image resolution.
 
-Options that reproduce the authors' released decoder (wkdgnsgo/dino-sae, src/model.py, whose
-weights dinosae.importers maps onto this module) where it departs from the defaults:
+Options that reproduce the authors' released decoder (github wkdgnsgo/HAE, formerly
+wkdgnsgo/dino-sae: src/model.py's DCAE_Decoder, whose weights dinosae.importers maps onto this
+module; workflow/configs/imagenet256.yaml sets them all, tests/test_ae_parity.py checks the
+outputs against that code's) where it departs from the defaults:
 norm="sample" (their "trms2d" is an RMS norm of each sample over (C, H, W) with a per-channel
 weight and no bias, the stem's RMSNorm2d), attn_scales=() (their EViT blocks are built with
 scales=(): no multi-scale aggregation), evit_norm=False (the norm they hand to EfficientViTBlock
 is a module instance, which upstream efficientvit's build_norm turns into None), and
 upsample="pixel_shuffle" for DC-AE's ConvPixelShuffle upsampling (conv to 4x channels, then
-pixel shuffle) instead of nearest interpolation + conv.
+pixel shuffle; their DecoderConfig's default) instead of nearest interpolation + conv. Their
+LiteMLA switches to quadratic attention on maps of <= 32 positions; ours is always the linear
+form, the same sum in another order (equal within float rounding; the parity test covers a 4x4
+map). A stage of depth 0 has no upsampling in their code, one in ours.
 """
 
 from __future__ import annotations

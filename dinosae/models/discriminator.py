@@ -1,14 +1,25 @@
-"""GAN pieces: a discriminator on frozen DINO features, DiffAugment, hinge losses and the
-adaptive weight of the generator's GAN term.
+"""GAN pieces: discriminators on frozen DINO features, DiffAugment, hinge losses and the
+adaptive weight of the generator's GAN term. Two backbones (`autoencoder.discriminator.backbone`):
 
-The discriminator (StyleGAN-T / RAE style) reads the frozen teacher ViT's patch tokens after a
-few blocks and puts one small trainable conv head with spectral norm on each; the logits of all
-heads and positions are concatenated. Only the heads are parameters of `Discriminator`; the
-frozen ViT is shared with the autoencoder and passed in through `teacher_features`.
+* `dino_vits8` -- RAE's DINO discriminator (github bytetriper/RAE src/disc/dinodisc.py, as
+  configs/stage1/training/*.yaml builds it), which the paper adopts: a frozen DINO ViT-S/8 (timm's
+  `vit_small_patch8_224.dino`) at 224 px, features of blocks 2, 5, 8, 11 and of the last block,
+  one head each (conv1d k1 + norm + LeakyReLU, a residual circular conv1d k9 + norm + LeakyReLU,
+  conv1d to a logit; spectral norm on every conv). `DinoDiscriminator`; its DiffAugment is
+  `rae_diffaug` (translation, then colour, p = 1, no cutout) on images in [-1, 1], its loss
+  `0.5 * d_hinge_loss`, its fakes quantised to 8-bit levels (`quantize`).
+* `teacher` -- ours before: small conv heads with spectral norm on the frozen teacher ViT's patch
+  tokens after a few blocks (`Discriminator`; the ViT is shared with the autoencoder and passed
+  in through `teacher_features`), `diffaug` (colour, translation, cutout) on images in [0, 1].
+
+In both, the logits of all heads and positions are concatenated.
 """
 
 from __future__ import annotations
 
+import math
+
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -16,6 +27,8 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from dinosae.models.encoder import IMAGENET_MEAN, IMAGENET_STD
+
+BACKBONES = ("teacher", "dino_vits8")
 
 
 def teacher_features(vit: nn.Module, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
@@ -55,6 +68,179 @@ class Discriminator(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([head(f.float()) for head, f in zip(self.heads, features, strict=True)],
                          dim=1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+
+def build_discriminator(dcfg: dict, feature_dim: int) -> nn.Module:
+    """The discriminator `autoencoder.discriminator` describes (backbone teacher or dino_vits8);
+    its trainable weights random from torch's generator, a dino_vits8 backbone from `weights`."""
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        return DinoDiscriminator(dcfg.get("weights", "random"))
+    return Discriminator(feature_dim, dcfg["layers"], dcfg["channels"])
+
+
+# ---------------------------------------------------------------- RAE's DINO discriminator
+
+DINO_ARCH = "vit_small_patch8_224.dino"
+DINO_SEED = 0  # "random" weights: always the same network
+
+
+def create_dino(weights: str) -> nn.Module:
+    """The frozen DINO ViT-S/8 of RAE's discriminator: timm's `vit_small_patch8_224.dino`
+    architecture with RAE's tanh-approximated GELU (its FrozenDINONoDrop's MLP), eval, frozen.
+    weights: "random" (seeded), a local .pth/.safetensors file, or "hf-hub:<id>" (e.g.
+    hf-hub:timm/vit_small_patch8_224.dino). As RAE does on loading, the key bias of every
+    attention is zeroed (it shifts all of a query's scores alike: softmax ignores it)."""
+    from dinosae.errors import TeacherWeightsError
+
+    kwargs = dict(num_classes=0, act_layer="gelu_tanh")
+    if weights.startswith("hf-hub:"):
+        try:
+            model = timm.create_model(DINO_ARCH, pretrained=True, pretrained_cfg_overlay=dict(
+                hf_hub_id=weights[len("hf-hub:"):], source="hf-hub"), **kwargs)
+        except Exception as e:  # offline, unknown id, wrong shapes: all end the same way
+            raise TeacherWeightsError(
+                f"could not load discriminator weights {weights!r} ({type(e).__name__}: {e}); "
+                "give a local copy of the file (autoencoder.discriminator.weights) or 'random'"
+            ) from e
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(DINO_SEED)
+            model = timm.create_model(DINO_ARCH, pretrained=False, **kwargs)
+        if weights != "random":
+            _load_dino_file(model, weights)
+    with torch.no_grad():
+        for block in model.blocks:
+            C = block.attn.qkv.bias.numel() // 3
+            block.attn.qkv.bias[C:2 * C].zero_()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _load_dino_file(model: nn.Module, path: str) -> None:
+    """A local DINO ViT-S/8 state dict (timm's keys, or the original DINO release's, which
+    timm's ViT converter reads; RAE's x_scale/x_shift buffers ignored); a mismatch lists every
+    wrong key."""
+    from pathlib import Path
+
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from dinosae.errors import TeacherWeightsError
+    from dinosae.models.encoder import read_state_dict
+    from dinosae.models.keymap import mismatches
+
+    if not Path(path).is_file():
+        raise TeacherWeightsError(f"discriminator weights file {path!r} does not exist")
+    sd = {k: v for k, v in read_state_dict(Path(path)).items() if k not in ("x_scale", "x_shift")}
+    sd = {k: v for k, v in checkpoint_filter_fn(sd, model).items()
+          if not k.startswith(("head.", "fc_norm."))}
+    problems = mismatches(model.state_dict(), sd)
+    if problems:
+        raise TeacherWeightsError(f"discriminator weights {path!r} do not fit {DINO_ARCH}: "
+                                  + "; ".join(problems))
+    model.load_state_dict(sd)
+
+
+class DinoHead(nn.Module):
+    """RAE's head on one feature map (B, C, L) -> (B, L) logits: conv1d k1 + norm + LeakyReLU,
+    then (h + LeakyReLU(norm(circular conv1d k(h)))) / sqrt(2), then conv1d k1 to one channel;
+    spectral norm (one power iteration per training forward) on every conv. The norm is RAE's
+    BatchNormLocal with virtual batch 1: each sample and channel over positions, eps 1e-6, i.e.
+    an affine instance norm."""
+
+    def __init__(self, channels: int, kernel: int = 9) -> None:
+        super().__init__()
+        self.conv_in = spectral_norm(nn.Conv1d(channels, channels, 1), eps=1e-12)
+        self.norm_in = nn.InstanceNorm1d(channels, eps=1e-6, affine=True)
+        self.conv_mid = spectral_norm(nn.Conv1d(channels, channels, kernel, padding=kernel // 2,
+                                                padding_mode="circular"), eps=1e-12)
+        self.norm_mid = nn.InstanceNorm1d(channels, eps=1e-6, affine=True)
+        self.conv_out = spectral_norm(nn.Conv1d(channels, 1, 1), eps=1e-12)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm_in(self.conv_in(f)))
+        h = (self.act(self.norm_mid(self.conv_mid(h))) + h) * (1 / math.sqrt(2))
+        return self.conv_out(h).flatten(1)
+
+
+class DinoDiscriminator(nn.Module):
+    """RAE's DINO discriminator: images in [-1, 1] (any size; resized to 224 px, bilinear) ->
+    (B, 5 * 784) logits. The frozen DINO (`dino`) is part of the module but not of what a stage
+    checkpoint stores (`trainable_state`): it is referenced by its source and sha256."""
+
+    def __init__(self, weights: str = "random", key_depths: tuple[int, ...] = (2, 5, 8, 11),
+                 kernel: int = 9) -> None:
+        super().__init__()
+        self.dino = create_dino(weights)
+        self.key_depths = list(key_depths)
+        self.size = self.dino.patch_embed.img_size[0]
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        # x in [-1, 1]: ((x + 1) / 2 - mean) / std = x * (0.5 / std) + (0.5 - mean) / std
+        self.register_buffer("x_scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("x_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
+        C = self.dino.embed_dim
+        self.heads = nn.ModuleList([DinoHead(C, kernel) for _ in range(len(self.key_depths) + 1)])
+
+    def train(self, mode: bool = True) -> DinoDiscriminator:
+        super().train(mode)
+        self.dino.eval()  # frozen: always in inference mode
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The last block's patch tokens, then those of each key depth: (B, C, L) each."""
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x * self.x_scale + self.x_shift
+        last = len(self.dino.blocks) - 1
+        idx = sorted(set(self.key_depths) | {last})
+        maps = self.dino.forward_intermediates(x, indices=idx, norm=False, output_fmt="NLC",
+                                               intermediates_only=True, stop_early=True)
+        by_depth = dict(zip(idx, maps, strict=True))
+        return [by_depth[d].transpose(1, 2) for d in [last, *self.key_depths]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f.float()) for head, f in zip(self.heads, self.features(x),
+                                                              strict=True)], dim=1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("dino.")}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith("dino.")}
+        self.load_state_dict({**state, **frozen})
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] clamped and rounded to the 256 levels of an 8-bit image (RAE's fakes)."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def rae_diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    """RAE's DiffAug(prob=1, cutout=0) on images in [-1, 1]: a translation by up to 1/8 of the
+    size (uncovered pixels 0), then brightness (+-0.5), saturation (x0..2) and contrast
+    (x0.5..1.5), per sample. Draws as RAE does (three policy switches, then a (7, B) block of
+    uniforms), so the same seed gives RAE's numbers."""
+    x = x.float()  # as RAE's
+    B, _, H, W = x.shape
+    torch.rand(3, generator=g, device=x.device)  # RAE's switches: with p = 1 all are on
+    r = torch.rand(7, B, 1, 1, generator=g, device=x.device)
+    dh, dw = round(H * 0.125), round(W * 0.125)
+    th = (r[0] * (2 * dh + 1)).floor().long() - dh  # (B, 1, 1)
+    tw = (r[1] * (2 * dw + 1)).floor().long() - dw
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    ys = (torch.arange(H, device=x.device).view(1, H, 1) + th + 1).clamp(0, H + 1)
+    xs = (torch.arange(W, device=x.device).view(1, 1, W) + tw + 1).clamp(0, W + 1)
+    x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[b, ys, xs].permute(0, 3, 1, 2)
+    x = x + (r[2].unsqueeze(-1) - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (r[3].unsqueeze(-1) * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (r[4].unsqueeze(-1) + 0.5) + mean
 
 
 # ---------------------------------------------------------------- DiffAugment (Zhao et al. 2020)
@@ -111,6 +297,25 @@ def diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
 
 def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+def disc_logits(disc: nn.Module, images: torch.Tensor, dcfg: dict, vit: nn.Module,
+                g: torch.Generator | None = None) -> torch.Tensor:
+    """Logits of images in [0, 1], DiffAugmented as `dcfg`'s (autoencoder.discriminator)
+    backbone says: dino_vits8 -> rae_diffaug on [-1, 1] images into the DinoDiscriminator;
+    teacher -> diffaug, then the frozen teacher `vit`'s features (without a graph unless the
+    images need one) into the heads. `disc` may be wrapped in DDP."""
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        return disc(rae_diffaug(2 * images - 1, g))
+    if torch.is_grad_enabled() and images.requires_grad:
+        return disc(teacher_features(vit, diffaug(images, g), dcfg["layers"]))
+    with torch.no_grad():
+        feats = teacher_features(vit, diffaug(images, g), dcfg["layers"])
+    return disc(feats)
+
+
+# the discriminator's hinge loss is multiplied by this (RAE's hinge_d_loss halves the sum)
+D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 0.5}
 
 
 def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:

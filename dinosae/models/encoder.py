@@ -33,7 +33,7 @@ def _how_to_supply(arch: str) -> str:
             "DINOv3 key format); or use 'random' for an untrained teacher.")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from dinosae.files import read_safetensors
 
@@ -61,7 +61,7 @@ def load_teacher_file(model: nn.Module, path: str | Path) -> None:
     what = (f"teacher weights {str(path)!r} do not fit the configured architecture "
             f"({arch_name(model)} with the configured overrides)")
     try:
-        sd = dinov3_to_timm(_read_state_dict(path), model)
+        sd = dinov3_to_timm(read_state_dict(path), model)
     except WeightsMismatchError as e:
         raise TeacherWeightsError(f"{what}: {e}") from None
     expected = {k: v for k, v in model.state_dict().items()

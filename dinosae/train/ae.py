@@ -3,9 +3,13 @@
     stage 1  alignment      stem + decoder   0.5*(1-cos) + L1 + LPIPS
     stage 2  adversarial    stem + decoder   stage 1 + adv*lambda*GAN (D warm-up first: D only)
     stage 3  refinement     decoder only     L1 + LPIPS + adv*lambda*GAN   (encoder frozen)
-    stage 4  noise aug.     decoder only     as stage 3 on z + sigma*eps, sigma ~ U(0, tau)
+    stage 4  noise aug.     decoder only     as stage 3 on z + sigma*rms(z)*eps, sigma = tau*U(0,1)
 
-lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. Stage k > 1
+lambda = ||grad_W L_rec|| / ||grad_W L_GAN|| at the decoder's last conv W, clamped. The GAN is
+the configured discriminator's (models.discriminator): with backbone dino_vits8, RAE's recipe --
+its DiffAug on [-1, 1] images, fakes quantised to 8 bits for the discriminator step, half the
+hinge loss, the discriminator in eval mode (no spectral-norm power iteration) for the generator
+step. Each stage's steps, global batch and lr are ae_train.stages[k-1]. Stage k > 1
 starts from stage k-1's checkpoint. Periodic checkpoints go to `out/last.pt` (full state: a
 rerun after a kill resumes from it); the finished stage writes `out/checkpoint.pt` with what the
 next stage needs (trained weights and their EMA, the discriminator from stage 2 on, no optimizer
@@ -37,18 +41,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dinosae.checkpoint import AE_KIND, read_checkpoint
+from dinosae.checkpoint import AE_KIND, read_checkpoint, tensors_fingerprint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
 from dinosae.errors import ConfigError, NumericsError
 from dinosae.images import save_grid
 from dinosae.models.autoencoder import AutoencoderArgs, DinoSAE, build_autoencoder
 from dinosae.models.discriminator import (
-    Discriminator,
+    D_LOSS_FACTOR,
     adaptive_weight,
+    build_discriminator,
     d_hinge_loss,
-    diffaug,
+    disc_logits,
     g_hinge_loss,
-    teacher_features,
+    quantize,
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
@@ -81,8 +86,11 @@ def step_generator(seed: int, stage: int, step: int, rank: int,
     return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def noise_tau(step: int, steps: int, tau: list[float]) -> float:
-    """Stage 4's tau, linear from tau[0] at the first step to tau[1] at the last."""
+def noise_tau(step: int, steps: int, tau: float | list[float]) -> float:
+    """Stage 4's tau: a number (RAE's 0.8), or [lo, hi] ramping linearly from lo at the first
+    step to hi at the last."""
+    if not isinstance(tau, list):
+        return float(tau)
     return tau[0] + (tau[1] - tau[0]) * step / max(1, steps - 1)
 
 
@@ -118,13 +126,6 @@ def _check_init(ckpt: dict, path: str, stage: int, cfg: dict) -> None:
         raise ConfigError(f"--init {path!r} has no discriminator (stage {stage} needs one)")
 
 
-def _load(module: torch.nn.Module, state: dict, what: str, path: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{path!r}: {what} does not fit the configured network: {e}") from e
-
-
 # ---------------------------------------------------------------- building a stage
 
 @dataclass
@@ -138,7 +139,7 @@ class Stage:
     params: list[torch.nn.Parameter]  # what the generator step trains
     opt: torch.optim.Optimizer
     lpips: torch.nn.Module
-    disc: Discriminator | None = None
+    disc: torch.nn.Module | None = None  # Discriminator or DinoDiscriminator
     d_opt: torch.optim.Optimizer | None = None
 
     def state(self, step: int, meta: dict, counters: dict, *, optimizers: bool) -> dict:
@@ -149,7 +150,11 @@ class Stage:
              "teacher": self.ae.teacher_ref(self.args),
              "model": self.ae.trainable_state(), "ema": self.ema.trainable_state()}
         if self.disc is not None:
-            s["disc"] = self.disc.state_dict()
+            s["disc"] = self.disc.trainable_state()
+            backbone = getattr(self.disc, "dino", None)
+            if backbone is not None:  # frozen: referenced by its source and sha256
+                s["disc_backbone"] = {"weights": self.args.discriminator.get("weights", "random"),
+                                      "sha256": tensors_fingerprint(backbone)}
         if optimizers:
             s["optimizer"] = self.opt.state_dict()
             if self.d_opt is not None:
@@ -175,12 +180,9 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
         if stage >= 3:  # the encoder is final from here on: its EMA weights, in both copies
             ae.encoder.stem.load_state_dict(ema.encoder.stem.state_dict())
     depth = len(ae.encoder.vit.blocks)
-    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
-    if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
-        raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
-                          f"teacher's {depth} blocks (0..{depth - 1})")
-    depth = len(ae.encoder.vit.blocks)
-    beyond = [k for k in acfg["discriminator"]["layers"] if not 0 <= k < depth]
+    dcfg = acfg["discriminator"]
+    teacher_disc = dcfg.get("backbone", "teacher") == "teacher"
+    beyond = [k for k in dcfg["layers"] if not 0 <= k < depth] if teacher_disc else []
     if beyond:  # checked in every stage: stage 1 must not run for hours towards a stage 2 error
         raise ConfigError(f"config: 'autoencoder.discriminator.layers': {beyond} beyond the "
                           f"teacher's {depth} blocks (0..{depth - 1})")
@@ -194,18 +196,23 @@ def build_stage(cfg: dict, stage: int, init: str | None, device: torch.device) -
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+                            lr=tcfg["stages"][stage - 1]["lr"], betas=tuple(tcfg["betas"]))
     st = Stage(stage, AutoencoderArgs.from_config(cfg), ae, ema, params, opt, lpips)
     if stage >= 2:
-        dcfg = acfg["discriminator"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            st.disc = Discriminator(ae.channels, dcfg["layers"], dcfg["channels"])
+            st.disc = build_discriminator(dcfg, ae.channels)
         if stage >= 3:
-            _load(st.disc, prev["disc"], "discriminator", init)
+            _check_disc_backbone(st, prev, init)
+            try:
+                st.disc.load_trainable(prev["disc"])
+            except RuntimeError as e:
+                raise ConfigError(f"{init!r}: discriminator does not fit the configured "
+                                  f"network: {e}") from e
         st.disc.to(device).train()
-        st.d_opt = torch.optim.AdamW(st.disc.parameters(), lr=tcfg["disc_lr"],
-                                     betas=tuple(tcfg["betas"]), weight_decay=0.0)
+        st.d_opt = torch.optim.AdamW([p for p in st.disc.parameters() if p.requires_grad],
+                                     lr=tcfg["disc_lr"], betas=tuple(tcfg["betas"]),
+                                     weight_decay=0.0)
     return st
 
 
@@ -217,12 +224,25 @@ def resume(st: Stage, ck: dict, meta: dict) -> bool:
     st.ema.load_trainable(ck["ema"], "last.pt (ema)")
     st.opt.load_state_dict(ck["optimizer"])
     if st.disc is not None:
-        st.disc.load_state_dict(ck["disc"])
+        st.disc.load_trainable(ck["disc"])
         st.d_opt.load_state_dict(ck["disc_optimizer"])
     return True
 
 
+def _check_disc_backbone(st: Stage, prev: dict, init: str) -> None:
+    """A frozen discriminator backbone must be the one the previous stage trained against."""
+    ref, backbone = prev.get("disc_backbone"), getattr(st.disc, "dino", None)
+    if (ref is None) != (backbone is None):
+        raise ConfigError(f"--init {init!r} was trained with another discriminator backbone; "
+                          "rerun the earlier stages with this config")
+    if ref is not None and ref.get("sha256") != tensors_fingerprint(backbone):
+        raise ConfigError(f"--init {init!r}: the discriminator's DINO rebuilt from "
+                          f"{st.args.discriminator.get('weights')!r} is not the one it was "
+                          f"trained with ({ref.get('weights')!r}); restore those weights")
+
+
 # ---------------------------------------------------------------- one step
+
 
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
@@ -233,7 +253,7 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
     values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
     is not finite (the update is then skipped)."""
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
-    layers = st.args.discriminator.get("layers")
+    rae = st.args.discriminator.get("backbone", "teacher") == "dino_vits8"
     row: dict[str, Any] = {}
     set_lr(st.opt, lr)
     with autocast, (nullcontext() if train_g else torch.no_grad()):
@@ -248,8 +268,10 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
             row["align"] = align
         if stage >= 2 and train_g:
             disc.requires_grad_(False)
-            g_gan = g_hinge_loss(disc(teacher_features(ae.encoder.vit, diffaug(rec, gen),
-                                                       layers)))
+            if rae:
+                disc.eval()  # RAE's generator step: stored spectral-norm vectors
+            g_gan = g_hinge_loss(disc_logits(disc, rec, st.args.discriminator, ae.encoder.vit,
+                                             gen))
             lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
                                   weights["adaptive_max"])
             loss = loss + weights["adv"] * lam * g_gan
@@ -276,18 +298,22 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                        rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
                        autocast: Any, device: torch.device) -> tuple[dict, bool]:
-    """Hinge loss on real vs reconstructed images, both DiffAugmented, in the frozen teacher's
-    features; skipped on every rank alike when not finite."""
+    """Hinge loss on real vs reconstructed images, both DiffAugmented (with the dino_vits8
+    backbone: fakes quantised to 8 bits, half the loss, as RAE); skipped on every rank alike
+    when not finite."""
+    backbone = st.args.discriminator.get("backbone", "teacher")
+    st.disc.train()
     st.disc.requires_grad_(True)
+    if backbone == "dino_vits8":
+        st.disc.dino.requires_grad_(False)  # frozen; train() keeps it in eval mode too
     set_lr(st.d_opt, d_lr)
     B = x.shape[0]
+    fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
     with autocast:
-        with torch.no_grad():
-            feats = teacher_features(st.ae.encoder.vit, diffaug(torch.cat([x, rec.detach()]), gen),
-                                     st.args.discriminator["layers"])
-        logits = disc_train(feats)
+        logits = disc_logits(disc_train, torch.cat([x, fake]), st.args.discriminator,
+                             st.ae.encoder.vit, gen)
         d_real, d_fake = logits[:B], logits[B:]
-        d_loss = d_hinge_loss(d_real, d_fake)
+        d_loss = D_LOSS_FACTOR[backbone] * d_hinge_loss(d_real, d_fake)
     row = {"d_loss": d_loss, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
     st.d_opt.zero_grad(set_to_none=True)
     ok = all_ranks(bool(torch.isfinite(d_loss)), device)
@@ -328,10 +354,11 @@ def _shard_batches(cfg: dict, shards: str, local_batch: int, rank: int, world: i
     return batches
 
 
-def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_range: list[float],
+def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_cfg: float | list[float],
            gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Stage 4's latent noise sigma * eps, sigma ~ U(0, tau) per sample; (noise, tau)."""
-    tau = noise_tau(step, steps, tau_range)
+    """Stage 4's relative latent noise sigma * eps, sigma = tau * U(0, 1) per sample (RAE's);
+    DinoSAE.forward scales it by each token's RMS. Returns (noise, tau)."""
+    tau = noise_tau(step, steps, tau_cfg)
     sigma = torch.rand(x.shape[0], generator=gen, device=x.device) * tau
     eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
                       generator=gen, device=x.device)
@@ -375,7 +402,8 @@ def run_identity(cfg: dict, stage: int, shards: str | None, init: str | None,
             "shards_manifest_sha256": sha256_file(manifest) if manifest and manifest.is_file()
             else None,
             "image_size": cfg["data"]["image_size"], "autoencoder": cfg["autoencoder"],
-            "ae_train": {k: v for k, v in cfg["ae_train"].items()
+            "ae_train": {k: (v[stage - 1] if k == "stages" else v)  # this stage's settings
+                         for k, v in cfg["ae_train"].items()
                          if k not in (*_CADENCE_KEYS, "max_bad_steps")}}
 
 
@@ -384,12 +412,13 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     own_group = not dist.is_initialized()
     rank, world, device = setup_ddp(cfg.get("device", "auto"))
     tcfg = cfg["ae_train"]
-    if tcfg["batch_size"] % world:
-        raise ConfigError(f"ae_train.batch_size {tcfg['batch_size']} is not divisible by the "
-                          f"{world} processes")
+    batch = tcfg["stages"][stage - 1]["batch_size"]
+    if batch % world:
+        raise ConfigError(f"ae_train.stages[{stage - 1}].batch_size {batch} is not divisible by "
+                          f"the {world} processes")
     if batches is None:
-        batches = _shard_batches(cfg, shards, tcfg["batch_size"] // world, rank, world)
-    files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stage_steps"][stage - 1],
+        batches = _shard_batches(cfg, shards, batch // world, rank, world)
+    files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stages"][stage - 1]["steps"],
                            f"ae stage {stage}", f"ae-stage{stage}", device,
                            run_identity(cfg, stage, shards, init, world), restart)
     try:
@@ -409,7 +438,9 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     """The training loop of one stage: resume, then step, log, checkpoint until done. Long
     because it is the loop, read top to bottom like nanoGPT's train.py."""
     tcfg, seed, stage, main = cfg["ae_train"], int(cfg.get("seed", 0)), st.number, rank == 0
-    steps, max_bad = tcfg["stage_steps"][stage - 1], tcfg.get("max_bad_steps", 5)
+    mine = tcfg["stages"][stage - 1]  # this stage's steps, global batch and lr
+    steps, global_batch = mine["steps"], mine["batch_size"]
+    max_bad = tcfg.get("max_bad_steps", 5)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
 
@@ -446,7 +477,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
     if main:
         log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
-                 "device %s", stage, steps, tcfg["batch_size"], world,
+                 "device %s", stage, steps, global_batch, world,
                  sum(p.numel() for p in st.params), device)
     warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
     t_last, logged = time.time(), start
@@ -459,7 +490,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         noise = None
         if stage == 4:
             noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
-        lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
+        lr = lr_at(step - warmup_d, mine["lr"], tcfg["warmup_steps"], steps - warmup_d,
                    tcfg["schedule"]) if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
                                         tcfg=tcfg, autocast=autocast, device=device)
@@ -480,7 +511,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
             now = time.time()
             dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
             row.update(step=done, skipped=skipped, sec_per_step=dt,
-                       images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
+                       images_per_sec=global_batch / max(dt, 1e-9))
             metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
                          for k, v in row.items()})
         if main and (done % tcfg["image_every"] == 0 or done == steps):
