@@ -45,6 +45,17 @@ def latent_store(split):
 CACHE = latent_store(config["latents"]["split"])  # the cache the DiT trains on
 
 
+# Where training runs log besides metrics.csv (logging.backends: tensorboard, wandb). It reaches
+# the shell lines as a global, outside the rules' params: choosing another backend does not rerun
+# a finished training.
+LOGGING = "--set " + shlex.quote(
+    "logging.backends=" + json.dumps(config.get("logging", {}).get("backends", ["csv"]))
+)
+# The gFID proxy of DiT training (dit.eval_every): train_dit then also reads the reference
+# statistics (rule fid_reference) and the eval section.
+GFID_PROXY = bool(config["dit"].get("eval_every"))
+
+
 def cfg(*sections):
     """The named config sections as one shell-quoted JSON argument for `dinosae ... --cfg`."""
     return shlex.quote(json.dumps({s: config[s] for s in sections}, sort_keys=True))
