@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ class _WandB:
 
         self.state = out / "wandb.json"
         old = json.loads(self.state.read_text()) if resumed_at and self.state.is_file() else {}
-        run_id = str(old.get("id") or wandb.util.generate_id())
+        run_id = str(old.get("id") or secrets.token_hex(4))  # W&B ids: [a-z0-9]
         self.sent = self.floor = int(old.get("step", 0))  # steps <= floor: sent before the kill
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "dinosae"), name=name, id=run_id,
