@@ -188,6 +188,21 @@ def test_a_backend_that_cannot_start_says_so_and_the_run_goes_on(tmp_path, monke
     assert (out / "checkpoint.pt").is_file()
 
 
+def test_backends_come_from_the_config_else_the_environment(monkeypatch, caplog):
+    from dinosae.train.logs import chosen_backends
+
+    monkeypatch.setenv("DINOSAE_LOGGING", "csv,wandb")  # what common.smk hands the rules' jobs
+    assert chosen_backends({"logging": {"backends": ["csv", "tensorboard"]}}) == \
+        ["csv", "tensorboard"]
+    assert chosen_backends({"dit": {}}) == ["csv", "wandb"]
+    monkeypatch.setenv("DINOSAE_LOGGING", "tensorbord,csv")
+    with caplog.at_level(logging.WARNING, logger="dinosae"):
+        assert chosen_backends({}) == ["csv"]
+    assert "'tensorbord'" in caplog.text
+    monkeypatch.delenv("DINOSAE_LOGGING")
+    assert chosen_backends({}) == ["csv"]
+
+
 # ---------------------------------------------------------------- the gFID proxy
 
 def test_gfid_proxy_equals_dinosae_fid_on_the_same_samples(tmp_path):

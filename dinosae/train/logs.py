@@ -38,6 +38,7 @@ from dinosae.files import atomic_write_text
 log = logging.getLogger("dinosae")
 
 BACKENDS = ("csv", "tensorboard", "wandb")  # logging.backends (csv is always on)
+ENV = "DINOSAE_LOGGING"  # the backends when the config has no logging section (the rules)
 EVENTS = r"events\.out\.tfevents\..+"  # TensorBoard's files: run folders accept these names
 WANDB_NAMES = (r"wandb", r"wandb\.json")
 GPU_MEM = "gpu_mem_gb"  # the column RunLog adds: peak GPU memory since the last row (GB)
@@ -138,13 +139,28 @@ class _WandB:
 _MAKERS = {"tensorboard": _TensorBoard, "wandb": _WandB}
 
 
+def chosen_backends(cfg: dict) -> list[str]:
+    """cfg logging.backends; without a logging section, the environment's DINOSAE_LOGGING
+    (comma-separated; how the Snakemake rules pass it, outside their params: another backend
+    must not rerun a finished training); else csv only. Unknown names are said and skipped."""
+    if "backends" in (cfg.get("logging") or {}):
+        names = list(cfg["logging"]["backends"])
+    else:
+        names = [n.strip() for n in os.environ.get(ENV, "csv").split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        log.warning("logging: unknown backend(s) %s in %s (known: %s); skipped",
+                    ", ".join(map(repr, unknown)), ENV, ", ".join(BACKENDS))
+    return [n for n in dict.fromkeys(names) if n in BACKENDS]
+
+
 class RunLog:
     """metrics.csv and the chosen backends of one run folder `out`.
 
     `log(step, row)` writes a metrics.csv row (adding `gpu_mem_gb`, the peak GPU memory since
     the previous row, NaN off CUDA) and sends its finite numbers to the backends;
     `image(tag, step, path)` sends a PNG grid just written. `cfg`: the run's config sections
-    (`logging.backends` chooses the backends, default csv only; W&B records them all).
+    (`chosen_backends` reads the backends from them; W&B records them all).
     `resumed_at`: the steps done by the state the run resumed from (0: a fresh run). `name`
     names the W&B run."""
 
@@ -154,7 +170,7 @@ class RunLog:
         self.csv = MetricsCSV(self.out / "metrics.csv", resumed_at)
         self.device = device
         self.backends: dict[str, Any] = {}
-        for b in dict.fromkeys((cfg.get("logging") or {}).get("backends", ["csv"])):
+        for b in chosen_backends(cfg):
             if b == "csv":
                 continue
             try:

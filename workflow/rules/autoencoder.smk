@@ -24,7 +24,7 @@ for k in (1, 2, 3, 4):
             out=run_folder,
         shell:
             "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage} --shards {params.shards}"
-            " {params.init} --out {params.out} {LOGGING} > {log} 2>&1"
+            " {params.init} --out {params.out} > {log} 2>&1"
 
 
 rule eval_recon:

@@ -45,11 +45,11 @@ def latent_store(split):
 CACHE = latent_store(config["latents"]["split"])  # the cache the DiT trains on
 
 
-# Where training runs log besides metrics.csv (logging.backends: tensorboard, wandb). It reaches
-# the shell lines as a global, outside the rules' params: choosing another backend does not rerun
-# a finished training.
-LOGGING = "--set " + shlex.quote(
-    "logging.backends=" + json.dumps(config.get("logging", {}).get("backends", ["csv"]))
+# Where training runs log besides metrics.csv (logging.backends: tensorboard, wandb): handed to
+# the jobs in their environment, not as a param, so that choosing another backend does not rerun
+# a finished training (dinosae/train/logs.py reads it when a job's config has no logging section).
+os.environ["DINOSAE_LOGGING"] = ",".join(
+    config.get("logging", {}).get("backends", ["csv"])
 )
 # The gFID proxy of DiT training (dit.eval_every): train_dit then also reads the reference
 # statistics (rule fid_reference) and the eval section.

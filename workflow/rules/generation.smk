@@ -23,7 +23,7 @@ rule train_dit:
         ),
     shell:
         "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae}"
-        " {params.reference} --out {params.out} {LOGGING} > {log} 2>&1"
+        " {params.reference} --out {params.out} > {log} 2>&1"
 
 
 rule sample:
