@@ -745,7 +745,8 @@ def proxy_note(cfg: dict, m: Measured, spec: dict, mfu: float) -> str:
     dc = cfg["dit"]
     n, every = int(dc.get("eval_samples", 1000)), int(dc.get("eval_every") or 0)
     sec = n * sum(seconds_per_image(m.rules[r], spec, mfu) for r in ("sample", "fid"))
-    line = f"gFID proxy: {n:,} samples cost {_hours(sec / 3600)} per evaluation on one GPU"
+    line = (f"gFID proxy: {n:,} samples cost {_hours(sec / 3600)} per evaluation on rank 0's "
+            "GPU (the other ranks wait)")
     if not every:
         return line + " (off: dit.eval_every 0)"
     evals = dc["steps"] // every + (dc["steps"] % every != 0)  # and one at the last step
