@@ -151,7 +151,8 @@ def test_gfid_proxy_reaches_train_dit_and_logging_stays_out_of_the_params(tmp_pa
     cmds = [line for line in r.stdout.splitlines() if "dinosae" in line and "--cfg" in line]
     (dit,) = [c for c in cmds if "train-dit" in c]
     assert "--reference results/fid/reference_val.npz" in dit and '"eval": {' in dit
-    assert not [c for c in cmds if "logging" in c or "tensorboard" in c]
+    training = [c for c in cmds if "train-dit" in c or "ae-train" in c]
+    assert len(training) == 5 and not [c for c in training if "logging" in c or "tensorb" in c]
     block = r.stdout.split("rule train_dit:")[1].split("\n\n")[0]
     assert "results/fid/reference_val.npz" in block.split("output:")[0]  # an input
     # off (the default): no reference input, no eval section

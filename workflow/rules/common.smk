@@ -48,8 +48,9 @@ CACHE = latent_store(config["latents"]["split"])  # the cache the DiT trains on
 # Where training runs log besides metrics.csv (logging.backends: tensorboard, wandb): handed to
 # the jobs in their environment, not as a param, so that choosing another backend does not rerun
 # a finished training (dinosae/train/logs.py reads it when a job's config has no logging section).
-os.environ["DINOSAE_LOGGING"] = ",".join(
-    config.get("logging", {}).get("backends", ["csv"])
+# Set here, not read: on a cluster the job's own snakemake sets it again from the same config.
+os.environ.update(
+    DINOSAE_LOGGING=",".join(config.get("logging", {}).get("backends", ["csv"]))
 )
 # The gFID proxy of DiT training (dit.eval_every): train_dit then also reads the reference
 # statistics (rule fid_reference) and the eval section.
