@@ -126,7 +126,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     "train-dit": (
         "dinosae.train.dit", "train_dit", "train the RFM DiT on the latent cache",
         [("--cache", dict(required=True)), ("--ae", dict(required=True)),
-         ("--out", dict(required=True)), FORCE, RESTART],
+         ("--out", dict(required=True)),
+         ("--reference", dict(default=None, help="reference statistics (fid-reference) for "
+                                                 "the gFID proxy, dit.eval_every")),
+         FORCE, RESTART],
     ),
     "sample": (
         "dinosae.generate", "sample_to_h5", "class-balanced samples -> HDF5 (+ PNG grid)",

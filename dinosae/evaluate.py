@@ -938,3 +938,28 @@ def eval_recon(cfg: dict, checkpoint: str, shards: str, out: str, force: bool = 
     save_grid(rows.float() / 255.0, Path(out).with_suffix(".png"), nrow=ncol)
     log.info("recon: PSNR %.2f SSIM %.4f %s %.4f %s %.4f (%d images) -> %s", np.mean(psnrs),
              np.mean(ssims), lpips_name, np.mean(lpipss), rname, rfd, len(psnrs), out)
+
+
+# ---------------------------------------------------------------- FD of images in memory
+
+class FDScorer:
+    """The FD that `fid` reports, for images held in memory (the DiT's gFID proxy): the same
+    extractor (cfg eval.extractor; `teacher` is the AE teacher module when it is the teacher),
+    the same feature layer, batches of eval.batch_size, the same statistics against the same
+    reference file. Built once (the extractor and the reference load once), called often."""
+
+    def __init__(self, cfg: dict, reference: str | Path, device: torch.device,
+                 teacher: torch.nn.Module | None = None) -> None:
+        self.ref = load_reference(reference)
+        self.layer = _layers(cfg, inception_extras=False)["fd"]
+        self.extractor, self.info = build_extractor(cfg, [self.layer], device, teacher)
+        _check_reference(self.ref, self.info, reference)
+        self.batch_size, self.device = int(cfg["eval"]["batch_size"]), device
+
+    def __call__(self, images: Iterable[np.ndarray]) -> float:
+        """FD of uint8 (B, H, W, 3) batches (any batch sizes) against the reference."""
+        rows = (image for batch in images for image in batch)
+        batches = (_nchw(b) for b in batched(rows, self.batch_size))
+        mu, sigma = feature_statistics(extract_features(self.extractor, batches,
+                                                        self.device)[self.layer])
+        return frechet_distance(mu, sigma, self.ref["mu"], self.ref["sigma"])

@@ -90,13 +90,37 @@ def sampler_settings(meta: dict, steps: int, integrator: str = "euler_project") 
             "cfg_channels": conv["cfg_channels"], "integrator": integrator}
 
 
+def decoded_samples(model: torch.nn.Module, autoencoder: Any, meta: dict, sc: dict,
+                    labels: np.ndarray, seeds: np.ndarray, s_vae: float, device: torch.device,
+                    what: str = "samples") -> np.ndarray:
+    """One batch of samples as uint8 (B, H, W, 3): sample i starts from seeds[i]'s noise
+    (start_noise) with class labels[i], runs the sampler of the `sample` section `sc` (steps,
+    cfg_scale, guidance_interval, integrator) in the generator's convention (meta), and is
+    decoded at radius s_vae. Non-finite images stop with NumericsError naming `what`. The one
+    path from seeds to images: `dinosae sample` and the DiT's gFID proxy both call it."""
+    from dinosae.rfm import sample
+
+    kw = sampler_settings(meta, int(sc["steps"]), sc.get("integrator", "euler_project"))
+    shape = (int(meta["tokens"]), int(meta["channels"]))
+    z1 = start_noise(seeds, shape, float(meta["radius"]), kw["path"])
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    z = sample(model, y, cfg_scale=float(sc["cfg_scale"]), r=float(meta["radius"]),
+               alpha=float(meta["alpha"]), shape=shape,
+               guidance_interval=tuple(sc["guidance_interval"]), z1=z1,
+               amp=sampling_bf16(sc.get("precision", "fp32"), device), **kw)
+    images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
+    if not torch.isfinite(images).all():
+        raise NumericsError(f"{what}: not finite; nothing of them was written")
+    return to_uint8(images)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) ≈[0, 1] -> uint8 (B, H, W, 3)."""
     x = (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _decode_radius(cfg_s_vae: float | None, cache_attrs: dict | None) -> float:
+def decode_radius(cfg_s_vae: float | None, cache_attrs: dict | None) -> float:
     if cfg_s_vae is not None:
         return float(cfg_s_vae)
     if cache_attrs is None:
@@ -184,7 +208,6 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
     latent cache the generator was trained on, or None (an imported generator)."""
     from dinosae.models.autoencoder import DinoSAE
     from dinosae.models.dit import load_dit
-    from dinosae.rfm import sample
 
     sc = cfg["sample"]
     out = Path(out)
@@ -197,7 +220,7 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
     cache_attrs = _cache_attrs(cache, ae, meta, dit) if cache else None
     num_classes = int(meta["num_classes"])
     classes = [str(c) for c in (cache_attrs or {}).get("classes", range(num_classes))]
-    s_vae = _decode_radius(sc.get("s_vae"), cache_attrs)
+    s_vae = decode_radius(sc.get("s_vae"), cache_attrs)
     integrator = sc.get("integrator", "euler_project")
     bf16 = sampling_bf16(sc.get("precision", "fp32"), device)
     settings_kw = sampler_settings(meta, int(sc["steps"]), integrator)
@@ -207,7 +230,6 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
                     n, num_classes)
     labels = balanced_labels(n, num_classes)
     seeds = sample_seeds(n, int(cfg.get("seed", 0)))
-    shape = (int(meta["tokens"]), int(meta["channels"]))
     r, alpha, path = float(meta["radius"]), float(meta["alpha"]), settings_kw["path"]
     settings = {
         "format": FORMAT, "version": VERSION, "num_samples": n, "num_classes": num_classes,
@@ -225,16 +247,8 @@ def sample_to_h5(cfg: dict, dit: str, ae: str, cache: str | None, out: str,
     }
 
     def generate(lo: int, hi: int) -> np.ndarray:
-        z1 = start_noise(seeds[lo:hi], shape, r, path)
-        y = torch.from_numpy(labels[lo:hi]).to(device)
-        z = sample(model, y, cfg_scale=float(sc["cfg_scale"]), r=r, alpha=alpha, shape=shape,
-                   guidance_interval=tuple(sc["guidance_interval"]), z1=z1,
-                   amp=bf16, **settings_kw)
-        images = autoencoder.decode_at(z, s_vae)  # rescaled to the decode radius s_vae
-        if not torch.isfinite(images).all():
-            raise NumericsError(f"samples {lo}..{hi - 1} are not finite (DiT {dit}, decoder "
-                                f"{ae}); nothing of them was written")
-        return to_uint8(images)
+        return decoded_samples(model, autoencoder, meta, sc, labels[lo:hi], seeds[lo:hi], s_vae,
+                               device, f"samples {lo}..{hi - 1} (DiT {dit}, decoder {ae})")
 
     hw = autoencoder.image_hw
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -744,6 +744,21 @@ def job_hours(cfg: dict, gpu: str, gpus: dict[str, int], mfu: float = DEFAULT_MF
             for rule, load in rule_loads(cfg, data).items()}
 
 
+def proxy_note(cfg: dict, m: Measured, spec: dict, mfu: float) -> str:
+    """The gFID proxy's cost (dit.eval_every, dit.eval_samples; dinosae/train/proxy.py): per
+    evaluation, `sample`'s and `fid`'s work on eval_samples images, on rank 0's one GPU."""
+    dc = cfg["dit"]
+    n, every = int(dc.get("eval_samples", 1000)), int(dc.get("eval_every") or 0)
+    sec = n * sum(seconds_per_image(m.rules[r], spec, mfu) for r in ("sample", "fid"))
+    line = (f"gFID proxy: {n:,} samples cost {_hours(sec / 3600)} per evaluation on rank 0's "
+            "GPU (the other ranks wait)")
+    if not every:
+        return line + " (off: dit.eval_every 0)"
+    evals = dc["steps"] // every + (dc["steps"] % every != 0)  # and one at the last step
+    return (f"{line}; every {every:,} steps: {evals} evaluations, {_hours(evals * sec / 3600)} "
+            "of train_dit's wall time (not in its row above)")
+
+
 def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_MFU,
               train_images: int | None = None, val_images: int | None = None) -> Plan:
     """The plan of `cfg` on `gpus` GPUs of kind `gpu` (a key of gpus.yaml)."""
@@ -777,6 +792,7 @@ def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_
         "checkpoints (fp32): an AE stage's checkpoint.pt holds stem + decoder (weights and "
         "EMA) and the discriminator, the frozen teacher referenced; the DiT's weights and EMA; "
         "each last.pt adds AdamW",
+        proxy_note(cfg, m, spec, mfu),
     ]
     return Plan(model, spec, gpus, mfu, data, rows, disk, notes)
 

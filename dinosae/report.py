@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # metrics.csv columns that are bookkeeping, not curves worth a panel
-NOT_PLOTTED = {"step", "skipped", "bad_steps", "sec_per_step", "images_per_sec", "img_per_s"}
+NOT_PLOTTED = {"step", "skipped", "bad_steps", "sec_per_step", "images_per_sec", "img_per_s",
+               "proxy_sec"}
 SAMPLES_PER_CLASS = 16  # images in one class's grid (two rows of eight)
 PAGE_STYLE = ("body{font-family:sans-serif;background:#fff;color:#111;margin:1.5em}"
               "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:.3em .8em;"

@@ -267,3 +267,20 @@ def test_paper_profile_fits_every_rule_in_gpu_and_host_memory(paper):
         # every rank can stage its GPU state (weights, AdamW, EMA) in host memory
         assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
     assert not math.isnan(sum(r.peak_bytes for r in p.rules))
+
+
+def test_gfid_proxy_cost_is_sample_and_fid_work_on_its_samples():
+    from types import SimpleNamespace
+
+    from dinosae.plan import proxy_note
+
+    def work(flops):  # a rule's work per image, as RuleWork.flops() gives it
+        return SimpleNamespace(flops=lambda: {"bf16": flops})
+
+    m = SimpleNamespace(rules={"sample": work(3e15), "fid": work(1e15), "train_dit": work(1e20)})
+    cfg = {"dit": {"eval_samples": 100, "eval_every": 0, "steps": 10}}
+    # 100 images x 4e15 FLOP at 1000 TFLOPS x MFU 0.5 = 800 s
+    note = proxy_note(cfg, m, {"bf16": 1000.0}, 0.5)
+    assert "100 samples cost 13 min per evaluation" in note and "off" in note
+    cfg["dit"]["eval_every"] = 4  # steps 4, 8 and the last, 10
+    assert "3 evaluations, 40 min" in proxy_note(cfg, m, {"bf16": 1000.0}, 0.5)

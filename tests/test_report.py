@@ -28,6 +28,13 @@ def test_plot_metrics_draws_each_finite_curve_but_not_bookkeeping(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
 
 
+def test_plot_metrics_draws_the_gfid_proxy_of_its_evaluation_steps(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,loss,gpu_mem_gb,FD_teacher_proxy,proxy_sec\n2,1.5,nan,nan,nan\n"
+                   "4,1.2,nan,30.5,2.0\n6,0.9,nan,nan,nan\n8,0.8,nan,21.25,2.1\n")
+    assert plot_metrics(csv, tmp_path / "loss.png", "dit") == ["loss", "FD_teacher_proxy"]
+
+
 def test_last_grid_is_the_highest_step(tmp_path):
     for step in (4, 100, 12):
         (tmp_path / f"grid_{step:06d}.png").write_bytes(b"")

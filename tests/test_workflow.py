@@ -172,3 +172,22 @@ def test_paper_reference_is_train_statistics_or_adm_batch(tmp_path):
     assert "--shards" not in cmd
     fid = r.stdout.split("rule fid:")[1].split("\n\n")[0]
     assert "results/fid/reference_adm.npz" in fid
+def test_gfid_proxy_reaches_train_dit_and_logging_stays_out_of_the_params(tmp_path):
+    # dit.eval_every: train_dit waits for the reference statistics and gets them and the eval
+    # section; logging.backends reach the jobs in their environment (common.smk sets
+    # DINOSAE_LOGGING), not as a param: another backend does not rerun a finished training
+    (tmp_path / "proxy.yaml").write_text(
+        "dit:\n  eval_every: 50\nlogging:\n  backends: [csv, tensorboard]\n")
+    r = dry_run("-p", "--configfile", str(tmp_path / "proxy.yaml"))
+    assert r.returncode == 0, r.stderr
+    cmds = [line for line in r.stdout.splitlines() if "dinosae" in line and "--cfg" in line]
+    (dit,) = [c for c in cmds if "train-dit" in c]
+    assert "--reference results/fid/reference_val.npz" in dit and '"eval": {' in dit
+    training = [c for c in cmds if "train-dit" in c or "ae-train" in c]
+    assert len(training) == 5 and not [c for c in training if "logging" in c or "tensorb" in c]
+    block = r.stdout.split("rule train_dit:")[1].split("\n\n")[0]
+    assert "results/fid/reference_val.npz" in block.split("output:")[0]  # an input
+    # off (the default): no reference input, no eval section
+    r = dry_run("-p")
+    (dit,) = [line for line in r.stdout.splitlines() if "train-dit" in line and "--cfg" in line]
+    assert "--reference" not in dit and '"eval"' not in dit

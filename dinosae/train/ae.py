@@ -59,14 +59,16 @@ from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
-from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
+from dinosae.train.loop import RunCheckpoints, ema_update, endless, lr_at, set_lr
 
 log = logging.getLogger("dinosae")
 
 FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_loss", "d_real",
           "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec"]
 # what a stage folder holds (and temporaries): anything else there is not ours to replace
-STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png")
+STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png",
+                          EVENTS, *WANDB_NAMES)
 # ae_train keys that only change logging / checkpoint cadence: a resume ignores them
 _CADENCE_KEYS = ("log_every", "image_every", "ckpt_every")
 
@@ -473,7 +475,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
             disc_train = DDP(st.disc, device_ids=ids, forward_sync_buffers=False)
     data = closing_stack.enter_context(closing(endless(batches, *positions[rank])))
     # rows are labelled with the number of completed steps: keep those up to `start`
-    metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
+    metrics = closing_stack.enter_context(closing(RunLog(
+        out, cfg, resumed_at=start, device=device, name=f"ae-stage{stage}"))) if main else None
     progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
     if main:
         log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
@@ -512,12 +515,13 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
             dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
             row.update(step=done, skipped=skipped, sec_per_step=dt,
                        images_per_sec=global_batch / max(dt, 1e-9))
-            metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
-                         for k, v in row.items()})
+            metrics.log(done, {k: float(v.detach()) if torch.is_tensor(v) else v
+                               for k, v in row.items()})
         if main and (done % tcfg["image_every"] == 0 or done == steps):
             n = min(8, x.shape[0])
             pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
             save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
+            metrics.image("input | reconstruction", done, out / f"grid_{done:06d}.png")
         progress.update(1, loss=float(row["loss"].detach()), skipped=skipped)
         files.after_step(done, functools.partial(state, done, optimizers=True))
     files.finish(lambda: state(steps, optimizers=False))

@@ -34,14 +34,16 @@ from dinosae.images import save_grid
 from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
-from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
+from dinosae.train.loop import RunCheckpoints, ema_update, endless, lr_at, set_lr
 
 log = logging.getLogger("dinosae.dit")
 
 GRID_SAMPLES = 16  # images in the periodic sample grid
 MAX_BAD_STEPS = 5  # default for dit.max_bad_steps
 # what a DiT run folder holds (and temporaries): anything else there is not ours to replace
-RUN_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"samples_\d+\.png")
+RUN_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"samples_\d+\.png",
+                        EVENTS, *WANDB_NAMES)
 
 
 # ---------------------------------------------------------------- one training step
@@ -109,7 +111,7 @@ def _attrs_meta(cache: Any) -> dict:
 # ---------------------------------------------------------------- sample grid
 
 def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, path: str,
-                 device: torch.device, out: Path, step: int) -> None:
+                 device: torch.device, out: Path, step: int) -> Path | None:
     """GRID_SAMPLES class-cycling samples from the EMA model, decoded at radius s_vae."""
     labels = torch.arange(GRID_SAMPLES, device=device) % meta["num_classes"]
     gen = torch.Generator(device=device).manual_seed(0)  # same noise every time: comparable grids
@@ -120,17 +122,18 @@ def _sample_grid(ema: torch.nn.Module, ae: Any, meta: dict, sample_cfg: dict, pa
                    path=path, amp=device.type == "cuda",
                    integrator=sample_cfg.get("integrator", "euler_project"))
     if ae is None:
-        return
+        return None
     s_vae = sample_cfg.get("s_vae") or meta.get("mean_norm")
     if s_vae is None:
         raise ValueError("sample.s_vae is null and the cache records no mean_norm")
     save_grid(ae.decode_at(z, s_vae), out / f"samples_{step:06d}.png", nrow=8)
+    return out / f"samples_{step:06d}.png"
 
 
 # ---------------------------------------------------------------- the loop
 
 def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
-              force: bool = False, restart: bool = False) -> Path:
+              force: bool = False, restart: bool = False, reference: str | None = None) -> Path:
     """Train the DiT on a latent cache; returns out/checkpoint.pt.
 
     Config sections: seed, device, dit, sample (grid sampling: steps, cfg_scale,
@@ -139,15 +142,17 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
     autoencoder checkpoint used to decode the sample grids (None: grids are sampled, not saved).
     `out` is locked by rank 0 while it trains; an existing `out` holding other files than a
     DiT run's is refused (`force`: replaced). A last.pt in `out` from another run is refused
-    (`restart`: replaced by a fresh run), see train.loop.RunCheckpoints.resume.
+    (`restart`: replaced by a fresh run), see train.loop.RunCheckpoints.resume. `reference`: the
+    reference statistics of the gFID proxy (dit.eval_every; train/proxy.py), which also needs
+    `ae` and the `eval` section.
     """
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before the process group: rank 0 claims
-    inputs = [cache if isinstance(cache, (str, Path)) else None, ae]
+    inputs = [cache if isinstance(cache, (str, Path)) else None, ae, reference]
     with writing(out, "train-dit", RUN_FOLDER, force=force, inputs=inputs
                  ) if rank0 else nullcontext():
         rank, world, device = setup_ddp(cfg.get("device", "auto"))
         try:
-            return _train(cfg, cache, ae, Path(out), rank, world, device, restart)
+            return _train(cfg, cache, ae, Path(out), rank, world, device, restart, reference)
         finally:
             cleanup_ddp()
 
@@ -199,7 +204,7 @@ def run_identity(cfg: dict, data: Any, world: int) -> dict:
 
 
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
-           device: torch.device, restart: bool = False) -> Path:
+           device: torch.device, restart: bool = False, reference: str | None = None) -> Path:
     """The loop: resume, then step, log, draw grids, checkpoint until done. Long because it is
     the loop, read top to bottom like nanoGPT's train.py."""
     dc, sample_cfg, seed = cfg["dit"], cfg.get("sample", {}), int(cfg.get("seed", 0))
@@ -243,11 +248,16 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     autoencoder = None
     grids_due = bool(dc["image_every"]) and dc["image_every"] <= dc["steps"]
-    if ae and is_main() and grids_due:  # only a run that draws grids needs the decoder
+    proxy_due = bool(dc.get("eval_every")) and is_main()
+    if ae and is_main() and (grids_due or proxy_due):  # only grids and the proxy decode
         from dinosae.models.autoencoder import DinoSAE
 
         autoencoder = DinoSAE.load(ae, device)
-    metrics = MetricsCSV(out / "metrics.csv", resume_step=step) if is_main() else None
+    if proxy_due:
+        from dinosae.train.proxy import GFIDProxy
+
+        proxy = GFIDProxy(cfg, autoencoder, config, reference, device)
+    metrics = RunLog(out, cfg, resumed_at=step, device=device, name="dit") if is_main() else None
     progress = Progress(dc["steps"], start=step, desc="dit")
     gen = torch.Generator(device=device)
 
@@ -283,25 +293,37 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                 log.warning("step %d: non-finite loss %.4g / grad norm %.4g; update skipped "
                             "(%d in a row)", step, res["loss"], res["grad_norm"], bad_run)
             progress.update(1, loss=res["loss"])
+            scores = {}
+            if proxy_due and (step % dc["eval_every"] == 0 or step == dc["steps"]):
+                scores = proxy(ema)
+                t_window += scores["proxy_sec"]  # throughput counts the training only
+                log.info("step %d: %s %.4f (%d samples, %.1f s)", step, proxy.key,
+                         scores[proxy.key], proxy.n, scores["proxy_sec"])
             if metrics is not None and (step % dc["log_every"] == 0 or step == dc["steps"]
-                                        or bad_run >= max_bad):
+                                        or bad_run >= max_bad or scores):
                 now = time.time()
                 row = {"step": step, "lr": lr, "bad_steps": bad_total,
                        "img_per_s": n_window * dc["batch_size"] / max(now - t_window, 1e-9)}
                 for key in loss_keys:  # means over the window's good steps
                     row[key] = float(np.mean([w[key] for w in window])) if window else math.nan
-                metrics.log(row)
+                if proxy_due:
+                    row.update(proxy.empty(), **scores)
+                metrics.log(step, row)
                 window, n_window, t_window = [], 0, now
             if bad_run >= max_bad:  # (after the metrics row that counts it)
                 raise NumericsError(f"{bad_run} non-finite DiT steps in a row (step {step}); "
                                     "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
-                _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
+                grid = _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
+                if grid is not None:
+                    metrics.image("samples", step, grid)
             files.after_step(step, state, stop=res["stop"])
         return files.finish(lambda: state(optimizer=False))
     finally:
         progress.close()
         files.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def _check_resume(ck: dict, config: dict, path: Path) -> None:

@@ -1,11 +1,11 @@
-"""What the AE and DiT training loops share, written once: the LR schedule, EMA, metrics.csv,
-endless epochs, and the run's checkpoint files (periodic `last.pt`, stop on a signal on any
-rank, the final `checkpoint.pt`). The loops themselves stay linear in train/ae.py, train/dit.py.
+"""What the AE and DiT training loops share, written once: the LR schedule, EMA, endless
+epochs, and the run's checkpoint files (periodic `last.pt`, stop on a signal on any rank, the
+final `checkpoint.pt`). The loops themselves stay linear in train/ae.py, train/dit.py; what they
+log (metrics.csv and the live backends) is train/logs.py.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -62,41 +62,6 @@ def endless(epoch_fn: Callable[[int], Iterable], epoch: int, index: int
             raise RuntimeError(f"epoch {epoch} produced no batches: too few training samples for "
                                "the batch size and number of processes")
         epoch, index = epoch + 1, 0
-
-
-class MetricsCSV:
-    """Append-only metrics.csv that survives resume: rows at or after the resumed step are
-    dropped first, so a rerun after a kill never duplicates steps."""
-
-    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fields: list[str] | None = None
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            keep = [r for r in rows if int(float(r.get("step", 0))) < resume_step]
-            if keep:
-                self.fields = list(keep[0].keys())
-                tmp = self.path.with_suffix(".csv.tmp")
-                with open(tmp, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=self.fields)
-                    w.writeheader()
-                    w.writerows(keep)
-                os.replace(tmp, self.path)
-            else:
-                self.path.unlink()
-
-    def log(self, row: Mapping[str, Any]) -> None:
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        new = not self.path.exists()
-        if self.fields is None:
-            self.fields = list(row.keys())
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
 
 
 def _flat(doc: Any, prefix: str = "") -> dict[str, Any]:

@@ -57,13 +57,27 @@ if (
 
     SHARED_CACHE = find_for(
         config["latents"],
-        AE_CHECKPOINT
-        if os.path.isfile(AE_CHECKPOINT) or not PRETRAINED_AE
-        else PRETRAINED_AE,
+        (
+            AE_CHECKPOINT
+            if os.path.isfile(AE_CHECKPOINT) or not PRETRAINED_AE
+            else PRETRAINED_AE
+        ),
         f"{SHARDS}/{config['latents']['split']}/manifest.json",
     )
 # the cache the DiT trains on, and what its rules take as input for it
 CACHE = str(SHARED_CACHE or latent_store(config["latents"]["split"]))
+
+
+# Where training runs log besides metrics.csv (logging.backends: tensorboard, wandb): handed to
+# the jobs in their environment, not as a param, so that choosing another backend does not rerun
+# a finished training (dinosae/train/logs.py reads it when a job's config has no logging section).
+# Set here, not read: on a cluster the job's own snakemake sets it again from the same config.
+os.environ.update(
+    DINOSAE_LOGGING=",".join(config.get("logging", {}).get("backends", ["csv"]))
+)
+# The gFID proxy of DiT training (dit.eval_every): train_dit then also reads the reference
+# statistics (rule fid_reference) and the eval section.
+GFID_PROXY = bool(config["dit"].get("eval_every"))
 
 
 def cfg(*sections):

@@ -9,6 +9,8 @@ rule train_dit:
             else expand(rules.encode.output.report, split=config["latents"]["split"])
         ),
         ae=AE_CHECKPOINT,
+        # the gFID proxy's reference statistics (rules.fid_reference is defined later)
+        reference=lambda w: rules.fid_reference.output if GFID_PROXY else [],
     output:
         DIT_CHECKPOINT,
     log:
@@ -16,13 +18,16 @@ rule train_dit:
     conda:
         "../../envs/dinosae.yaml"
     params:
-        cfg=cfg("seed", "device", "dit", "sample"),
+        cfg=cfg("seed", "device", "dit", "sample", *(["eval"] if GFID_PROXY else [])),
         launch=launch,
         cache=CACHE,
         out=run_folder,
+        reference=lambda w, input: (
+            f"--reference {shlex.quote(str(input.reference))}" if GFID_PROXY else ""
+        ),
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache} --ae {input.ae:q}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache:q} --ae {input.ae:q}"
+        " {params.reference} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule sample:
