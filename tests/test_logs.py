@@ -69,6 +69,8 @@ def _assert_same_as_csv(rows, series, timing_from_first_run=()):
         for k, v in r.items():
             if k != "step" and math.isfinite(float(v)):
                 expect.setdefault(k, []).append((int(r["step"]), float(v)))
+    assert all(tag.startswith("metrics/") for tag in series)  # one section: every curve
+    series = {tag.removeprefix("metrics/"): v for tag, v in series.items()}
     assert sorted(series) == sorted(expect)
     for tag, points in expect.items():
         got = series[tag]
@@ -110,7 +112,7 @@ def test_images_go_to_tensorboard(tmp_path):
     runlog.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    (event,) = acc.Images("samples")
+    (event,) = acc.Images("images/samples")
     assert event.step == 5 and (event.width, event.height) == (12, 8)
     with Image.open(__import__("io").BytesIO(event.encoded_image_string)) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), rgb)

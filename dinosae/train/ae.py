@@ -521,7 +521,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
             n = min(8, x.shape[0])
             pairs = torch.stack([x[:n], rec[:n].detach().float()], dim=1).flatten(0, 1)
             save_grid(pairs, out / f"grid_{done:06d}.png", nrow=8)
-            metrics.image("input | reconstruction", done, out / f"grid_{done:06d}.png")
+            metrics.image("grid", done, out / f"grid_{done:06d}.png")
         progress.update(1, loss=float(row["loss"].detach()), skipped=skipped)
         files.after_step(done, functools.partial(state, done, optimizers=True))
     files.finish(lambda: state(steps, optimizers=False))

@@ -12,9 +12,10 @@ of them; image grids go to the backends too. Only rank 0 makes a RunLog.
                             the same W&B run and sends only the steps after that one
 
 The backends get the finite numbers of a row (a NaN cell means "not measured at this step": a
-loss of another stage, GPU memory on a CPU). A backend that cannot start (not installed, no
-network) says so in one line and the run goes on with metrics.csv; one that fails later is
-dropped the same way. tensorboard and wandb are optional extras (`pip install
+loss of another stage, GPU memory on a CPU), tagged `metrics/<column>` (one section: every curve
+of the run on one page), and the grids as `images/<name>`. A backend that cannot start (not
+installed, no network) says so in one line and the run goes on with metrics.csv; one that fails
+later is dropped the same way. tensorboard and wandb are optional extras (`pip install
 dinosae[tensorboard,wandb]`), imported only when chosen.
 """
 
@@ -184,7 +185,7 @@ class RunLog:
         row = {"step": step, **{k: v for k, v in row.items() if k != "step"},
                GPU_MEM: self._gpu_mem()}
         self.csv.log(row)
-        values = {k: float(v) for k, v in row.items()
+        values = {f"metrics/{k}": float(v) for k, v in row.items()
                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         self._each("scalars", step, values)
 
@@ -194,7 +195,7 @@ class RunLog:
 
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
-            self._each("image", tag, step, image)
+            self._each("image", f"images/{tag}", step, image)
 
     def close(self) -> None:
         self._each("close")
