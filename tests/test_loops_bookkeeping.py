@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import ae_stages
 from scipy import stats
 from test_dit import FakeCache
 from test_train_ae import images, make_batches, small_config
@@ -228,8 +229,10 @@ def test_ae_loop_lr_and_ema(tmp_path, monkeypatch):
     each generator update."""
     cfg = small_config()
     tc = cfg["ae_train"]
-    tc.update(stage_steps=[2, 5, 3, 3], disc_warmup_steps=1, warmup_steps=2, ema=0.6, lr=1e-3,
-              disc_lr=5e-4, schedule="cosine", ckpt_every=100, image_every=100)
+    lr = 1e-3
+    tc.update(stages=ae_stages([2, 5, 3, 3], tc["stages"][0]["batch_size"], lr),
+              disc_warmup_steps=1, warmup_steps=2, ema=0.6, disc_lr=5e-4, schedule="cosine",
+              ckpt_every=100, image_every=100)
     data = images()
     s1 = tmp_path / "s1"
     TA.train_stage(cfg, 1, None, out=str(s1), batches=make_batches(data, 4))
@@ -264,7 +267,7 @@ def test_ae_loop_lr_and_ema(tmp_path, monkeypatch):
 
     # generator: nothing during the 1 warm-up step, then the schedule over the 4 steps after it
     assert [c["train_g"] for c in g_calls] == [False, True, True, True, True]
-    want_g = [0.0] + [schedule(s, tc["lr"], 2, 4, "cosine") for s in range(4)]
+    want_g = [0.0] + [schedule(s, lr, 2, 4, "cosine") for s in range(4)]
     np.testing.assert_allclose([c["lr"] for c in g_calls], want_g, rtol=1e-9, atol=0)
     np.testing.assert_allclose([c["set"] for c in g_calls[1:]], want_g[1:], rtol=1e-9)
     want_d = [schedule(s, tc["disc_lr"], 2, 5, "cosine") for s in range(5)]

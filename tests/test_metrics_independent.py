@@ -177,7 +177,7 @@ def busy_generator(tmp_path, monkeypatch):
     attrs = {"num_classes": NUM_CLASSES, "classes": [f"n{i:08d}" for i in range(NUM_CLASSES)],
              "mean_norm": MEAN_NORM, "grid": grid, "channels": C, "complete": True}
     latents = types.ModuleType("dinosae.latents")
-    latents.open_cache = lambda path, expect_encoder_sha=None: types.SimpleNamespace(attrs=attrs)
+    latents.open_cache = lambda path, **_: types.SimpleNamespace(attrs=attrs)
     monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
     return cfg, str(dit_path), str(ae_path), str(tmp_path / "cache.zarr")
 
