@@ -57,9 +57,11 @@ if (
 
     SHARED_CACHE = find_for(
         config["latents"],
-        AE_CHECKPOINT
-        if os.path.isfile(AE_CHECKPOINT) or not PRETRAINED_AE
-        else PRETRAINED_AE,
+        (
+            AE_CHECKPOINT
+            if os.path.isfile(AE_CHECKPOINT) or not PRETRAINED_AE
+            else PRETRAINED_AE
+        ),
         f"{SHARDS}/{config['latents']['split']}/manifest.json",
     )
 # the cache the DiT trains on, and what its rules take as input for it
