@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import parametrize
 
 from dinosae.checkpoint import AE_KIND, read_checkpoint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
@@ -49,6 +50,7 @@ from dinosae.models.discriminator import (
     diffaug,
     g_hinge_loss,
     teacher_features,
+    weight_of_grads,
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
@@ -227,12 +229,17 @@ def resume(st: Stage, ck: dict, meta: dict) -> bool:
 
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
-                   lr: float, tcfg: dict, autocast: Any, device: torch.device
-                   ) -> tuple[dict, torch.Tensor, bool]:
+                   lr: float, tcfg: dict, autocast: Any, device: torch.device,
+                   micro_batch: int | None = None) -> tuple[dict, torch.Tensor, bool]:
     """Reconstruction (+ alignment in stages 1-2, + adaptive-weight GAN from stage 2) and, when
     `train_g`, the update of stem + decoder (decoder only from stage 3). Returns (metrics row
     values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
-    is not finite (the update is then skipped)."""
+    is not finite (the update is then skipped). A `micro_batch` below the batch accumulates
+    (`accumulated_generator_step`)."""
+    if micro_batch is not None and micro_batch < x.shape[0]:
+        return accumulated_generator_step(st, model, x, noise, gen, micro_batch,
+                                          train_g=train_g, lr=lr, tcfg=tcfg, autocast=autocast,
+                                          device=device)
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
     layers = st.args.discriminator.get("layers")
     row: dict[str, Any] = {}
@@ -276,9 +283,15 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
 
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                        rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
-                       autocast: Any, device: torch.device) -> tuple[dict, bool]:
+                       autocast: Any, device: torch.device, micro_batch: int | None = None
+                       ) -> tuple[dict, bool]:
     """Hinge loss on real vs reconstructed images, both DiffAugmented, in the frozen teacher's
-    features; skipped on every rank alike when not finite."""
+    features; skipped on every rank alike when not finite. A `micro_batch` below the batch
+    accumulates (`accumulated_discriminator_step`)."""
+    if micro_batch is not None and micro_batch < x.shape[0]:
+        return accumulated_discriminator_step(st, disc_train, x, rec, gen, micro_batch,
+                                              d_lr=d_lr, tcfg=tcfg, autocast=autocast,
+                                              device=device)
     st.disc.requires_grad_(True)
     set_lr(st.d_opt, d_lr)
     B = x.shape[0]
@@ -294,6 +307,157 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     ok = all_ranks(bool(torch.isfinite(d_loss)), device)
     if ok:
         d_loss.backward()
+        dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
+        ok = bool(torch.isfinite(dgn))
+        row["d_grad_norm"] = dgn
+    if ok:
+        st.d_opt.step()
+    st.d_opt.zero_grad(set_to_none=True)
+    return row, ok
+
+
+# ---------------------------------------------------------------- one step in micro-batches
+#
+# Gradient accumulation: the process's batch in parts of `micro` rows, each part's mean losses
+# weighted by its share of the rows, so that the summed gradients are the whole batch's. What
+# is not a mean over rows is made whole-batch explicitly: DiffAugment draws the whole batch's
+# randomness (`_rows_diffaug`), the spectral norms make one power iteration per step
+# (`parametrize.cached`), and lambda is computed from the summed gradients at W (the GAN
+# gradient is summed apart from the rest, then added with weight adv * lambda). Under DDP only
+# the last part's backward all-reduces.
+
+
+def _parts(b: int, micro: int) -> list[tuple[slice, float, bool]]:
+    """(rows, share of the batch, is last) of each micro-batch."""
+    starts = list(range(0, b, micro))
+    return [(slice(i, min(i + micro, b)), (min(i + micro, b) - i) / b, i == starts[-1])
+            for i in starts]
+
+
+def _no_sync(model: torch.nn.Module, last: bool) -> Any:
+    return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+
+
+def _rows_diffaug(x: torch.Tensor, gen: torch.Generator, total: int, start: int
+                  ) -> torch.Tensor:
+    """diffaug of rows start:start+len(x) of a batch of `total` rows, with the random draws of
+    one call on the whole batch (the caller resets `gen` before each part): the rows are put in
+    a zero batch of `total` (the augmentation is per row)."""
+    before = x.new_zeros(start, *x.shape[1:])
+    after = x.new_zeros(total - start - x.shape[0], *x.shape[1:])
+    return diffaug(torch.cat([before, x, after]), gen)[start:start + x.shape[0]]
+
+
+def _sum_into(sums: dict, values: dict, share: float) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v.detach().float() * share
+
+
+def accumulated_generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
+                               noise: torch.Tensor | None, gen: torch.Generator, micro: int, *,
+                               train_g: bool, lr: float, tcfg: dict, autocast: Any,
+                               device: torch.device) -> tuple[dict, torch.Tensor, bool]:
+    """generator_step in micro-batches of `micro` rows: the same update (up to float
+    rounding), one part's activations in memory at a time."""
+    weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
+    layers = st.args.discriminator.get("layers")
+    gan = stage >= 2 and train_g
+    set_lr(st.opt, lr)
+    st.opt.zero_grad(set_to_none=True)
+    gan_grads = [torch.zeros_like(p) for p in st.params] if gan else []
+    sums: dict[str, torch.Tensor] = {}
+    recs = []
+    g_state = gen.get_state()
+    with parametrize.cached() if gan else nullcontext():
+        for rows, share, last in _parts(x.shape[0], micro):
+            with _no_sync(model, last):
+                with autocast, (nullcontext() if train_g else torch.no_grad()):
+                    z, rec = model(x[rows], None if noise is None else noise[rows])
+                    l1 = (rec.float() - x[rows]).abs().mean()
+                    lp = st.lpips(rec.float(), x[rows]).mean()
+                    part = {"l1": l1, "lpips": lp}
+                    loss = weights["l1"] * l1 + weights["lpips"] * lp
+                    if stage <= 2:
+                        part["align"] = alignment_loss(z, ae.teacher_tokens(x[rows]))
+                        loss = loss + weights["align"] * part["align"]
+                    if gan:
+                        disc.requires_grad_(False)
+                        gen.set_state(g_state)
+                        aug = _rows_diffaug(rec, gen, x.shape[0], rows.start)
+                        part["g_gan"] = g_hinge_loss(disc(teacher_features(ae.encoder.vit, aug,
+                                                                           layers)))
+                if gan:  # the GAN gradient apart: lambda needs it alone at W
+                    grads = torch.autograd.grad(part["g_gan"] * share, st.params,
+                                                retain_graph=True, allow_unused=True)
+                    for acc, g in zip(gan_grads, grads, strict=True):
+                        if g is not None:
+                            acc.add_(g)
+                if train_g:
+                    (loss * share).backward()
+            _sum_into(sums, {**part, "loss": loss}, share)
+            recs.append(rec.detach())
+    row: dict[str, Any] = {**sums, "lr": lr}
+    if not train_g:  # stage 2's discriminator warm-up
+        return row, torch.cat(recs), True
+    if gan:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:  # the other gradients were all-reduced by DDP's last backward
+            flat = torch.cat([g.reshape(-1) for g in gan_grads]) / world
+            dist.all_reduce(flat)
+            for g, f in zip(gan_grads, flat.split([g.numel() for g in gan_grads]), strict=True):
+                g.copy_(f.view_as(g))
+        w = ae.decoder.last_layer
+        at_w = next(i for i, p in enumerate(st.params) if p is w)
+        lam = weight_of_grads(w.grad, gan_grads[at_w], weights["adaptive_max"])
+        for p, g in zip(st.params, gan_grads, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g, alpha=float(weights["adv"] * lam))
+        row["loss"] = row["loss"] + weights["adv"] * lam * row["g_gan"]
+        row["lambda"] = lam
+    ok = all_ranks(bool(torch.isfinite(row["loss"])), device)
+    if ok:
+        gn = torch.nn.utils.clip_grad_norm_(st.params, tcfg["grad_clip"])
+        ok = bool(torch.isfinite(gn))
+        row["grad_norm"] = gn
+    if ok:
+        st.opt.step()
+        if stage <= 2:
+            ema_update(st.ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
+        ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])
+    st.opt.zero_grad(set_to_none=True)
+    return row, torch.cat(recs), ok
+
+
+def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
+                                   rec: torch.Tensor, gen: torch.Generator, micro: int, *,
+                                   d_lr: float, tcfg: dict, autocast: Any,
+                                   device: torch.device) -> tuple[dict, bool]:
+    """discriminator_step in micro-batches of `micro` real and `micro` reconstructed images."""
+    st.disc.requires_grad_(True)
+    set_lr(st.d_opt, d_lr)
+    st.d_opt.zero_grad(set_to_none=True)
+    B, layers = x.shape[0], st.args.discriminator["layers"]
+    with autocast, torch.no_grad():  # images only: the whole batch's augmentation at once
+        aug = diffaug(torch.cat([x, rec.detach()]), gen)
+    sums: dict[str, torch.Tensor] = {}
+    with parametrize.cached():  # one power iteration per step, as in one forward
+        for rows, share, last in _parts(B, micro):
+            n = rows.stop - rows.start
+            with _no_sync(disc_train, last):
+                with autocast:
+                    with torch.no_grad():
+                        feats = teacher_features(st.ae.encoder.vit,
+                                                 torch.cat([aug[:B][rows], aug[B:][rows]]), layers)
+                    logits = disc_train(feats)
+                    d_loss = d_hinge_loss(logits[:n], logits[n:])
+                # the cached spectral-norm weights are shared by the parts' graphs
+                (d_loss * share).backward(retain_graph=not last)
+            _sum_into(sums, {"d_loss": d_loss, "d_real": logits[:n].mean(),
+                             "d_fake": logits[n:].mean()}, share)
+    row: dict[str, Any] = dict(sums)
+    ok = all_ranks(bool(torch.isfinite(row["d_loss"])), device)
+    if ok:
         dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
         ok = bool(torch.isfinite(dgn))
         row["d_grad_norm"] = dgn
@@ -444,12 +608,14 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
                    tcfg["schedule"]) if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
-                                        tcfg=tcfg, autocast=autocast, device=device)
+                                        tcfg=tcfg, autocast=autocast, device=device,
+                                        micro_batch=tcfg.get("micro_batch"))
         row.update(g_row)
         if st.disc is not None and ok:
             d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps, tcfg["schedule"])
             d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr, tcfg=tcfg,
-                                           autocast=autocast, device=device)
+                                           autocast=autocast, device=device,
+                                           micro_batch=tcfg.get("micro_batch"))
             row.update(d_row)
 
         # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals

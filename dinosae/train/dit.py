@@ -66,18 +66,24 @@ def draw_inputs(z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Tensor,
                z1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: float, path: str,
-               lambda_rad: float, grad_clip: float, amp: bool = False, stop: bool = False
-               ) -> dict[str, Any]:
+               lambda_rad: float, grad_clip: float, amp: bool = False, stop: bool = False,
+               micro_batch: int | None = None) -> dict[str, Any]:
     """Forward (network under bf16 autocast when `amp`), fp32 flow loss, backward, clip and
     AdamW step. Under DDP the reported losses are averages over ranks, and a non-finite loss or
     gradient norm skips the update on every rank alike. `stop` (this rank was signalled) rides
     along in the same reduction, so the ranks agree on stopping without a second host sync.
-    Returns loss parts, grad_norm, ok, stop (True when any rank was signalled)."""
-    zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = model(zt, t, y)
-    loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
-    loss.backward()
+    Returns loss parts, grad_norm, ok, stop (True when any rank was signalled). With
+    `micro_batch` smaller than this rank's batch, the gradient is accumulated over micro-batches
+    (`accumulate_flow_grads`)."""
+    if micro_batch is not None and micro_batch < z0.shape[0]:
+        loss, parts = accumulate_flow_grads(model, z0, z1, t, y, micro_batch, r=r, path=path,
+                                            lambda_rad=lambda_rad, amp=amp)
+    else:
+        zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(zt, t, y)
+        loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
+        loss.backward()
     world = dist.get_world_size() if dist.is_initialized() else 1
     stats = torch.cat([torch.stack([loss.detach(), *parts.values()]).float() / world,
                        loss.new_full((1,), float(stop), dtype=torch.float32)])
@@ -92,6 +98,34 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Ten
     result = {"loss": values[0], "grad_norm": values[-1], "ok": ok, "stop": values[-2] > 0}
     result.update(zip(parts.keys(), values[1:-2], strict=True))
     return result
+
+
+def accumulate_flow_grads(model: torch.nn.Module, z0: torch.Tensor, z1: torch.Tensor,
+                          t: torch.Tensor, y: torch.Tensor, micro_batch: int, *, r: float,
+                          path: str, lambda_rad: float, amp: bool
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward in micro-batches of `micro_batch` rows: each part's mean loss
+    weighted by its share of the rows, so the summed gradients are the whole batch's (the loss
+    is a mean over rows). Under DDP only the last backward all-reduces (`no_sync` before).
+    Returns the whole batch's (loss, parts), detached."""
+    b = z0.shape[0]
+    starts = range(0, b, micro_batch)
+    loss_sum, parts_sum = z0.new_zeros(()), {}
+    for i in starts:
+        rows = slice(i, min(i + micro_batch, b))
+        share = (rows.stop - rows.start) / b
+        last = i == starts[-1]
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            zt, u = rfm.point_and_target(z0[rows], z1[rows], t[rows], r, path)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(zt, t[rows], y[rows])
+            loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
+            (loss * share).backward()
+        loss_sum = loss_sum + loss.detach() * share
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() * share
+    return loss_sum, parts_sum
 
 
 # ---------------------------------------------------------------- data
@@ -195,6 +229,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         raise ConfigError(f"config: 'dit.batch_size' ({dc['batch_size']}) is not divisible by "
                           f"the {world} DDP ranks")
     local_batch = dc["batch_size"] // world
+    micro_batch = dc.get("micro_batch") or local_batch  # per process; the rest: accumulation
     max_bad = int(dc.get("max_bad_steps", MAX_BAD_STEPS))
     amp = device.type == "cuda"
     model, ema, opt, config = _build(dc, meta, seed, device)
@@ -257,7 +292,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
             set_lr(opt, lr)
             res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
                              lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp,
-                             stop=files.signal.stop)
+                             stop=files.signal.stop, micro_batch=micro_batch)
             step, n_window = step + 1, n_window + 1
             if res["ok"]:
                 ema_update(ema, model, dc["ema"])
