@@ -40,7 +40,8 @@ from torch.nn.utils import parametrize
 
 from dinosae.checkpoint import AE_KIND, read_checkpoint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
-from dinosae.errors import ConfigError, NumericsError
+from dinosae.errors import ConfigError
+from dinosae.faults import nan_fault
 from dinosae.images import save_grid
 from dinosae.models.autoencoder import AutoencoderArgs, DinoSAE, build_autoencoder
 from dinosae.models.discriminator import (
@@ -56,12 +57,22 @@ from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
-from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.loop import (
+    Diverged,
+    MetricsCSV,
+    Recovery,
+    RunCheckpoints,
+    ema_update,
+    endless,
+    lr_at,
+    set_lr,
+)
 
 log = logging.getLogger("dinosae")
 
 FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_loss", "d_real",
-          "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec"]
+          "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec",
+          "rollbacks", "lr_scale"]
 # what a stage folder holds (and temporaries): anything else there is not ours to replace
 STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png")
 # ae_train keys that only change logging / checkpoint cadence: a resume ignores them
@@ -539,10 +550,16 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stage_steps"][stage - 1],
                            f"ae stage {stage}", f"ae-stage{stage}", device)
     try:
-        with ExitStack() as closing_stack:  # loader workers stop cleanly however the loop ends
-            st = build_stage(cfg, stage, init, device)
-            _loop(cfg, st, init, Path(out), batches, files, closing_stack, rank, world, device)
-            return st.ae
+        st = build_stage(cfg, stage, init, device)
+        recovery = Recovery(tcfg, f"ae stage {stage}")
+        while True:  # again from last.pt after each rollback (train.loop.Recovery)
+            try:
+                with ExitStack() as closing_stack:  # loader workers stop however the loop ends
+                    _loop(cfg, st, init, Path(out), batches, files, closing_stack, rank, world,
+                          device, recovery)
+                    return st.ae
+            except Diverged as e:
+                recovery.roll_back(e, files.last)
     finally:
         files.close()
         if own_group:
@@ -551,7 +568,7 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
 
 def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
           files: RunCheckpoints, closing_stack: ExitStack, rank: int, world: int,
-          device: torch.device) -> None:
+          device: torch.device, recovery: Recovery) -> None:
     """The training loop of one stage: resume, then step, log, checkpoint until done. Long
     because it is the loop, read top to bottom like nanoGPT's train.py."""
     tcfg, seed, stage, main = cfg["ae_train"], int(cfg.get("seed", 0)), st.number, rank == 0
@@ -568,6 +585,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     if ck is not None and resume(st, ck, meta):
         start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
         positions = ck["data_position"]
+        recovery.adopt(ck.get("recovery"))
         if main:
             log.info("ae stage %d: resuming from %s at step %d", stage, files.last, start)
     elif ck is not None and main:
@@ -575,7 +593,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
                     "changed); starting over", stage, files.last)
 
     def state(step: int, optimizers: bool) -> dict:
-        counters = {"skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions}
+        counters = {"skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions,
+                    "recovery": recovery.state()}
         return st.state(step, meta, counters, optimizers=optimizers)
 
     # DDP wrappers for the training forwards; the G step calls the bare discriminator (frozen
@@ -589,6 +608,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     data = closing_stack.enter_context(closing(endless(batches, *positions[rank])))
     # rows are labelled with the number of completed steps: keep those up to `start`
     metrics = MetricsCSV(out / "metrics.csv", resume_step=start + 1) if main else None
+    recovery.log_pending(metrics)
     progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
     if main:
         log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
@@ -599,6 +619,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     for step in range(start, steps):
         pos, batch = next(data)
         x = batch[0].to(device, non_blocking=True).float()
+        if nan_fault(f"ae-stage{stage}-loss"):
+            x = x * float("nan")
         gen = step_generator(seed, stage, step, rank, device)
         train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
         row = {k: float("nan") for k in FIELDS}
@@ -606,13 +628,14 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         if stage == 4:
             noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
         lr = lr_at(step - warmup_d, tcfg["lr"], tcfg["warmup_steps"], steps - warmup_d,
-                   tcfg["schedule"]) if train_g else 0.0
+                   tcfg["schedule"]) * recovery.lr_scale if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
                                         tcfg=tcfg, autocast=autocast, device=device,
                                         micro_batch=tcfg.get("micro_batch"))
         row.update(g_row)
         if st.disc is not None and ok:
-            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps, tcfg["schedule"])
+            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps,
+                         tcfg["schedule"]) * recovery.lr_scale
             d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr, tcfg=tcfg,
                                            autocast=autocast, device=device,
                                            micro_batch=tcfg.get("micro_batch"))
@@ -627,7 +650,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
             now = time.time()
             dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
-            row.update(step=done, skipped=skipped, sec_per_step=dt,
+            row.update(step=done, skipped=skipped, sec_per_step=dt, rollbacks=recovery.rollbacks,
+                       lr_scale=recovery.lr_scale,
                        images_per_sec=tcfg["batch_size"] / max(dt, 1e-9))
             metrics.log({k: float(v.detach()) if torch.is_tensor(v) else v
                          for k, v in row.items()})
@@ -646,7 +670,7 @@ def _bad_step(stage: int, done: int, bad_in_row: int, max_bad: int, main: bool) 
         log.warning("ae stage %d step %d: non-finite loss or gradient, step skipped (%d in a "
                     "row)", stage, done, bad_in_row)
     if bad_in_row >= max_bad:
-        raise NumericsError(f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
+        raise Diverged(f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
                             f"{done}; stopping (lower ae_train.lr, check the data, or raise "
                             "ae_train.max_bad_steps)")
 

@@ -29,13 +29,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dinosae import rfm, sphere
 from dinosae.checkpoint import DIT_KIND, expect_kind
 from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
-from dinosae.errors import CheckpointError, ConfigError, NumericsError
+from dinosae.errors import CheckpointError, ConfigError
+from dinosae.faults import nan_fault
 from dinosae.files import sha256_file
 from dinosae.images import save_grid
 from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
-from dinosae.train.loop import MetricsCSV, RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.loop import (
+    Diverged,
+    MetricsCSV,
+    Recovery,
+    RunCheckpoints,
+    ema_update,
+    endless,
+    lr_at,
+    set_lr,
+)
 
 log = logging.getLogger("dinosae.dit")
 
@@ -181,7 +191,12 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
                  ) if rank0 else nullcontext():
         rank, world, device = setup_ddp(cfg.get("device", "auto"))
         try:
-            return _train(cfg, cache, ae, Path(out), rank, world, device)
+            recovery = Recovery(cfg["dit"], "dit")
+            while True:  # again from last.pt after each rollback (train.loop.Recovery)
+                try:
+                    return _train(cfg, cache, ae, Path(out), rank, world, device, recovery)
+                except Diverged as e:
+                    recovery.roll_back(e, Path(out) / "last.pt")
         finally:
             cleanup_ddp()
 
@@ -219,7 +234,7 @@ def _build(dc: dict, meta: dict, seed: int, device: torch.device
 
 
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
-           device: torch.device) -> Path:
+           device: torch.device, recovery: Recovery) -> Path:
     """The loop: resume, then step, log, draw grids, checkpoint until done. Long because it is
     the loop, read top to bottom like nanoGPT's train.py."""
     dc, sample_cfg, seed = cfg["dit"], cfg.get("sample", {}), int(cfg.get("seed", 0))
@@ -245,6 +260,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         opt.load_state_dict(ck["optimizer"])
         step, bad_total = int(ck["step"]), int(ck.get("bad_steps", 0))
         epoch, skip = int(ck["data"]["epoch"]), int(ck["data"]["batch"])
+        recovery.adopt(ck.get("recovery"))
         log.info("resuming from %s at step %d", files.last, step)
 
     def state(optimizer: bool = True) -> dict:
@@ -253,7 +269,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         s = {"kind": DIT_KIND, "step": step, "config": config,
              "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
              "ae": str(ae) if ae else None, "cache": cache_path,
-             "data": {"epoch": epoch, "batch": skip}, "bad_steps": bad_total, "world_size": world}
+             "data": {"epoch": epoch, "batch": skip}, "bad_steps": bad_total, "world_size": world,
+             "recovery": recovery.state()}
         if optimizer:
             s["optimizer"] = opt.state_dict()
         return s
@@ -268,6 +285,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
 
         autoencoder = DinoSAE.load(ae, device)
     metrics = MetricsCSV(out / "metrics.csv", resume_step=step) if is_main() else None
+    recovery.log_pending(metrics)
     progress = Progress(dc["steps"], start=step, desc="dit")
     gen = torch.Generator(device=device)
 
@@ -284,11 +302,14 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
             (epoch, skip), (x, y) = next(batches)
             # fp16 (pinned on CUDA) over the bus, fp32 and projected to radius R on the device
             z0 = sphere.project(x.to(device, non_blocking=True).float(), R)
+            if nan_fault("train-dit-loss"):
+                z0 = z0 * float("nan")
             y = y.to(device, non_blocking=True)
             gen.manual_seed(step_seed(seed, rank, step))
             z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
                                    label_dropout=dc["label_dropout"], null_class=K)
-            lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant")
+            lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant") \
+                * recovery.lr_scale
             set_lr(opt, lr)
             res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
                              lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp,
@@ -307,13 +328,14 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                                         or bad_run >= max_bad):
                 now = time.time()
                 row = {"step": step, "lr": lr, "bad_steps": bad_total,
+                       "rollbacks": recovery.rollbacks, "lr_scale": recovery.lr_scale,
                        "img_per_s": n_window * dc["batch_size"] / max(now - t_window, 1e-9)}
                 for key in loss_keys:  # means over the window's good steps
                     row[key] = float(np.mean([w[key] for w in window])) if window else math.nan
                 metrics.log(row)
                 window, n_window, t_window = [], 0, now
             if bad_run >= max_bad:  # (after the metrics row that counts it)
-                raise NumericsError(f"{bad_run} non-finite DiT steps in a row (step {step}); "
+                raise Diverged(f"{bad_run} non-finite DiT steps in a row (step {step}); "
                                     "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
                 _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)
