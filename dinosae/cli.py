@@ -156,7 +156,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--train-images", dict(type=int, default=None, help="override the train split's "
                                                               "image count")),
          ("--val-images", dict(type=int, default=None, help="override the val split's "
-                                                            "image count"))],
+                                                            "image count")),
+         ("--max-runtime", dict(type=float, default=None, help="the site's job time limit "
+                                                               "(minutes): print the jobs of "
+                                                               "each training rule's chain"))],
     ),
     "status": (
         "dinosae.status", "status",

@@ -849,7 +849,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
-         train_images: int | None = None, val_images: int | None = None) -> Plan:
+         train_images: int | None = None, val_images: int | None = None,
+         max_runtime: float | None = None) -> Plan:
     """`dinosae plan`: print the plan's table for `cfg` (a whole config); return the plan."""
     missing = [s for s in SECTIONS if s not in cfg]
     if missing:
@@ -857,4 +858,8 @@ def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
                           "whole config file (--configfile)")
     p = make_plan(cfg, gpu, gpus, DEFAULT_MFU if mfu is None else mfu, train_images, val_images)
     print(format_plan(p))
+    if max_runtime:  # jobs per wall-time chain (dinosae.chains)
+        from dinosae.chains import format_chains
+
+        print(format_chains([(r.rule, r.job_hours) for r in p.rules], p.disk, max_runtime))
     return p

@@ -9,12 +9,14 @@ import csv
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dinosae.chains import CONTINUE_EXIT
 from dinosae.checkpoint import load_checkpoint, save_checkpoint
 from dinosae.dist import any_rank, barrier, is_main
 from dinosae.errors import NumericsError
@@ -100,6 +102,20 @@ class MetricsCSV:
             w.writerow(row)
 
 
+class StoppedToContinue(SystemExit):
+    """Stopped by SIGTERM/SIGINT with last.pt written: exit status CONTINUE_EXIT (a wall-time
+    chain's job resubmitted to resume, dinosae.chains); the message goes to stderr."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CONTINUE_EXIT)
+        self.message = message
+        if is_main():
+            print(message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class RunCheckpoints:
     """The checkpoint files of one training run in `out`:
 
@@ -141,8 +157,8 @@ class RunCheckpoints:
                 save_checkpoint(self.last, state())
             barrier()
         if stopping:
-            raise SystemExit(f"{self.name}: stopped by signal after step {done}; rerun to resume "
-                             f"from {self.last}")
+            raise StoppedToContinue(f"{self.name}: stopped by signal after step {done}; rerun "
+                                    f"to resume from {self.last}")
 
     def finish(self, state: Callable[[], dict]) -> Path:
         if is_main():
