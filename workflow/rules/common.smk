@@ -56,7 +56,12 @@ def dataset_root():
 
 
 def launch(wildcards, resources):
-    """`dinosae` for one process; torchrun over the job's GPUs when a rule asks for several."""
+    """`dinosae` for one process; torchrun over the job's GPUs when a rule asks for several;
+    srun + torchrun over its nodes when it asks for several nodes (dinosae.multinode)"""
+    if int(resources.get("nodes", 1) or 1) > 1:
+        from dinosae.multinode import gpus_per_node, torchrun_command
+
+        return torchrun_command(int(resources["nodes"]), gpus_per_node(resources))
     gpus = int(resources.get("gpu", 0))
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node={gpus} -m dinosae"
