@@ -89,7 +89,8 @@ def chain_rule(rule: Any, write_mb_s: Callable[[], float], spare: int = 1
     values = {}
     for key, default in (("runtime", None), ("max_runtime", None), ("checkpoint_gb", 1.0)):
         r = res.get(key) if hasattr(res, "get") else None
-        v = getattr(r, "value", default) if r is not None else default
+        v = getattr(r, "value", None) if r is not None else None  # a missing one: value None
+        v = default if v is None else v
         if v is not None and not isinstance(v, (int, float)):
             return None
         values[key] = v
