@@ -4,6 +4,7 @@ Snakefile's `launch` makes of a rule's resources."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -55,3 +56,73 @@ def test_the_four_node_profile_launches_the_training_rules_on_four_nodes():
         # a quarter of the one-node job's time, the same global batch on 4x the GPUs
         assert r["runtime"] == one["set-resources"][rule]["runtime"] // 4
         assert re.fullmatch(r"gpu:\d+", r["gres"])
+
+
+# ---------------------------------------------------------------- two torchrun agents
+
+def _torchrun_two_nodes(tmp_path, *args: str) -> None:
+    """Two torchrun agents, as two nodes would start them (--nnodes=2, one rank each, c10d
+    rendezvous on localhost), each running tests/torchrun_worker.py ARGS."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}",
+           str(ROOT / "tests" / "torchrun_worker.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    for a in agents:
+        out, _ = a.communicate(timeout=600)
+        assert a.returncode == 0, out[-3000:]
+
+
+def _same(a: dict, b: dict, atol: float = 2e-6) -> None:
+    import torch
+
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.integration
+def test_two_torchrun_nodes_train_as_one_process(tmp_path):
+    """The DiT and AE stage 2 (generator with the adaptive weight, discriminator) for a few steps
+    on two torchrun agents with --nnodes=2, each rank also accumulating over micro-batches
+    (4 rows per rank in parts of 3 + 1), against one process on the same global batch of 8."""
+    import sys
+
+    from dinosae.checkpoint import load_checkpoint
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torchrun_worker as W
+
+    from dinosae.train import dit as TD
+    from dinosae.train.ae import train_stage
+
+    _torchrun_two_nodes(tmp_path, "dit", str(tmp_path / "dit2"), "3")
+    one = load_checkpoint(TD.train_dit(W.dit_config(None), W.FakeCache(), None,
+                                       tmp_path / "dit1"))
+    two = load_checkpoint(tmp_path / "dit2" / "checkpoint.pt")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    _same(one["model"], two["model"])
+    _same(one["ema"], two["ema"])
+
+    s1 = tmp_path / "s1"
+    train_stage(W.ae_config(None), 1, None, out=str(s1),
+                batches=W.make_batches(W.images(), 8))
+    init = str(s1 / "checkpoint.pt")
+    _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "ae2"), "3", init)
+    train_stage(W.ae_config(None), 2, None, init=init, out=str(tmp_path / "ae1"),
+                batches=W.make_batches(W.images(), 8))
+    one = load_checkpoint(tmp_path / "ae1" / "checkpoint.pt")
+    two = load_checkpoint(tmp_path / "ae2" / "checkpoint.pt")
+    assert two["world_size"] == 2
+    for key in ("model", "ema"):
+        _same(one[key], two[key])
+    _same(one["disc"], two["disc"], atol=1e-4)  # dead channels: see test_accumulation
