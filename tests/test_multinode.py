@@ -60,9 +60,10 @@ def test_the_four_node_profile_launches_the_training_rules_on_four_nodes():
 
 # ---------------------------------------------------------------- two torchrun agents
 
-def _torchrun_two_nodes(tmp_path, *args: str) -> None:
+def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
     """Two torchrun agents, as two nodes would start them (--nnodes=2, one rank each, c10d
-    rendezvous on localhost), each running tests/torchrun_worker.py ARGS."""
+    rendezvous on localhost), each running tests/torchrun_worker.py ARGS; with `standalone`,
+    one agent with two ranks instead (one node of two GPUs)."""
     import os
     import socket
     import subprocess
@@ -72,12 +73,15 @@ def _torchrun_two_nodes(tmp_path, *args: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}",
-           str(ROOT / "tests" / "torchrun_worker.py"), *args]
+    if standalone:
+        cmd, n = [torchrun, "--standalone", "--nproc_per_node=2"], 1
+    else:
+        cmd, n = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"], 2
+    cmd += [str(ROOT / "tests" / "torchrun_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
+                               text=True) for _ in range(n)]
     for a in agents:
         out, _ = a.communicate(timeout=600)
         assert a.returncode == 0, out[-3000:]
@@ -91,10 +95,12 @@ def _same(a: dict, b: dict, atol: float = 2e-6) -> None:
 
 
 @pytest.mark.integration
-def test_two_torchrun_nodes_train_as_one_process(tmp_path):
-    """The DiT and AE stage 2 (generator with the adaptive weight, discriminator) for a few steps
-    on two torchrun agents with --nnodes=2, each rank also accumulating over micro-batches
-    (4 rows per rank in parts of 3 + 1), against one process on the same global batch of 8."""
+def test_two_torchrun_nodes_train_as_one_node(tmp_path):
+    """Two torchrun agents with --nnodes=2 (c10d rendezvous on localhost), each rank also
+    accumulating over micro-batches (4 rows per rank in parts of 3 + 1), against one agent of
+    two ranks without accumulation (the DiT and AE stage 2 draw their noise and DiffAugment per
+    rank, so runs of one world size are compared), and AE stage 1 (no random draws) against one
+    process on the same global batch of 8."""
     import sys
 
     from dinosae.checkpoint import load_checkpoint
@@ -102,27 +108,31 @@ def test_two_torchrun_nodes_train_as_one_process(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     import torchrun_worker as W
 
-    from dinosae.train import dit as TD
     from dinosae.train.ae import train_stage
 
     _torchrun_two_nodes(tmp_path, "dit", str(tmp_path / "dit2"), "3")
-    one = load_checkpoint(TD.train_dit(W.dit_config(None), W.FakeCache(), None,
-                                       tmp_path / "dit1"))
+    _torchrun_two_nodes(tmp_path, "dit", str(tmp_path / "dit1"), "0", standalone=True)
+    one = load_checkpoint(tmp_path / "dit1" / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "dit2" / "checkpoint.pt")
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["world_size"] == one["world_size"] == 2
     _same(one["model"], two["model"])
     _same(one["ema"], two["ema"])
 
+    _torchrun_two_nodes(tmp_path, "ae1", str(tmp_path / "s1n"), "3")
     s1 = tmp_path / "s1"
     train_stage(W.ae_config(None), 1, None, out=str(s1),
                 batches=W.make_batches(W.images(), 8))
+    one = load_checkpoint(s1 / "checkpoint.pt")
+    two = load_checkpoint(tmp_path / "s1n" / "checkpoint.pt")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("model", "ema"):
+        _same(one[key], two[key])
+
     init = str(s1 / "checkpoint.pt")
     _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "ae2"), "3", init)
-    train_stage(W.ae_config(None), 2, None, init=init, out=str(tmp_path / "ae1"),
-                batches=W.make_batches(W.images(), 8))
+    _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "ae1"), "0", init, standalone=True)
     one = load_checkpoint(tmp_path / "ae1" / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "ae2" / "checkpoint.pt")
-    assert two["world_size"] == 2
     for key in ("model", "ema"):
         _same(one[key], two[key])
     _same(one["disc"], two["disc"], atol=1e-4)  # dead channels: see test_accumulation
