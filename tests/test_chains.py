@@ -101,3 +101,18 @@ def test_a_long_rule_is_submitted_as_a_chain(tmp_path):
     (lead,) = leads
     assert lead >= MIN_LEAD_S
     assert len(calls) == simulated_jobs(2880, 600, lead) + 1  # retries: jobs - 1 + 1 spare
+
+
+def test_plan_prints_the_jobs_of_each_chain(tmp_path, capsys):
+    import yaml
+
+    from dinosae import cli
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    assert cli.main(["plan", "--configfile", str(path), "--max-runtime", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "wall-time chains under max_runtime 30 min" in out
+    for rule in ("ae_stage1", "ae_stage4", "train_dit"):  # the tiny run: one job each
+        assert any(line.split()[:1] == [rule] and " 1 job(s) of " in line
+                   for line in out.splitlines()), rule
