@@ -15,6 +15,8 @@ CONFIG_KEY = {"train_dit": "dit.micro_batch"}  # the AE stages: ae_train.micro_b
 def largest_fitting(peak_at: Callable[[int], float], per_gpu: int, budget: float) -> int | None:
     """The largest micro-batch m in 1..per_gpu with peak_at(m) <= budget (peak_at grows with
     m: a binary search), or None when not even one image fits."""
+    if peak_at(per_gpu) <= budget:  # the common case: one evaluation, the plan's own
+        return per_gpu
     if peak_at(1) > budget:
         return None
     lo, hi = 1, per_gpu  # peak_at(lo) fits
