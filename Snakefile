@@ -29,3 +29,8 @@ rule all:
         rules.fid.output,
         rules.eval_recon.output,
         REPORT_FILES,
+
+
+# Wall-time chains (dinosae/chains.py): a training rule planned longer than the site's
+# `max_runtime` resource (slurm/config.yaml) runs as a chain of jobs of at most that length.
+chain_training_rules()

@@ -59,6 +59,7 @@ POSINT = _number(int, low=1, high=2**53 - 1)
 NONNEGINT = _number(int, low=0, high=2**53 - 1)
 STEPS, BATCH, GPUS = (_number(int, low=1, high=h) for h in (100_000, 65536, 1_000_000))
 FRACTION = _number(float, above=0.0, high=1.0)
+RUNTIME = _number(float, above=0.0, high=1e7)  # minutes
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -210,7 +211,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--train-images", dict(type=POSINT, default=None, help="override the train split's "
                                                               "image count")),
          ("--val-images", dict(type=POSINT, default=None, help="override the val split's "
-                                                            "image count"))],
+                                                            "image count")),
+         ("--max-runtime", dict(type=RUNTIME, default=None, help="the site's job time limit "
+                                                                 "(minutes): print the jobs of "
+                                                                 "each training rule's chain"))],
     ),
     "status": (
         "dinosae.status", "status",

@@ -870,7 +870,8 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
-         train_images: int | None = None, val_images: int | None = None) -> Plan:
+         train_images: int | None = None, val_images: int | None = None,
+         max_runtime: float | None = None) -> Plan:
     """`dinosae plan`: print the plan's table for `cfg` (a whole config); return the plan."""
     missing = [s for s in SECTIONS if s not in cfg]
     if missing:
@@ -878,4 +879,26 @@ def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
                           "whole config file (--configfile)")
     p = make_plan(cfg, gpu, gpus, DEFAULT_MFU if mfu is None else mfu, train_images, val_images)
     print(format_plan(p))
+    print(_micro_batches(cfg, p))
+    if max_runtime:  # jobs per wall-time chain (dinosae.chains)
+        from dinosae.chains import format_chains
+
+        print(format_chains([(r.rule, r.job_hours) for r in p.rules], p.disk, max_runtime))
     return p
+
+
+def _micro_batches(cfg: dict, p: Plan) -> str:
+    """Each training rule's largest micro-batch on the plan's GPU (dinosae.microbatch)."""
+    from dinosae.microbatch import TRAINING_RULES, format_fits, largest_fitting
+
+    m = measure_work(cfg, p.data.classes)  # measured once (cached)
+    budget = FIT_FRACTION * p.gpu["memory_gb"] * 1e9
+    fits = []
+    for row in p.rules:
+        if row.rule in TRAINING_RULES:
+            work = m.rules[row.rule]
+            micro = largest_fitting(lambda b, w=work, r=row: r.state_bytes + w.peak_live(b),
+                                    row.batch, budget)
+            peak = row.state_bytes + work.peak_live(micro) if micro else math.nan
+            fits.append((row.rule, row.batch, micro, peak))
+    return format_fits(fits, p.gpu["name"])

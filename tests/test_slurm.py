@@ -52,7 +52,7 @@ def fake_slurm_bin(folder: Path, log: Path) -> Path:
     return folder
 
 
-def sbatch_calls(tmp: Path, rule: str) -> list[list[str]]:
+def sbatch_calls(tmp: Path, rule: str, *extra: str) -> list[list[str]]:
     work = workdir(tmp / "work")
     log = tmp / "sbatch.log"
     fake = fake_slurm_bin(tmp / "fakebin", log)
@@ -71,7 +71,7 @@ def sbatch_calls(tmp: Path, rule: str) -> list[list[str]]:
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}
     r = subprocess.run([SNAKEMAKE, output, "--profile", "slurm", "--retries", "0",
                         "--slurm-init-seconds-before-status-checks", "1",
-                        "--allowed-rules", rule],
+                        "--allowed-rules", rule, *extra],
                        cwd=work, capture_output=True, text=True, timeout=300, env=env)
     assert log.is_file(), f"sbatch was never called:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return [shlex.split(line) for line in log.read_text().splitlines()]

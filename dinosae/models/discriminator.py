@@ -333,5 +333,11 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
         both = torch.stack([g_rec, g_gan])
         dist.all_reduce(both)
         g_rec, g_gan = both / dist.get_world_size()
-    lam = g_rec.norm() / (g_gan.norm() + eps)
+    return weight_of_grads(g_rec, g_gan, max_value, eps)
+
+
+def weight_of_grads(g_rec: torch.Tensor, g_gan: torch.Tensor, max_value: float,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """adaptive_weight's lambda from the two gradients at W (already averaged over ranks)."""
+    lam = g_rec.float().norm() / (g_gan.float().norm() + eps)
     return lam.clamp(0.0, max_value).detach()

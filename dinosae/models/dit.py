@@ -89,11 +89,13 @@ def rope_tables(grid: tuple[int, int], head_dim: int,
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (..., T, head_dim) by the angles of
-    rope = stack([cos, sin], -1) (T, head_dim/2, 2): each pair read as the complex number
-    x[2i] + i·x[2i+1] times e^{iθ} (one complex multiply), in fp32; returned in x's dtype."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rot = torch.view_as_complex(rope.float())  # (T, head_dim/2); fp32 also in a bf16 model
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+    rope = stack([cos, sin], -1) (T, head_dim/2, 2): the pair as the complex number
+    x[2i] + i·x[2i+1] times e^{iθ}, written out in real arithmetic (a·cos − b·sin,
+    a·sin + b·cos) so that inductor compiles it (it has no complex kernels), in fp32; returned in
+    x's dtype."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rope.float().unbind(-1)  # (T, head_dim/2); fp32 also in a bf16 model
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ---------------------------------------------------------------- embedders

@@ -40,10 +40,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import parametrize
 
 from dinosae.checkpoint import AE_KIND, read_checkpoint, tensors_fingerprint
 from dinosae.dist import all_ranks, cleanup_ddp, setup_ddp
-from dinosae.errors import ConfigError, NumericsError
+from dinosae.errors import ConfigError
+from dinosae.faults import nan_fault
 from dinosae.images import save_grid
 from dinosae.models.autoencoder import AutoencoderArgs, DinoSAE, build_autoencoder
 from dinosae.models.discriminator import (
@@ -51,21 +53,34 @@ from dinosae.models.discriminator import (
     adaptive_weight,
     build_discriminator,
     d_hinge_loss,
+    diffaug,
     disc_logits,
     g_hinge_loss,
     quantize,
+    teacher_features,
+    weight_of_grads,
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
-from dinosae.train.loop import RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.loop import (
+    NOT_TRAJECTORY,
+    Diverged,
+    Recovery,
+    RunCheckpoints,
+    ema_update,
+    endless,
+    lr_at,
+    set_lr,
+)
 
 log = logging.getLogger("dinosae")
 
 FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_loss", "d_real",
-          "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec"]
+          "d_fake", "grad_norm", "d_grad_norm", "tau", "skipped", "sec_per_step", "images_per_sec",
+          "rollbacks", "lr_scale"]
 # what a stage folder holds (and temporaries): anything else there is not ours to replace
 STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png",
                           EVENTS, *WANDB_NAMES)
@@ -248,12 +263,17 @@ def _check_disc_backbone(st: Stage, prev: dict, init: str) -> None:
 
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
-                   lr: float, tcfg: dict, autocast: Any, device: torch.device
-                   ) -> tuple[dict, torch.Tensor, bool]:
+                   lr: float, tcfg: dict, autocast: Any, device: torch.device,
+                   micro_batch: int | None = None) -> tuple[dict, torch.Tensor, bool]:
     """Reconstruction (+ alignment in stages 1-2, + adaptive-weight GAN from stage 2) and, when
     `train_g`, the update of stem + decoder (decoder only from stage 3). Returns (metrics row
     values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
-    is not finite (the update is then skipped)."""
+    is not finite (the update is then skipped). A `micro_batch` below the batch accumulates
+    (`accumulated_generator_step`)."""
+    if micro_batch is not None and micro_batch < x.shape[0]:
+        return accumulated_generator_step(st, model, x, noise, gen, micro_batch,
+                                          train_g=train_g, lr=lr, tcfg=tcfg, autocast=autocast,
+                                          device=device)
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
     rae = st.args.discriminator.get("backbone", "teacher") == "dino_vits8"
     row: dict[str, Any] = {}
@@ -299,10 +319,16 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
 
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                        rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
-                       autocast: Any, device: torch.device) -> tuple[dict, bool]:
+                       autocast: Any, device: torch.device, micro_batch: int | None = None
+                       ) -> tuple[dict, bool]:
     """Hinge loss on real vs reconstructed images, both DiffAugmented (with the dino_vits8
     backbone: fakes quantised to 8 bits, half the loss, as RAE); skipped on every rank alike
-    when not finite."""
+    when not finite. A `micro_batch` below the batch accumulates
+    (`accumulated_discriminator_step`, teacher backbone)."""
+    if micro_batch is not None and micro_batch < x.shape[0]:
+        return accumulated_discriminator_step(st, disc_train, x, rec, gen, micro_batch,
+                                              d_lr=d_lr, tcfg=tcfg, autocast=autocast,
+                                              device=device)
     backbone = st.args.discriminator.get("backbone", "teacher")
     st.disc.train()
     st.disc.requires_grad_(True)
@@ -321,6 +347,157 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     ok = all_ranks(bool(torch.isfinite(d_loss)), device)
     if ok:
         d_loss.backward()
+        dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
+        ok = bool(torch.isfinite(dgn))
+        row["d_grad_norm"] = dgn
+    if ok:
+        st.d_opt.step()
+    st.d_opt.zero_grad(set_to_none=True)
+    return row, ok
+
+
+# ---------------------------------------------------------------- one step in micro-batches
+#
+# Gradient accumulation: the process's batch in parts of `micro` rows, each part's mean losses
+# weighted by its share of the rows, so that the summed gradients are the whole batch's. What
+# is not a mean over rows is made whole-batch explicitly: DiffAugment draws the whole batch's
+# randomness (`_rows_diffaug`), the spectral norms make one power iteration per step
+# (`parametrize.cached`), and lambda is computed from the summed gradients at W (the GAN
+# gradient is summed apart from the rest, then added with weight adv * lambda). Under DDP only
+# the last part's backward all-reduces.
+
+
+def _parts(b: int, micro: int) -> list[tuple[slice, float, bool]]:
+    """(rows, share of the batch, is last) of each micro-batch."""
+    starts = list(range(0, b, micro))
+    return [(slice(i, min(i + micro, b)), (min(i + micro, b) - i) / b, i == starts[-1])
+            for i in starts]
+
+
+def _no_sync(model: torch.nn.Module, last: bool) -> Any:
+    return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+
+
+def _rows_diffaug(x: torch.Tensor, gen: torch.Generator, total: int, start: int
+                  ) -> torch.Tensor:
+    """diffaug of rows start:start+len(x) of a batch of `total` rows, with the random draws of
+    one call on the whole batch (the caller resets `gen` before each part): the rows are put in
+    a zero batch of `total` (the augmentation is per row)."""
+    before = x.new_zeros(start, *x.shape[1:])
+    after = x.new_zeros(total - start - x.shape[0], *x.shape[1:])
+    return diffaug(torch.cat([before, x, after]), gen)[start:start + x.shape[0]]
+
+
+def _sum_into(sums: dict, values: dict, share: float) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v.detach().float() * share
+
+
+def accumulated_generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
+                               noise: torch.Tensor | None, gen: torch.Generator, micro: int, *,
+                               train_g: bool, lr: float, tcfg: dict, autocast: Any,
+                               device: torch.device) -> tuple[dict, torch.Tensor, bool]:
+    """generator_step in micro-batches of `micro` rows: the same update (up to float
+    rounding), one part's activations in memory at a time."""
+    weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
+    layers = st.args.discriminator.get("layers")
+    gan = stage >= 2 and train_g
+    set_lr(st.opt, lr)
+    st.opt.zero_grad(set_to_none=True)
+    gan_grads = [torch.zeros_like(p) for p in st.params] if gan else []
+    sums: dict[str, torch.Tensor] = {}
+    recs = []
+    g_state = gen.get_state()
+    with parametrize.cached() if gan else nullcontext():
+        for rows, share, last in _parts(x.shape[0], micro):
+            with _no_sync(model, last):
+                with autocast, (nullcontext() if train_g else torch.no_grad()):
+                    z, rec = model(x[rows], None if noise is None else noise[rows])
+                    l1 = (rec.float() - x[rows]).abs().mean()
+                    lp = st.lpips(rec.float(), x[rows]).mean()
+                    part = {"l1": l1, "lpips": lp}
+                    loss = weights["l1"] * l1 + weights["lpips"] * lp
+                    if stage <= 2:
+                        part["align"] = alignment_loss(z, ae.teacher_tokens(x[rows]))
+                        loss = loss + weights["align"] * part["align"]
+                    if gan:
+                        disc.requires_grad_(False)
+                        gen.set_state(g_state)
+                        aug = _rows_diffaug(rec, gen, x.shape[0], rows.start)
+                        part["g_gan"] = g_hinge_loss(disc(teacher_features(ae.encoder.vit, aug,
+                                                                           layers)))
+                if gan:  # the GAN gradient apart: lambda needs it alone at W
+                    grads = torch.autograd.grad(part["g_gan"] * share, st.params,
+                                                retain_graph=True, allow_unused=True)
+                    for acc, g in zip(gan_grads, grads, strict=True):
+                        if g is not None:
+                            acc.add_(g)
+                if train_g:
+                    (loss * share).backward()
+            _sum_into(sums, {**part, "loss": loss}, share)
+            recs.append(rec.detach())
+    row: dict[str, Any] = {**sums, "lr": lr}
+    if not train_g:  # stage 2's discriminator warm-up
+        return row, torch.cat(recs), True
+    if gan:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:  # the other gradients were all-reduced by DDP's last backward
+            flat = torch.cat([g.reshape(-1) for g in gan_grads]) / world
+            dist.all_reduce(flat)
+            for g, f in zip(gan_grads, flat.split([g.numel() for g in gan_grads]), strict=True):
+                g.copy_(f.view_as(g))
+        w = ae.decoder.last_layer
+        at_w = next(i for i, p in enumerate(st.params) if p is w)
+        lam = weight_of_grads(w.grad, gan_grads[at_w], weights["adaptive_max"])
+        for p, g in zip(st.params, gan_grads, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g, alpha=float(weights["adv"] * lam))
+        row["loss"] = row["loss"] + weights["adv"] * lam * row["g_gan"]
+        row["lambda"] = lam
+    ok = all_ranks(bool(torch.isfinite(row["loss"])), device)
+    if ok:
+        gn = torch.nn.utils.clip_grad_norm_(st.params, tcfg["grad_clip"])
+        ok = bool(torch.isfinite(gn))
+        row["grad_norm"] = gn
+    if ok:
+        st.opt.step()
+        if stage <= 2:
+            ema_update(st.ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
+        ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])
+    st.opt.zero_grad(set_to_none=True)
+    return row, torch.cat(recs), ok
+
+
+def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
+                                   rec: torch.Tensor, gen: torch.Generator, micro: int, *,
+                                   d_lr: float, tcfg: dict, autocast: Any,
+                                   device: torch.device) -> tuple[dict, bool]:
+    """discriminator_step in micro-batches of `micro` real and `micro` reconstructed images."""
+    st.disc.requires_grad_(True)
+    set_lr(st.d_opt, d_lr)
+    st.d_opt.zero_grad(set_to_none=True)
+    B, layers = x.shape[0], st.args.discriminator["layers"]
+    with autocast, torch.no_grad():  # images only: the whole batch's augmentation at once
+        aug = diffaug(torch.cat([x, rec.detach()]), gen)
+    sums: dict[str, torch.Tensor] = {}
+    with parametrize.cached():  # one power iteration per step, as in one forward
+        for rows, share, last in _parts(B, micro):
+            n = rows.stop - rows.start
+            with _no_sync(disc_train, last):
+                with autocast:
+                    with torch.no_grad():
+                        feats = teacher_features(st.ae.encoder.vit,
+                                                 torch.cat([aug[:B][rows], aug[B:][rows]]), layers)
+                    logits = disc_train(feats)
+                    d_loss = d_hinge_loss(logits[:n], logits[n:])
+                # the cached spectral-norm weights are shared by the parts' graphs
+                (d_loss * share).backward(retain_graph=not last)
+            _sum_into(sums, {"d_loss": d_loss, "d_real": logits[:n].mean(),
+                             "d_fake": logits[n:].mean()}, share)
+    row: dict[str, Any] = dict(sums)
+    ok = all_ranks(bool(torch.isfinite(row["d_loss"])), device)
+    if ok:
         dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
         ok = bool(torch.isfinite(dgn))
         row["d_grad_norm"] = dgn
@@ -406,7 +583,7 @@ def run_identity(cfg: dict, stage: int, shards: str | None, init: str | None,
             "image_size": cfg["data"]["image_size"], "autoencoder": cfg["autoencoder"],
             "ae_train": {k: (v[stage - 1] if k == "stages" else v)  # this stage's settings
                          for k, v in cfg["ae_train"].items()
-                         if k not in (*_CADENCE_KEYS, "max_bad_steps")}}
+                         if k not in (*_CADENCE_KEYS, "max_bad_steps", *NOT_TRAJECTORY)}}
 
 
 def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, out: str,
@@ -418,16 +595,32 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     if batch % world:
         raise ConfigError(f"ae_train.stages[{stage - 1}].batch_size {batch} is not divisible by "
                           f"the {world} processes")
+    micro = tcfg.get("micro_batch")
+    backbone = cfg["autoencoder"].get("discriminator", {}).get("backbone", "teacher")
+    if micro and micro < batch // world and stage >= 2 and backbone != "teacher":
+        # RAE's discriminator draws its augmentation for the whole batch and normalises over it
+        # (BatchNorm): accumulation over parts is not yet the same update; refuse, not approximate
+        raise ConfigError(f"ae_train.micro_batch {micro} (gradient accumulation) is not supported "
+                          f"with autoencoder.discriminator.backbone {backbone!r} in stage "
+                          f"{stage} yet; use the 'teacher' backbone or a per-GPU batch of "
+                          f"{batch // world}")
     if batches is None:
         batches = _shard_batches(cfg, shards, batch // world, rank, world)
     files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stages"][stage - 1]["steps"],
                            f"ae stage {stage}", f"ae-stage{stage}", device,
                            run_identity(cfg, stage, shards, init, world), restart)
     try:
-        with ExitStack() as closing_stack:  # loader workers stop cleanly however the loop ends
-            st = build_stage(cfg, stage, init, device)
-            _loop(cfg, st, init, Path(out), batches, files, closing_stack, rank, world, device)
-            return st.ae
+        st = build_stage(cfg, stage, init, device)
+        recovery = Recovery(tcfg, f"ae stage {stage}")
+        while True:  # again from last.pt after each rollback (train.loop.Recovery)
+            try:
+                with ExitStack() as closing_stack:  # loader workers stop however the loop ends
+                    _loop(cfg, st, init, Path(out), batches, files, closing_stack, rank, world,
+                          device, recovery)
+                    return st.ae
+            except Diverged as e:
+                recovery.roll_back(e, files.last)
+                files.restart = False  # --restart replaced the old run once; now resume
     finally:
         files.close()
         if own_group:
@@ -436,7 +629,7 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
 
 def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
           files: RunCheckpoints, closing_stack: ExitStack, rank: int, world: int,
-          device: torch.device) -> None:
+          device: torch.device, recovery: Recovery) -> None:
     """The training loop of one stage: resume, then step, log, checkpoint until done. Long
     because it is the loop, read top to bottom like nanoGPT's train.py."""
     tcfg, seed, stage, main = cfg["ae_train"], int(cfg.get("seed", 0)), st.number, rank == 0
@@ -455,6 +648,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     if ck is not None and resume(st, ck, meta):
         start, skipped, bad_in_row = ck["step"], ck["skipped"], ck["bad_in_row"]
         positions = ck["data_position"]
+        recovery.adopt(ck.get("recovery"))
         if main:
             log.info("ae stage %d: resuming from %s at step %d", stage, files.last, start)
     elif ck is not None and main:
@@ -462,7 +656,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
                     "changed); starting over", stage, files.last)
 
     def state(step: int, optimizers: bool) -> dict:
-        counters = {"skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions}
+        counters = {"skipped": skipped, "bad_in_row": bad_in_row, "data_position": positions,
+                    "recovery": recovery.state()}
         return st.state(step, meta, counters, optimizers=optimizers)
 
     # DDP wrappers for the training forwards; the G step calls the bare discriminator (frozen
@@ -477,6 +672,7 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     # rows are labelled with the number of completed steps: keep those up to `start`
     metrics = closing_stack.enter_context(closing(RunLog(
         out, cfg, resumed_at=start, device=device, name=f"ae-stage{stage}"))) if main else None
+    recovery.log_pending(metrics)
     progress = closing_stack.enter_context(closing(Progress(steps, start, f"ae stage {stage}")))
     if main:
         log.info("ae stage %d: %d steps, batch %d on %d process(es), %d trainable parameters, "
@@ -487,6 +683,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
     for step in range(start, steps):
         pos, batch = next(data)
         x = batch[0].to(device, non_blocking=True).float()
+        if nan_fault(f"ae-stage{stage}-loss"):
+            x = x * float("nan")
         gen = step_generator(seed, stage, step, rank, device)
         train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
         row = {k: float("nan") for k in FIELDS}
@@ -494,14 +692,17 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         if stage == 4:
             noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
         lr = lr_at(step - warmup_d, mine["lr"], tcfg["warmup_steps"], steps - warmup_d,
-                   tcfg["schedule"]) if train_g else 0.0
+                   tcfg["schedule"]) * recovery.lr_scale if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
-                                        tcfg=tcfg, autocast=autocast, device=device)
+                                        tcfg=tcfg, autocast=autocast, device=device,
+                                        micro_batch=tcfg.get("micro_batch"))
         row.update(g_row)
         if st.disc is not None and ok:
-            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps, tcfg["schedule"])
+            d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps,
+                         tcfg["schedule"]) * recovery.lr_scale
             d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr, tcfg=tcfg,
-                                           autocast=autocast, device=device)
+                                           autocast=autocast, device=device,
+                                           micro_batch=tcfg.get("micro_batch"))
             row.update(d_row)
 
         # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals
@@ -513,7 +714,8 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
         if main and (done % tcfg["log_every"] == 0 or done == steps or not ok):
             now = time.time()
             dt, t_last, logged = (now - t_last) / max(1, done - logged), now, done
-            row.update(step=done, skipped=skipped, sec_per_step=dt,
+            row.update(step=done, skipped=skipped, sec_per_step=dt, rollbacks=recovery.rollbacks,
+                       lr_scale=recovery.lr_scale,
                        images_per_sec=global_batch / max(dt, 1e-9))
             metrics.log(done, {k: float(v.detach()) if torch.is_tensor(v) else v
                                for k, v in row.items()})
@@ -533,7 +735,7 @@ def _bad_step(stage: int, done: int, bad_in_row: int, max_bad: int, main: bool) 
         log.warning("ae stage %d step %d: non-finite loss or gradient, step skipped (%d in a "
                     "row)", stage, done, bad_in_row)
     if bad_in_row >= max_bad:
-        raise NumericsError(f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
+        raise Diverged(f"ae stage {stage}: {bad_in_row} non-finite steps in a row at step "
                             f"{done}; stopping (lower ae_train.lr, check the data, or raise "
                             "ae_train.max_bad_steps)")
 

@@ -29,13 +29,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dinosae import rfm, sphere
 from dinosae.checkpoint import DIT_KIND, expect_kind
 from dinosae.dist import cleanup_ddp, is_main, setup_ddp, unwrap
-from dinosae.errors import CheckpointError, ConfigError, NumericsError
+from dinosae.errors import CheckpointError, ConfigError
+from dinosae.faults import nan_fault
 from dinosae.images import save_grid
 from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
 from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
-from dinosae.train.loop import RunCheckpoints, ema_update, endless, lr_at, set_lr
+from dinosae.train.loop import (
+    NOT_TRAJECTORY,
+    Diverged,
+    Recovery,
+    RunCheckpoints,
+    ema_update,
+    endless,
+    lr_at,
+    set_lr,
+)
 
 log = logging.getLogger("dinosae.dit")
 
@@ -67,18 +77,24 @@ def draw_inputs(z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Tensor,
                z1: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, r: float, path: str,
-               lambda_rad: float, grad_clip: float, amp: bool = False, stop: bool = False
-               ) -> dict[str, Any]:
+               lambda_rad: float, grad_clip: float, amp: bool = False, stop: bool = False,
+               micro_batch: int | None = None) -> dict[str, Any]:
     """Forward (network under bf16 autocast when `amp`), fp32 flow loss, backward, clip and
     AdamW step. Under DDP the reported losses are averages over ranks, and a non-finite loss or
     gradient norm skips the update on every rank alike. `stop` (this rank was signalled) rides
     along in the same reduction, so the ranks agree on stopping without a second host sync.
-    Returns loss parts, grad_norm, ok, stop (True when any rank was signalled)."""
-    zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = model(zt, t, y)
-    loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
-    loss.backward()
+    Returns loss parts, grad_norm, ok, stop (True when any rank was signalled). With
+    `micro_batch` smaller than this rank's batch, the gradient is accumulated over micro-batches
+    (`accumulate_flow_grads`)."""
+    if micro_batch is not None and micro_batch < z0.shape[0]:
+        loss, parts = accumulate_flow_grads(model, z0, z1, t, y, micro_batch, r=r, path=path,
+                                            lambda_rad=lambda_rad, amp=amp)
+    else:
+        zt, u = rfm.point_and_target(z0, z1, t, r, path)  # the path computed once
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(zt, t, y)
+        loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
+        loss.backward()
     world = dist.get_world_size() if dist.is_initialized() else 1
     stats = torch.cat([torch.stack([loss.detach(), *parts.values()]).float() / world,
                        loss.new_full((1,), float(stop), dtype=torch.float32)])
@@ -93,6 +109,34 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z0: torch.Ten
     result = {"loss": values[0], "grad_norm": values[-1], "ok": ok, "stop": values[-2] > 0}
     result.update(zip(parts.keys(), values[1:-2], strict=True))
     return result
+
+
+def accumulate_flow_grads(model: torch.nn.Module, z0: torch.Tensor, z1: torch.Tensor,
+                          t: torch.Tensor, y: torch.Tensor, micro_batch: int, *, r: float,
+                          path: str, lambda_rad: float, amp: bool
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward in micro-batches of `micro_batch` rows: each part's mean loss
+    weighted by its share of the rows, so the summed gradients are the whole batch's (the loss
+    is a mean over rows). Under DDP only the last backward all-reduces (`no_sync` before).
+    Returns the whole batch's (loss, parts), detached."""
+    b = z0.shape[0]
+    starts = range(0, b, micro_batch)
+    loss_sum, parts_sum = z0.new_zeros(()), {}
+    for i in starts:
+        rows = slice(i, min(i + micro_batch, b))
+        share = (rows.stop - rows.start) / b
+        last = i == starts[-1]
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            zt, u = rfm.point_and_target(z0[rows], z1[rows], t[rows], r, path)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(zt, t[rows], y[rows])
+            loss, parts = rfm.flow_loss_at(out, zt, u, path, lambda_rad)
+            (loss * share).backward()
+        loss_sum = loss_sum + loss.detach() * share
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() * share
+    return loss_sum, parts_sum
 
 
 # ---------------------------------------------------------------- data
@@ -152,7 +196,13 @@ def train_dit(cfg: dict, cache: Any, ae: str | None, out: str | Path,
                  ) if rank0 else nullcontext():
         rank, world, device = setup_ddp(cfg.get("device", "auto"))
         try:
-            return _train(cfg, cache, ae, Path(out), rank, world, device, restart, reference)
+            recovery = Recovery(cfg["dit"], "dit")
+            while True:  # again from last.pt after each rollback (train.loop.Recovery)
+                try:
+                    return _train(cfg, cache, ae, Path(out), rank, world, device,
+                                  restart and not recovery.rollbacks, reference, recovery)
+                except Diverged as e:
+                    recovery.roll_back(e, Path(out) / "last.pt")
         finally:
             cleanup_ddp()
 
@@ -192,7 +242,8 @@ def _build(dc: dict, meta: dict, seed: int, device: torch.device
 def run_identity(cfg: dict, data: Any, world: int) -> dict:
     """What makes a DiT run this run (last.pt records it; a resume must match it): the cache's
     identity (sha256 of its attributes: encoder, shards, count, ...), seed, world size and
-    every dit setting that changes the trajectory (all but cadence, compile, max_bad_steps)."""
+    every dit setting that changes the trajectory (all but cadence, compile, the proxy, and the
+    micro-batch and recovery settings, which a chained or rolled-back run may change)."""
     import hashlib
     import json
 
@@ -200,20 +251,24 @@ def run_identity(cfg: dict, data: Any, world: int) -> dict:
     return {"cache_sha256": hashlib.sha256(attrs.encode()).hexdigest(), "seed":
             int(cfg.get("seed", 0)), "world_size": world,
             "dit": {k: v for k, v in cfg["dit"].items() if k not in
-                    ("log_every", "image_every", "ckpt_every", "compile", "max_bad_steps")}}
+                    ("log_every", "image_every", "ckpt_every", "compile", "max_bad_steps",
+                     "eval_every", "eval_samples", *NOT_TRAJECTORY)}}
 
 
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,
-           device: torch.device, restart: bool = False, reference: str | None = None) -> Path:
+           device: torch.device, restart: bool = False, reference: str | None = None,
+           recovery: Recovery | None = None) -> Path:
     """The loop: resume, then step, log, draw grids, checkpoint until done. Long because it is
     the loop, read top to bottom like nanoGPT's train.py."""
     dc, sample_cfg, seed = cfg["dit"], cfg.get("sample", {}), int(cfg.get("seed", 0))
+    recovery = recovery or Recovery(dc, "dit")
     cache_path, data, meta = _open_data(cache, ae)
     K, R, alpha, path = meta["num_classes"], meta["radius"], meta["alpha"], dc["path"]
     if dc["batch_size"] % world:
         raise ConfigError(f"config: 'dit.batch_size' ({dc['batch_size']}) is not divisible by "
                           f"the {world} DDP ranks")
     local_batch = dc["batch_size"] // world
+    micro_batch = dc.get("micro_batch") or local_batch  # per process; the rest: accumulation
     max_bad = int(dc.get("max_bad_steps", MAX_BAD_STEPS))
     amp = device.type == "cuda"
     model, ema, opt, config = _build(dc, meta, seed, device)
@@ -230,6 +285,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         opt.load_state_dict(ck["optimizer"])
         step, bad_total = int(ck["step"]), int(ck.get("bad_steps", 0))
         epoch, skip = int(ck["data"]["epoch"]), int(ck["data"]["batch"])
+        recovery.adopt(ck.get("recovery"))
         log.info("resuming from %s at step %d", files.last, step)
 
     def state(optimizer: bool = True) -> dict:
@@ -238,7 +294,8 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
         s = {"kind": DIT_KIND, "step": step, "config": config,
              "model": unwrap(model).state_dict(), "ema": ema.state_dict(),
              "ae": str(ae) if ae else None, "cache": cache_path,
-             "data": {"epoch": epoch, "batch": skip}, "bad_steps": bad_total, "world_size": world}
+             "data": {"epoch": epoch, "batch": skip}, "bad_steps": bad_total, "world_size": world,
+             "recovery": recovery.state()}
         if optimizer:
             s["optimizer"] = opt.state_dict()
         return s
@@ -258,6 +315,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
 
         proxy = GFIDProxy(cfg, autoencoder, config, reference, device)
     metrics = RunLog(out, cfg, resumed_at=step, device=device, name="dit") if is_main() else None
+    recovery.log_pending(metrics)
     progress = Progress(dc["steps"], start=step, desc="dit")
     gen = torch.Generator(device=device)
 
@@ -274,15 +332,18 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
             (epoch, skip), (x, y) = next(batches)
             # fp16 (pinned on CUDA) over the bus, fp32 and projected to radius R on the device
             z0 = sphere.project(x.to(device, non_blocking=True).float(), R)
+            if nan_fault("train-dit-loss"):
+                z0 = z0 * float("nan")
             y = y.to(device, non_blocking=True)
             gen.manual_seed(step_seed(seed, rank, step))
             z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
                                    label_dropout=dc["label_dropout"], null_class=K)
-            lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant")
+            lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant") \
+                * recovery.lr_scale
             set_lr(opt, lr)
             res = train_step(net, opt, z0, z1, t, y, r=R, path=path,
                              lambda_rad=dc["lambda_rad"], grad_clip=dc["grad_clip"], amp=amp,
-                             stop=files.signal.stop)
+                             stop=files.signal.stop, micro_batch=micro_batch)
             step, n_window = step + 1, n_window + 1
             if res["ok"]:
                 ema_update(ema, model, dc["ema"])
@@ -303,6 +364,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                                         or bad_run >= max_bad or scores):
                 now = time.time()
                 row = {"step": step, "lr": lr, "bad_steps": bad_total,
+                       "rollbacks": recovery.rollbacks, "lr_scale": recovery.lr_scale,
                        "img_per_s": n_window * dc["batch_size"] / max(now - t_window, 1e-9)}
                 for key in loss_keys:  # means over the window's good steps
                     row[key] = float(np.mean([w[key] for w in window])) if window else math.nan
@@ -311,7 +373,7 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
                 metrics.log(step, row)
                 window, n_window, t_window = [], 0, now
             if bad_run >= max_bad:  # (after the metrics row that counts it)
-                raise NumericsError(f"{bad_run} non-finite DiT steps in a row (step {step}); "
+                raise Diverged(f"{bad_run} non-finite DiT steps in a row (step {step}); "
                                     "lower dit.lr, check the cache, or raise dit.max_bad_steps")
             if is_main() and dc["image_every"] and step % dc["image_every"] == 0:
                 grid = _sample_grid(ema, autoencoder, meta, sample_cfg, path, device, out, step)

@@ -9,16 +9,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dinosae.chains import CONTINUE_EXIT
 from dinosae.checkpoint import load_checkpoint, save_checkpoint
 from dinosae.dist import any_rank, barrier, is_main
+from dinosae.errors import NumericsError
 from dinosae.faults import fault_point
 from dinosae.signals import StopFlag
+
+if TYPE_CHECKING:
+    from dinosae.train.logs import RunLog
 
 log = logging.getLogger("dinosae")
 
@@ -84,6 +90,20 @@ def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> li
 
     return [f"{k}: {show(a.get(k, '(none)'))} -> {show(b.get(k, '(none)'))}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class StoppedToContinue(SystemExit):
+    """Stopped by SIGTERM/SIGINT with last.pt written: exit status CONTINUE_EXIT (a wall-time
+    chain's job resubmitted to resume, dinosae.chains); the message goes to stderr."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CONTINUE_EXIT)
+        self.message = message
+        if is_main():
+            print(message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class RunCheckpoints:
@@ -155,8 +175,8 @@ class RunCheckpoints:
                 save_checkpoint(self.last, self._stamped(state()))
             barrier()
         if stopping:
-            raise SystemExit(f"{self.name}: stopped by signal after step {done}; rerun to resume "
-                             f"from {self.last}")
+            raise StoppedToContinue(f"{self.name}: stopped by signal after step {done}; rerun "
+                                    f"to resume from {self.last}")
 
     def finish(self, state: Callable[[], dict]) -> Path:
         if is_main():
@@ -168,3 +188,70 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.signal.restore()
+
+
+# settings a resumed run may change (train.ae.run_identity, train.dit.run_identity): the
+# micro-batch (the same update, accumulated; another GPU kind in a chain) and the recovery policy
+NOT_TRAJECTORY = ("micro_batch", "rollbacks", "rollback_lr_factor")
+
+
+class Diverged(NumericsError):
+    """`max_bad_steps` non-finite steps in a row: the loop stops; `Recovery` may roll back."""
+
+
+class Recovery:
+    """Recovery from divergence. When a loop raises Diverged, `roll_back` lets the caller run
+    the loop again from last.pt (the last checkpoint, of finite weights: non-finite steps are
+    never applied) with the learning rate scaled by `rollback_lr_factor`, at most `rollbacks`
+    times per run; each rollback is a warning in the log and a row in metrics.csv (the row
+    written by the loop when it starts again: `log_pending`). The count and the scale travel in
+    last.pt (`state`, `adopt`), so a resumed job keeps the reduced learning rate.
+
+    Config keys (ae_train, dit): rollbacks (default 0: stop as before), rollback_lr_factor
+    (default 0.5)."""
+
+    def __init__(self, section: dict, name: str) -> None:
+        self.allowed = int(section.get("rollbacks", 0))
+        self.factor = float(section.get("rollback_lr_factor", 0.5))
+        self.name, self.rollbacks, self.lr_scale = name, 0, 1.0
+        self.pending: dict | None = None
+
+    def state(self) -> dict:
+        return {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
+
+    def adopt(self, saved: dict | None) -> None:
+        """Take a resumed checkpoint's count and scale unless this process has rolled back
+        since it was written (then its own are newer)."""
+        if saved and int(saved["rollbacks"]) > self.rollbacks:
+            self.rollbacks, self.lr_scale = int(saved["rollbacks"]), float(saved["lr_scale"])
+
+    def roll_back(self, error: Diverged, last: Path) -> None:
+        """Prepare the next attempt, or re-raise `error` when no rollback is left or there
+        is no checkpoint to go back to."""
+        if self.rollbacks >= self.allowed:
+            if self.allowed:
+                raise Diverged(f"{error} (after {self.rollbacks} rollback(s), the most allowed)"
+                               ) from None
+            raise error
+        if not last.is_file():
+            raise Diverged(f"{error} (no checkpoint to roll back to yet)") from None
+        ck = load_checkpoint(last, map_location="cpu", mmap=True)
+        bad = [k for k, v in ck.get("model", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise Diverged(f"{error} ({last} holds non-finite weights: {bad[0]}; nothing to "
+                           "roll back to)") from None
+        self.rollbacks += 1
+        self.lr_scale *= self.factor
+        self.pending = {"step": int(ck["step"]), "rollbacks": self.rollbacks,
+                        "lr_scale": self.lr_scale}
+        if is_main():
+            log.warning("%s: %s; rolling back to step %d (%s), learning rate x%g (rollback %d "
+                        "of %d)", self.name, error, ck["step"], last, self.lr_scale,
+                        self.rollbacks, self.allowed)
+
+    def log_pending(self, metrics: RunLog | None) -> None:
+        """The rollback's row, once metrics.csv has been cut back to the resumed step."""
+        if self.pending is not None and metrics is not None:
+            metrics.log(self.pending["step"], self.pending)
+        self.pending = None

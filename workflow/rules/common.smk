@@ -91,7 +91,12 @@ def dataset_root():
 
 
 def launch(wildcards, resources):
-    """`dinosae` for one process; torchrun over the job's GPUs when a rule asks for several."""
+    """`dinosae` for one process; torchrun over the job's GPUs when a rule asks for several;
+    srun + torchrun over its nodes when it asks for several nodes (dinosae.multinode)"""
+    if int(resources.get("nodes", 1) or 1) > 1:
+        from dinosae.multinode import gpus_per_node, torchrun_command
+
+        return torchrun_command(int(resources["nodes"]), gpus_per_node(resources))
     gpus = int(resources.get("gpu", 0))
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node={gpus} -m dinosae"
@@ -118,3 +123,21 @@ def run_folder(wildcards, output):
 def store_of(wildcards):
     """The latent store of an encode job's split."""
     return latent_store(wildcards.split)
+
+
+def chain_training_rules():
+    """The training rules as wall-time chains where their planned runtime exceeds the site's
+    max_runtime (dinosae.chains.chain_rule); the write rate for the signal lead is measured
+    into results/ once, and only when some rule needs it."""
+    from functools import cache
+
+    from dinosae.chains import chain_rule, measure_write_mb_s
+
+    rate = cache(lambda: measure_write_mb_s("results"))
+    for name in [f"ae_stage{k}" for k in (1, 2, 3, 4)] + ["train_dit"]:
+        s = chain_rule(workflow.get_rule(name), rate)
+        if s is not None and s["jobs"] > 1:
+            logger.info(
+                f"{name}: a chain of up to {s['jobs']} jobs of {s['runtime']} min "
+                f"(SIGTERM {s['lead_s']} s before each limit)"
+            )
