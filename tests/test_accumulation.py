@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import ae_stages, tiny_config
 from test_dit import FakeCache
 
 from dinosae.checkpoint import load_checkpoint
@@ -74,7 +74,8 @@ def ae_config(micro: int | None) -> dict:
     cfg = tiny_config()
     cfg["device"] = "cpu"
     cfg["autoencoder"]["lpips"]["net"] = "alex"
-    cfg["ae_train"].update(batch_size=4, stage_steps=[2, 3, 2, 2], disc_warmup_steps=1,
+    cfg["ae_train"].update(stages=ae_stages([2, 3, 2, 2], 4, cfg["ae_train"]["stages"][0]["lr"]),
+                           disc_warmup_steps=1,
                            log_every=1, image_every=100, ckpt_every=100, micro_batch=micro,
                            noise_tau=[0.5, 0.8])
     return cfg

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import ae_stages, tiny_config
 from test_dit import FakeCache
 
 from dinosae import faults
@@ -56,16 +56,16 @@ def test_dit_rolls_back_scales_the_lr_and_finishes(tmp_path, fault, caplog):
     assert all(torch.isfinite(p).all() for p in ck["model"].values())
     assert ck["bad_steps"] == 0  # the bad steps were rolled back with the rest
     log = rows(tmp_path / "run" / "metrics.csv")
-    # steps 1-2 (a DiT resume keeps the rows before its step), the rollback row at 3, then
-    # 4..8 again at half the lr
+    # steps 1-3 (a resume keeps the rows up to the step last.pt holds), the rollback row at 3,
+    # then 4..8 again at half the lr
     assert [(r["step"], r["rollbacks"]) for r in log] == [
-        ("1", "0"), ("2", "0"), ("3", "1"), ("4", "1"), ("5", "1"), ("6", "1"), ("7", "1"),
-        ("8", "1")]
-    assert float(log[2]["lr_scale"]) == 0.5 and log[2]["loss"] == ""
+        ("1", "0"), ("2", "0"), ("3", "0"), ("3", "1"), ("4", "1"), ("5", "1"), ("6", "1"),
+        ("7", "1"), ("8", "1")]
+    assert float(log[3]["lr_scale"]) == 0.5 and log[3]["loss"] == ""
     base = cfg["dit"]["lr"]
-    for r in log[:2]:
+    for r in log[:3]:
         assert float(r["lr"]) == pytest.approx(lr_at(int(r["step"]) - 1, base, 2, 8, "constant"))
-    for r in log[3:]:
+    for r in log[4:]:
         assert float(r["lr"]) == pytest.approx(0.5 * base)
     assert any("rolling back to step 3" in m and "x0.5" in m for m in caplog.messages)
 
@@ -87,7 +87,8 @@ def test_ae_stage_rolls_back_and_finishes(tmp_path, fault, caplog):
     cfg = tiny_config()
     cfg["device"] = "cpu"
     cfg["autoencoder"]["lpips"]["net"] = "alex"
-    cfg["ae_train"].update(batch_size=4, stage_steps=[6, 4, 3, 3], log_every=1, image_every=100,
+    cfg["ae_train"].update(stages=ae_stages([6, 4, 3, 3], 4, cfg["ae_train"]["stages"][0]["lr"]),
+                           log_every=1, image_every=100,
                            ckpt_every=2, max_bad_steps=2, rollbacks=1, rollback_lr_factor=0.25)
     data = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -109,7 +110,7 @@ def test_ae_stage_rolls_back_and_finishes(tmp_path, fault, caplog):
     for r in log[3:]:
         step = int(r["step"]) - 1
         assert float(r["lr"]) == pytest.approx(
-            0.25 * lr_at(step, t["lr"], t["warmup_steps"], 6, t["schedule"]), rel=1e-5)
+            0.25 * lr_at(step, t["stages"][0]["lr"], t["warmup_steps"], 6, t["schedule"]), rel=1e-5)
     assert any("ae stage 1" in m and "rolling back to step 2" in m for m in caplog.messages)
 
 

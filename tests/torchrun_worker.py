@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import tiny_config  # noqa: E402
+from helpers import ae_stages, tiny_config  # noqa: E402
 from test_dit import FakeCache  # noqa: E402
 from test_train_ae import images, make_batches, small_config  # noqa: E402
 
@@ -29,7 +29,8 @@ def dit_config(micro: int | None) -> dict:
 
 def ae_config(micro: int | None) -> dict:
     cfg = small_config()
-    cfg["ae_train"].update(batch_size=8, stage_steps=[2, 3, 1, 1], disc_warmup_steps=1,
+    cfg["ae_train"].update(stages=ae_stages([2, 3, 1, 1], 8, cfg["ae_train"]["stages"][0]["lr"]),
+                           disc_warmup_steps=1,
                            ckpt_every=100, image_every=100, micro_batch=micro)
     return cfg
 
