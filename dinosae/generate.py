@@ -64,13 +64,21 @@ def sample_seeds(n: int, seed: int) -> np.ndarray:
     return np.int64(seed) * np.int64(SEED_STRIDE) + np.arange(n, dtype=np.int64)
 
 
+def generator_seed(seed: int) -> int:
+    """A 64-bit sample seed as the 32 bits torch's CPU generator keeps (it drops the high ones,
+    so seed * 2^32 + i would be i whatever the config seed): the high half, mixed, XORed into
+    the low one. Seeds below 2^32 are unchanged; for one config seed, distinct i stay distinct."""
+    return (seed ^ ((seed >> 32) * 0x9E3779B1)) & 0xFFFFFFFF
+
+
 def start_noise(seeds: np.ndarray, shape: tuple[int, int], r: float, path: str) -> torch.Tensor:
-    """z1 for a batch: sample i's noise from its own CPU generator seeded with seeds[i]."""
+    """z1 for a batch: sample i's noise from its own CPU generator seeded with seeds[i]
+    (generator_seed)."""
     from dinosae import rfm
 
     out = []
     for s in seeds.tolist():
-        g = torch.Generator().manual_seed(int(s))
+        g = torch.Generator().manual_seed(generator_seed(int(s)))
         out.append(rfm.noise((1, *shape), r, path, generator=g))
     return torch.cat(out)
 

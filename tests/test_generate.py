@@ -219,3 +219,18 @@ def test_sampling_precision_switch():
     assert not generate.sampling_bf16("bf16", cpu)  # no autocast off CUDA: recorded as fp32
     with pytest.raises(ConfigError, match="sample.precision"):
         generate.sampling_bf16("fp16", cuda)
+
+
+def test_config_seed_reaches_the_sampling_noise():
+    # torch's CPU generator keeps only a seed's low 32 bits: seed * 2^32 + i must still give
+    # another noise for another config seed, the same for the same one
+    shape, r = (4, 8), 2.0
+    a = generate.start_noise(generate.sample_seeds(3, 0), shape, r, "rfm")
+    b = generate.start_noise(generate.sample_seeds(3, 1), shape, r, "rfm")
+    again = generate.start_noise(generate.sample_seeds(3, 1), shape, r, "rfm")
+    assert torch.equal(b, again)
+    assert not torch.allclose(a, b)
+    assert len({tuple(z.flatten().tolist()) for z in b}) == 3  # samples differ within a seed
+    # below 2^32 a seed is used as it is (the API's --seeds, config seed 0)
+    assert generate.generator_seed(12345) == 12345
+    assert generate.generator_seed((7 << 32) + 5) != 5
