@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, save_dit_checkpoint, tiny_config, write_shards
+from helpers import ROOT, ae_stages, save_dit_checkpoint, tiny_config, write_shards
 from PIL import Image
 
 import dinosae
@@ -1118,16 +1118,20 @@ def test_14_train_dit_refuses_another_runs_last_pt_and_restart_starts_afresh(
 def test_14_ae_train_refuses_another_runs_last_pt(world, work, capsys, monkeypatch):
     out = work / "stage1"
     cfg = sections(world, "seed", "device", "data", "autoencoder", "ae_train")
-    cfg["ae_train"].update(stage_steps=[4, 1, 1, 1], ckpt_every=3, image_every=100)
+    stages = cfg["ae_train"]["stages"]
+    cfg["ae_train"].update(stages=ae_stages([4, 1, 1, 1], stages[0]["batch_size"],
+                                            stages[0]["lr"]), ckpt_every=3, image_every=100)
     argv = ["ae-train", "--stage", "1", "--shards", str(work / "shards"), "--out", str(out)]
     _stopped_run(capsys, monkeypatch, argv, cfg, "ae-stage1")
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
     edit_json(work / "shards" / "manifest.json", note="other shards")  # another manifest
     other = json.loads(json.dumps(cfg))
-    other["ae_train"]["lr"] *= 3
+    other["ae_train"]["stages"][0]["lr"] *= 3
+    other["ae_train"]["stages"][1]["lr"] *= 5  # another stage's setting: not this run's
     before = tree(work)
     rc, err = cli(capsys, *argv, cfg=other)
-    one_line(rc, err, "made by another run", "ae_train.lr:", "shards_manifest_sha256:",
+    assert "ae_train.stages.steps" not in err and "[1]" not in err
+    one_line(rc, err, "made by another run", "ae_train.stages.lr:", "shards_manifest_sha256:",
              "--restart")
     assert tree(work) == before
 
@@ -1265,6 +1269,8 @@ def _boundary(world, work: Path) -> dict[str, list[tuple[list[str], tuple[str, .
                           (["--cache", d, "--out", out], ("latents",))],
         "export-latents": [(["--cache", miss, "--out", out + ".h5"], ()),
                            (["--cache", d, "--out", out + ".h5"], ())],
+        "cache": [(["verify", miss], None), (["verify", t], None), (["verify", d], None),
+                  (["list", t], None), (["list", miss], None), (["bogus"], None)],
         "train-dit": [(["--cache", miss, "--ae", ae, "--out", out], None),
                       (["--cache", cache, "--ae", t, "--out", out], None)],
         "sample": [(["--dit", miss, "--ae", ae, "--out", out + ".h5"], None),
