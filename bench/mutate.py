@@ -130,10 +130,8 @@ MUTANTS = [
            'lr = lr_at(step, mine["lr"]',
            (BOOK, "-k", "ae_loop"), "AE loop: generator schedule not offset by D warm-up"),
     Mutant("ae_decoder_ema_inverted", "dinosae/train/ae.py",
-           'ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])\n'
-           '    st.opt.zero_grad(set_to_none=True)\n    return row, rec, ok',
-           'ema_update(st.ema.decoder, ae.decoder, 1 - tcfg["ema"])\n'
-           '    st.opt.zero_grad(set_to_none=True)\n    return row, rec, ok',
+           'ema_update(st.ema.decoder, st.ae.decoder, tcfg["ema"])',
+           'ema_update(st.ema.decoder, st.ae.decoder, 1 - tcfg["ema"])',
            (BOOK, "-k", "ae_loop"), "AE loop: decoder EMA decay inverted"),
     # ---- the autoencoder's losses
     Mutant("lpips_dropped", "dinosae/train/ae.py",

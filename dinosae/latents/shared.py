@@ -22,10 +22,13 @@ import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from dinosae.errors import CacheError
+from dinosae.errors import CacheError, OutputLocked
 from dinosae.latents.store import FORMAT, VERSION
 from dinosae.outputs import output_lock
 
@@ -114,6 +117,23 @@ def mark_used(store: Path) -> None:
             pass
 
 
+@contextmanager
+def _waiting_lock(target: Path, wait_s: float = 600.0) -> Iterator[Path]:
+    """output_lock on `target`, waiting while another experiment publishes the same identity
+    (a rename: seconds) instead of failing; OutputLocked after `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    with ExitStack() as stack:
+        while True:
+            try:
+                path = stack.enter_context(output_lock(target, "publish-cache"))
+                break
+            except OutputLocked:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield path
+
+
 def publish(cache: str | Path, root: str | Path) -> Path:
     """Move a complete local cache into `root` by its identity and leave a link in its place;
     if `root` already holds that cache complete, drop the local one for a link to it. Returns
@@ -124,7 +144,7 @@ def publish(cache: str | Path, root: str | Path) -> Path:
         raise CacheError(f"{cache}: only a complete cache with an identity can be published")
     root.mkdir(parents=True, exist_ok=True)
     target = store_in(root, attrs["identity"])
-    with output_lock(target, "publish-cache"):  # one publisher of this identity at a time
+    with _waiting_lock(target):  # one publisher of this identity at a time
         if find(root, attrs["identity"]) is None:
             if target.exists() or target.is_symlink():
                 raise CacheError(f"{target}: exists but is not the complete cache "

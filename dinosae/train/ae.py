@@ -305,16 +305,24 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
     st.opt.zero_grad(set_to_none=True)
     if ok:
         loss.backward()
+    return row, rec, _update_generator(st, row, ok, tcfg)
+
+
+def _update_generator(st: Stage, row: dict, ok: bool, tcfg: dict) -> bool:
+    """The generator's update once its gradients are in (`ok`: the loss was finite on every
+    rank): clip (a non-finite norm skips the update, the same on every rank: gradients are
+    all-reduced), step, then the EMA of what trains (stem only in stages 1-2)."""
+    if ok:
         gn = torch.nn.utils.clip_grad_norm_(st.params, tcfg["grad_clip"])
-        ok = bool(torch.isfinite(gn))  # same on every rank: grads are all-reduced
+        ok = bool(torch.isfinite(gn))
         row["grad_norm"] = gn
     if ok:
         st.opt.step()
-        if stage <= 2:
-            ema_update(st.ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
-        ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])
+        if st.number <= 2:
+            ema_update(st.ema.encoder.stem, st.ae.encoder.stem, tcfg["ema"])
+        ema_update(st.ema.decoder, st.ae.decoder, tcfg["ema"])
     st.opt.zero_grad(set_to_none=True)
-    return row, rec, ok
+    return ok
 
 
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
@@ -456,17 +464,7 @@ def accumulated_generator_step(st: Stage, model: torch.nn.Module, x: torch.Tenso
         row["loss"] = row["loss"] + weights["adv"] * lam * row["g_gan"]
         row["lambda"] = lam
     ok = all_ranks(bool(torch.isfinite(row["loss"])), device)
-    if ok:
-        gn = torch.nn.utils.clip_grad_norm_(st.params, tcfg["grad_clip"])
-        ok = bool(torch.isfinite(gn))
-        row["grad_norm"] = gn
-    if ok:
-        st.opt.step()
-        if stage <= 2:
-            ema_update(st.ema.encoder.stem, ae.encoder.stem, tcfg["ema"])
-        ema_update(st.ema.decoder, ae.decoder, tcfg["ema"])
-    st.opt.zero_grad(set_to_none=True)
-    return row, torch.cat(recs), ok
+    return row, torch.cat(recs), _update_generator(st, row, ok, tcfg)
 
 
 def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
