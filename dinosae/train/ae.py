@@ -355,13 +355,20 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     ok = all_ranks(bool(torch.isfinite(d_loss)), device)
     if ok:
         d_loss.backward()
+    return row, _update_discriminator(st, row, ok, tcfg)
+
+
+def _update_discriminator(st: Stage, row: dict, ok: bool, tcfg: dict) -> bool:
+    """The discriminator's update once its gradients are in (`ok`: the loss was finite on
+    every rank): clip (a non-finite norm skips the update), step."""
+    if ok:
         dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
         ok = bool(torch.isfinite(dgn))
         row["d_grad_norm"] = dgn
     if ok:
         st.d_opt.step()
     st.d_opt.zero_grad(set_to_none=True)
-    return row, ok
+    return ok
 
 
 # ---------------------------------------------------------------- one step in micro-batches
@@ -495,14 +502,7 @@ def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: to
                              "d_fake": logits[n:].mean()}, share)
     row: dict[str, Any] = dict(sums)
     ok = all_ranks(bool(torch.isfinite(row["d_loss"])), device)
-    if ok:
-        dgn = torch.nn.utils.clip_grad_norm_(st.disc.parameters(), tcfg["grad_clip"])
-        ok = bool(torch.isfinite(dgn))
-        row["d_grad_norm"] = dgn
-    if ok:
-        st.d_opt.step()
-    st.d_opt.zero_grad(set_to_none=True)
-    return row, ok
+    return row, _update_discriminator(st, row, ok, tcfg)
 
 
 # ---------------------------------------------------------------- the loop
