@@ -197,7 +197,7 @@ def test_released_ddt_xl_layout_maps_without_mismatch():
     ref = {}
     for ours, t in model.state_dict().items():
         theirs, how = importers._map(ours, names)
-        ref[theirs] = torch.empty(*t.shape, 1, 1) if how == importers._CONV else t
+        ref[theirs] = torch.empty(*t.shape, 1, 1, device="meta") if how == importers._CONV else t
     assert "blocks.29.adaLN_modulation.1.weight" in ref and "s_projector.weight" in ref
     assert importers.map_reference_dit(ref, model)[2] == []
     assert list(ref["s_embedder.proj.weight"].shape) == [1152, 1024, 1, 1]
