@@ -3,6 +3,8 @@
     PYTHONPATH=$PWD:/tmp/refdeps python bench/dit_step.py --reference /tmp/ref/LightningDiT
     python bench/dit_step.py --sizes B --depth 12 --batch 8           # ours only (no reference)
     python bench/dit_step.py --profile B                               # where our step's time goes
+    PYTHONPATH=$PWD:/tmp/refdeps python bench/dit_step.py --reference /tmp/ref/LightningDiT \
+        --compiled --sizes B                          # compiled, as each code runs at scale
 
 Both columns train the same network (hustvl/LightningDiT: SwiGLU, RMSNorm, 2-D RoPE, qkv bias,
 adaLN-zero, patch size 1, sinusoidal time embedding) at the same size, on the same (B, T, C)
@@ -19,6 +21,11 @@ The reference directory is a checkout of hustvl/LightningDiT (its `models/` is i
 without `--reference` (or when the path is absent) that column is skipped. Its modules that the
 model never uses (fairscale in models/rmsnorm.py) are stubbed, and its `@torch.compile`
 decorators are disabled (TORCHDYNAMO_DISABLE=1) so both run eagerly.
+
+`--compiled` compares the two as their users run them at scale: ours with `torch.compile` of the
+whole network (what `dit.compile: true` does in train-dit), the reference with its own
+`@torch.compile` decorators on (modulate, the time embedder, each block, the final layer, the
+SwiGLU FFN). Warm-up steps then include the compilation; only the timed steps count.
 
 The two are timed alternately (ours, ref, ours, ref, ...) and the medians are reported, so that
 other jobs on a shared machine slow both alike; the ratio column is ours / reference. `--depth`
@@ -38,7 +45,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # hustvl decorates forwards with torch.compile
+if "--compiled" not in sys.argv:  # hustvl decorates forwards with torch.compile
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import torch  # noqa: E402
 from reference_stubs import stub_missing  # noqa: E402
@@ -66,6 +74,7 @@ class Ours:
         self.model = LightningDiT(self.T, self.C, self.K, (g, g), hidden, depth, heads,
                                   time_embed="sinusoidal").to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.net = torch.compile(self.model) if args.compiled else self.model  # as train-dit
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                      weight_decay=0.0, fused=args.fused or None)
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -76,7 +85,7 @@ class Ours:
     def step(self) -> None:
         z1, t, y = draw_inputs(self.z0, self.y, self.gen, r=self.R, alpha=self.alpha, path="rfm",
                                label_dropout=0.1, null_class=self.K)
-        res = train_step(self.model, self.opt, self.z0, z1, t, y, r=self.R, path="rfm",
+        res = train_step(self.net, self.opt, self.z0, z1, t, y, r=self.R, path="rfm",
                          lambda_rad=0.1, grad_clip=1.0, amp=self.amp)
         if res["ok"]:
             ema_update(self.ema, self.model, 0.9995)
@@ -195,6 +204,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="our AdamW fused (as the training loop), or torch's default")
+    p.add_argument("--compiled", action="store_true",
+                   help="ours under torch.compile, the reference with its @torch.compile on")
     p.add_argument("--profile", metavar="SIZE", default=None,
                    help="print a torch.profiler table of our step at this size instead")
     p.add_argument("--rows", type=int, default=30)
@@ -209,7 +220,8 @@ def main() -> None:
         return
     rows = [bench_size(s, args, device) for s in args.sizes]
     print(f"device {device}, threads {torch.get_num_threads()}, {args.grid}x{args.grid} tokens x "
-          f"{args.channels} ch, batch {args.batch}, median of {args.steps} steps, alternating")
+          f"{args.channels} ch, batch {args.batch}, median of {args.steps} steps, alternating, "
+          f"{'compiled' if args.compiled else 'eager'}")
     print(f"{'size':>8} {'params(M)':>10} {'ours s':>8} {'ref s':>8} {'ours/ref':>9} "
           f"{'ours img/s':>11}")
     for r in rows:

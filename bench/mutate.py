@@ -164,6 +164,14 @@ MUTANTS = [
            "F.relu(1.0 + logits_fake).mean()",
            "F.relu(1.0 - logits_fake).mean()",
            (AEL, "-k", "hinge"), "d_hinge_loss: fakes pushed up"),
+    Mutant("dino_d_loss_unhalved", "dinosae/models/discriminator.py",
+           'D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 0.5}',
+           'D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 1.0}',
+           (AEL, "-k", "dino_discriminator_step"), "RAE's discriminator: hinge not halved"),
+    Mutant("dino_fakes_unquantised", "dinosae/train/ae.py",
+           'fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()',
+           "fake = rec.detach()",
+           (AEL, "-k", "dino_discriminator_step"), "RAE's discriminator: fakes not 8-bit"),
     # ---- the metrics
     Mutant("teacher_unnormalised", "dinosae/evaluate.py",
            "x = (x - self.mean) / self.std",
@@ -267,7 +275,9 @@ def _forked_pytest(repo: str, tests: tuple[str, ...], log: str) -> None:
         os.chdir(repo)
         os.environ.clear()
         os.environ.update(_env(Path(repo)))
-        sys.path[:] = [repo] + [p for p in sys.path if p and not p.startswith(str(ROOT))]
+        # the worktree's own code leaves sys.path; a virtualenv inside it (.venv) stays
+        sys.path[:] = [repo] + [p for p in sys.path if p and (
+            not p.startswith(str(ROOT)) or p.startswith(sys.prefix))]
         for name in [n for n in sys.modules if n == "dinosae" or n.startswith("dinosae.")]:
             del sys.modules[name]
         import pytest

@@ -162,3 +162,45 @@ def test_discriminator_step_hinge_on_hand_made_logits():
     assert _f(row["d_loss"]) == pytest.approx(want_real + want_fake, rel=1e-6)
     assert _f(row["d_real"]) == pytest.approx(real.mean().item(), rel=1e-6)
     assert _f(row["d_fake"]) == pytest.approx(fake.mean().item(), rel=1e-6)
+
+
+class HandLogitsOnImages(HandLogits):
+    """RAE's discriminator stand-in: images in, fixed logits out; a frozen `dino` as the
+    trainer expects; it keeps the images it was given."""
+
+    def __init__(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        super().__init__(real, fake)
+        self.dino = torch.nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(images.detach().clone())
+        return self.logits * self.scale
+
+
+def test_dino_discriminator_step_halves_the_hinge_and_sees_8_bit_fakes(monkeypatch):
+    """With RAE's backbone (dino_vits8): d_loss = 0.5 (mean relu(1 - real) + mean relu(1 + fake))
+    (RAE's hinge_d_loss), and the reconstructions reach the discriminator rounded to 8-bit levels
+    (RAE quantises its fakes); the real images are not rounded."""
+    st = _stage(2)
+    st.args.discriminator["backbone"] = "dino_vits8"
+    x = _images(2, seed=2)
+    rec = _images(2, seed=3)
+    real = torch.tensor([[2.0, 0.5, -1.0, 0.9], [1.5, 1.0, 0.2, -0.3]])
+    fake = torch.tensor([[-3.0, 0.0, 0.5, -0.8], [-1.5, 1.2, -0.9, 0.1]])
+    want = 0.5 * (sum(max(0.0, 1 - v) for v in real.flatten().tolist()) / real.numel()
+                  + sum(max(0.0, 1 + v) for v in fake.flatten().tolist()) / fake.numel())
+    given = []
+    monkeypatch.setattr(TA, "disc_logits", lambda disc, images, *a, **k: (
+        given.append(images.detach().clone()), disc(images))[1])
+    disc = HandLogitsOnImages(real, fake)
+    st.disc = disc
+    st.d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4)
+    row, ok = TA.discriminator_step(st, disc, x, rec, torch.Generator().manual_seed(0),
+                                    d_lr=1e-4, tcfg=_tcfg(), autocast=nullcontext(), device=CPU)
+    assert ok and _f(row["d_loss"]) == pytest.approx(want, rel=1e-6)
+    images = given[0]
+    assert torch.equal(images[:2], x)
+    levels = images[2:] * 255
+    assert torch.equal(levels, levels.round())  # on the 8-bit grid ...
+    assert (images[2:] - rec.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-7  # ... nearest level
+    assert not torch.equal(images[2:], rec)
