@@ -12,6 +12,11 @@ noise drawn with its own generator, torch.Generator().manual_seed(seeds[i]) on t
 depends only on its seed, whatever else shares its batch. The file is written one batch at a
 time under a temporary name (`<out>.partial`) with a `done` counter; a killed job rerun with the
 same settings continues after the last finished batch, and the file is renamed when complete.
+With sample.parts = K > 1 the work is K jobs (`dinosae sample --part i/K`, rule sample_part):
+part i draws whole batches of the one-job run (part_ranges) into a part file of its own (same
+settings, plus `part` and `part_range`; resumable as above), and `dinosae sample-gather`
+(gather_parts, rule sample_gather) checks every part and joins them into the samples.h5 one
+job writes, datasets and attributes equal: nothing in it records K.
 The latent cache, when given, is checked to be the one the generator was trained on and gives
 the class names and, with sample.s_vae null, the decode radius; an imported generator needs none.
 """
