@@ -55,8 +55,8 @@ def part_ranges(n: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
     draws, so a part computes exactly what that job computes), as even as batches go."""
     batches = -(-n // batch_size)
     if not 1 <= parts <= batches:
-        raise ConfigError(f"config: 'sample.parts' is {parts}: at least 1 and at most the "
-                          f"{batches} batches of sample.batch_size {batch_size} in "
+        raise ConfigError(f"config: 'sample.parts' (--part i/K) is {parts}: at least 1 and at "
+                          f"most the {batches} batches of sample.batch_size {batch_size} in "
                           f"sample.num_samples {n}")
     edges = [min(batches * i // parts * batch_size, n) for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))

@@ -246,6 +246,20 @@ def test_killed_part_resumes_and_leaves_the_others(run, tmp_path, monkeypatch):
     assert sorted(f.name for f in work.iterdir()) == ["0.h5", "1.h5", "2.h5"]
 
 
+def test_status_counts_the_samples_of_the_parts(run, tmp_path):
+    from dinosae import status
+
+    _, _, _, _, parts = run
+    folder = tmp_path / "results" / "samples" / "parts"
+    folder.mkdir(parents=True)
+    shutil.copy(parts[0], folder / "0.h5")  # finished: 4 samples
+    shutil.copy(parts[2], folder / "2.h5.partial")  # running: 2 of its 5 so far
+    with h5py.File(folder / "2.h5.partial", "r+") as f:
+        f.attrs["done"] = 2
+    s = status.samples(tmp_path / "results")
+    assert (s.state, s.metrics) == ("partial", "6/13 images (1 of 3 parts done)")
+
+
 def test_plan_prices_a_sample_part():
     from dinosae import plan
 
