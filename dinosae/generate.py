@@ -446,6 +446,8 @@ def _check_part(path: str, f: Any, i: int, k: int, rng: tuple[int, int], want: d
         got_part, got_range = [int(v) for v in a["part"]], [int(v) for v in a["part_range"]]
         done, rows = int(a["done"]), f["images"].shape[0]
         complete = bool(a.get("complete", False))
+        if len(got_part) != 2 or len(got_range) != 2:
+            raise ValueError(f"part {got_part}, part_range {got_range}")
     except (KeyError, TypeError, ValueError) as e:
         raise bad(f"lacks its part attributes or images ({e})") from None
     if got_part != [i, k]:
@@ -470,7 +472,7 @@ def _check_part(path: str, f: Any, i: int, k: int, rng: tuple[int, int], want: d
     labels, seeds = balanced_labels(n, classes)[lo:hi], sample_seeds(n, int(a["seed"]))[lo:hi]
     if not (np.array_equal(f["labels"][:], labels) and np.array_equal(f["seeds"][:], seeds)):
         raise bad("its labels or seeds are not those of its samples")
-    shape, like = f["images"].shape, (first or f)["images"].shape
+    shape, like = f["images"].shape, (f if first is None else first)["images"].shape
     if f["images"].dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[1:] != like[1:]:
         raise bad(f"images {f['images'].dtype} {shape[1:]}, not uint8 (H, W, 3) as the first "
                   "part's")
