@@ -260,6 +260,29 @@ def test_status_counts_the_samples_of_the_parts(run, tmp_path):
     assert (s.state, s.metrics) == ("partial", "6/13 images (1 of 3 parts done)")
 
 
+def test_paper_dag_samples_in_eight_parts_and_one_gather(tmp_path):
+    # workflow/configs/imagenet256.yaml: sample.parts 8 -> sample_part x 8 + sample_gather
+    # (rule sample is not planned), each part its own --part i/8; fid reads the gathered file
+    from test_workflow import dry_run, job_counts
+
+    workflow_copy(tmp_path / "wf")
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split).mkdir(parents=True)
+    r = dry_run("-p", "--configfile", "workflow/configs/imagenet256.yaml", "--config",
+                f"data={{root: {tmp_path / 'imagenet'}}}", cwd=tmp_path / "wf")
+    assert r.returncode == 0, r.stderr
+    counts = job_counts(r.stdout)
+    assert counts["sample_part"] == 8 and counts["sample_gather"] == 1 and "sample" not in counts
+    parts = sorted(ln for ln in r.stdout.splitlines() if "dinosae sample " in ln)
+    assert sorted(ln.split("--part ")[1].split()[0] for ln in parts) == [f"{i}/8"
+                                                                         for i in range(8)]
+    assert all("--out results/samples/parts/" in ln for ln in parts)
+    (gather,) = [ln for ln in r.stdout.splitlines() if "dinosae sample-gather" in ln]
+    assert "--parts " + " ".join(f"results/samples/parts/{i}.h5" for i in range(8)) in gather
+    fid = r.stdout.split("rule fid:")[1].split("\n\n")[0]
+    assert "input: results/samples/samples.h5" in fid
+
+
 def test_plan_prices_a_sample_part():
     from dinosae import plan
 
