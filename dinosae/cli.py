@@ -62,6 +62,18 @@ FRACTION = _number(float, above=0.0, high=1.0)
 RUNTIME = _number(float, above=0.0, high=1e7)  # minutes
 
 
+def _part(text: str) -> tuple[int, int]:
+    """An argparse type: `i/K`, part i (from 0) of K."""
+    i, sep, k = text.partition("/")
+    try:
+        index, parts = int(i), int(k)
+    except ValueError:
+        index, parts = -1, 0
+    if not sep or not 0 <= index < parts <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not i/K with 0 <= i < K (e.g. 0/8)")
+    return index, parts
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `dinosae COMMAND: error: ...`, exit status 2."""
 
@@ -138,7 +150,17 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
          ("--cache", dict(default=None, help="the latent cache the DiT was trained on (class "
                                             "names, checks); none for an imported generator")),
          ("--out", dict(required=True, help="samples.h5 (the grid .png and the .npz go beside "
-                                            "it)")), FORCE],
+                                            "it); with --part, the part's .h5")),
+         ("--part", dict(type=_part, default=None, metavar="I/K",
+                         help="only part I of K (whole batches), for sample-gather")), FORCE],
+    ),
+    "sample-gather": (
+        "dinosae.generate", "gather_parts",
+        "the K part files of `sample --part I/K` -> the samples.h5 one job writes (+ PNG grid)",
+        [("--parts", dict(required=True, nargs="+", help="the part files, in part order")),
+         ("--dit", dict(required=True, help="the DiT the parts were sampled from")),
+         ("--ae", dict(required=True, help="the AE that decoded them")),
+         ("--out", dict(required=True, help="samples.h5")), FORCE],
     ),
     "generate": (
         "dinosae.api", "generate_images",

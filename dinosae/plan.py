@@ -660,6 +660,7 @@ def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
     loads["train_dit"] = Load(dc["steps"] * dc["batch_size"], dc["steps"], dc["batch_size"],
                               ddp=True)
     loads["sample"] = batches(sc["num_samples"], sc["batch_size"])
+    loads["sample"].jobs = int(sc.get("parts", 1))  # sample.parts: one-GPU jobs (sample_part)
     loads["fid_reference"] = batches(0 if ev.get("adm_reference") else count[ev["reference"]],
                                      ev["batch_size"])
     loads["fid"] = batches(sc["num_samples"], ev["batch_size"])

@@ -130,6 +130,9 @@ def samples(results: Path) -> Stage:
     path = results / "samples" / "samples.h5"
     partial = path.with_name(path.name + ".partial")
     if not path.exists():
+        parts = sorted(path.parent.glob("parts/*.h5*"))  # sample.parts > 1: rule sample_part
+        if parts and not partial.exists():
+            return _sample_parts(parts)
         if not partial.exists():
             return Stage("samples", "missing")
         with _reading(partial), h5py.File(partial, "r") as f:
@@ -141,6 +144,20 @@ def samples(results: Path) -> Stage:
                    f"{int(a['steps'])} steps, cfg {float(a['cfg_scale']):g}")
         return Stage("samples", "done", metrics, f"{_str(a['dit_checkpoint'])} + "
                                                   f"{_str(a['ae_checkpoint'])}")
+
+
+def _sample_parts(files: list[Path]) -> Stage:
+    """The samples drawn so far by the part jobs (their finished and .partial files)."""
+    import h5py
+
+    done = total = finished = 0
+    for p in files:
+        with _reading(p), h5py.File(p, "r") as f:
+            done += int(f.attrs["done"])
+            total = int(f.attrs["num_samples"])
+            k = int(f.attrs["part"][1])
+            finished += p.suffix == ".h5"
+    return Stage("samples", "partial", f"{done}/{total} images ({finished} of {k} parts done)")
 
 
 def recon(results: Path) -> Stage:

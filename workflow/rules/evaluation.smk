@@ -37,7 +37,7 @@ rule fid_reference:
 
 rule fid:
     input:
-        samples=rules.sample.output,
+        samples=SAMPLES,
         reference=rules.fid_reference.output,
         ae=TEACHER_AE,
     output:

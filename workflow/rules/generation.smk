@@ -30,13 +30,19 @@ rule train_dit:
         " {params.reference} --out {params.out:q} > {log:q} 2>&1"
 
 
+# samples.h5 comes from rule sample (one job) or, with sample.parts > 1, from sample_gather:
+# consumers name the file, not a rule (ruleorder picks the producer)
+SAMPLES = "results/samples/samples.h5"
+SAMPLE_PARTS = int(config["sample"].get("parts", 1))
+
+
 rule sample:
     input:
         dit=DIT_CHECKPOINT,
         ae=AE_CHECKPOINT,
         latents=[] if PRETRAINED_DIT else rules.train_dit.input.latents,
     output:
-        "results/samples/samples.h5",
+        SAMPLES,
     log:
         f"{LOGS}/sample.log",
     conda:
@@ -47,6 +53,49 @@ rule sample:
     shell:
         "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
         " {params.cache} --out {output:q} > {log:q} 2>&1"
+
+
+# sample.parts > 1: the same samples as K one-GPU jobs of whole batches, gathered into the very
+# file rule sample writes (dinosae.generate.gather_parts checks every part first).
+if SAMPLE_PARTS > 1:
+
+    rule sample_part:
+        input:
+            **rules.sample.input,
+        output:
+            "results/samples/parts/{i}.h5",
+        log:
+            f"{LOGS}/sample_part_{{i}}.log",
+        wildcard_constraints:
+            i=r"\d+",
+        conda:
+            "../../envs/dinosae.yaml"
+        params:
+            cfg=rules.sample.params.cfg,
+            cache=rules.sample.params.cache,
+            parts=SAMPLE_PARTS,
+        shell:
+            "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
+            " {params.cache} --part {wildcards.i}/{params.parts} --out {output:q} > {log:q} 2>&1"
+
+    rule sample_gather:
+        input:
+            parts=expand(rules.sample_part.output[0], i=range(SAMPLE_PARTS)),
+            dit=DIT_CHECKPOINT,
+            ae=AE_CHECKPOINT,
+        output:
+            SAMPLES,
+        log:
+            f"{LOGS}/sample_gather.log",
+        conda:
+            "../../envs/dinosae.yaml"
+        params:
+            cfg=cfg("seed", "sample"),
+        shell:
+            "dinosae sample-gather --cfg {params.cfg} --parts {input.parts:q}"
+            " --dit {input.dit:q} --ae {input.ae:q} --out {output:q} > {log:q} 2>&1"
+
+    ruleorder: sample_gather > sample
 
 
 # A generator imported instead of trained (dit.pretrained: a dinosae DiT checkpoint or export,

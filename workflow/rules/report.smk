@@ -66,7 +66,7 @@ rule report_dit:
 
 rule report_samples:
     input:
-        rules.sample.output,
+        SAMPLES,
     output:
         report(
             expand(f"{REPORT}/samples/class_{{j}}.png", j=range(REPORT_CLASSES)),
