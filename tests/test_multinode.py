@@ -60,10 +60,9 @@ def test_the_four_node_profile_launches_the_training_rules_on_four_nodes():
 
 # ---------------------------------------------------------------- two torchrun agents
 
-def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
+def _torchrun_two_nodes(tmp_path, *args: str) -> None:
     """Two torchrun agents, as two nodes would start them (--nnodes=2, one rank each, c10d
-    rendezvous on localhost), each running tests/torchrun_worker.py ARGS; with `standalone`,
-    one agent with two ranks instead (one node of two GPUs)."""
+    rendezvous on localhost), each running tests/torchrun_worker.py ARGS."""
     import os
     import socket
     import subprocess
@@ -73,11 +72,8 @@ def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    if standalone:
-        cmd, n = [torchrun, "--standalone", "--nproc_per_node=2"], 1
-    else:
-        cmd, n = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                  f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"], 2
+    cmd, n = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"], 2
     cmd += [str(ROOT / "tests" / "torchrun_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
