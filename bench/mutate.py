@@ -238,6 +238,10 @@ MUTANTS = [
            "rng = np.random.default_rng([seed, epoch, 0, 1])",
            "rng = np.random.default_rng([seed, epoch, rank, 1])",
            (WS, "-k", "latent_batches"), "latent reader: each rank shuffles its windows alike"),
+    Mutant("image_order_per_rank", "dinosae/data/loader.py",
+           "order = np.random.default_rng([self.seed, self.epoch]).permutation(n)",
+           "order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(n)",
+           (WS, "-k", "image_loader"), "image loader: each rank its own permutation"),
 ]
 
 
