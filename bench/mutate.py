@@ -49,6 +49,7 @@ BOOK = "tests/test_loops_bookkeeping.py"
 AEL = "tests/test_ae_losses.py"
 MET = "tests/test_metrics_independent.py"
 GRD = "tests/test_guards.py"
+WS = "tests/test_world_size.py"
 
 MUTANTS = [
     # ---- the objective training runs
@@ -98,8 +99,8 @@ MUTANTS = [
            "torch.full_like(y, 0), y)",
            (BOOK, "-k", "dropout"), "draw_inputs: dropped labels become class 0"),
     Mutant("same_draws_every_step", "dinosae/train/dit.py",
-           "gen.manual_seed(step_seed(seed, rank, step))",
-           "gen.manual_seed(step_seed(seed, rank, 0))",
+           "draw_rows(z0, y, seed, step, my_rows(rank, local_batch)",
+           "draw_rows(z0, y, seed, 0, my_rows(rank, local_batch)",
            (BOOK, "-k", "dit_loop_lr"), "DiT loop: the same noise/times at every step"),
     Mutant("dit_lambda_not_configured", "dinosae/train/dit.py",
            'lambda_rad=dc["lambda_rad"]',
@@ -232,6 +233,23 @@ MUTANTS = [
            'if not SHARD_NAME.fullmatch(str(s["name"])):',
            'if not SHARD_NAME.search(str(s["name"])):',
            (GRD, "-k", "manifest"), "read_manifest: shard names with folders accepted"),
+    # ---- world-size invariance: what a sample draws and where its rows come from
+    Mutant("dit_draws_per_rank", "dinosae/train/dit.py",
+           "row_generators((seed, step), rows, z0.device)",
+           "row_generators((seed, step), range(len(z0)), z0.device)",
+           (WS, "-k", "dit_draws"), "DiT: a process's rows drawn as rows 0..b-1 (rank-dependent)"),
+    Mutant("diffaug_rows_per_rank", "dinosae/train/ae.py",
+           "idx = torch.arange(rows.start, rows.stop, device=gen.device)",
+           "idx = torch.arange(0, rows.stop - rows.start, device=gen.device)",
+           (WS, "-k", "diffaug_of_a_sample"), "AE: a process augments with rows 0..b-1's draws"),
+    Mutant("latent_rows_per_rank", "dinosae/latents/reader.py",
+           "rng = np.random.default_rng([seed, epoch, 0, 1])",
+           "rng = np.random.default_rng([seed, epoch, rank, 1])",
+           (WS, "-k", "latent_batches"), "latent reader: each rank shuffles its windows alike"),
+    Mutant("image_order_per_rank", "dinosae/data/loader.py",
+           "order = np.random.default_rng([self.seed, self.epoch]).permutation(n)",
+           "order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(n)",
+           (WS, "-k", "image_loader"), "image loader: each rank its own permutation"),
 ]
 
 

@@ -89,9 +89,11 @@ def batches(epoch: int):
         yield data[order[i:i + 4]], torch.zeros(4, dtype=torch.long)
 
 
-def _one_step(cfg: dict, stage: int, init: str | None, micro: int | None) -> dict:
-    """One generator and one discriminator step of `stage` on one batch; the gradients each
-    optimizer saw (= the update plain SGD with lr 1 would make) and the metrics row."""
+def _one_step(cfg: dict, stage: int, init: str | None, micro: int | None,
+              rows: range | None = None, total: int | None = None) -> dict:
+    """One generator and one discriminator step of `stage` on one batch (with `rows`: those
+    rows of it, as the process holding them in a global batch of `total` would); the gradients
+    each optimizer saw (= the update plain SGD with lr 1 would make) and the metrics row."""
     from contextlib import nullcontext
 
     from dinosae.train import ae as A
@@ -100,18 +102,21 @@ def _one_step(cfg: dict, stage: int, init: str | None, micro: int | None) -> dic
     seen = {}
     weights = {"g": torch.cat([p.detach().flatten() for p in st.params])}
     if st.disc is not None:
-        weights["d"] = torch.cat([p.detach().flatten() for p in st.disc.parameters()])
+        trained = st.d_opt.param_groups[0]["params"]  # not a frozen DINO backbone
+        weights["d"] = torch.cat([p.detach().flatten() for p in trained])
     st.opt.step = lambda: seen.update(g=torch.cat([p.grad.flatten() for p in st.params]))
     if st.d_opt is not None:
-        st.d_opt.step = lambda: seen.update(d=torch.cat([p.grad.flatten()
-                                                         for p in st.disc.parameters()]))
+        st.d_opt.step = lambda: seen.update(d=torch.cat([p.grad.flatten() for p in trained]))
     x = next(batches(0))[0]
-    gen = torch.Generator().manual_seed(5)
+    if rows is not None:
+        x = x[rows.start:rows.stop]
+    gen = A.step_generator(5, stage, 0, torch.device("cpu"))
     noise = None
     if stage == 4:
-        noise, _ = A._noise(st, x, 0, 2, [0.5, 0.8], gen)
+        noise, _ = A._noise(st, x, 0, 2, [0.5, 0.8], (5, stage, 0),
+                            range(len(x)) if rows is None else rows)
     kw = {"tcfg": cfg["ae_train"], "autocast": nullcontext(), "device": torch.device("cpu"),
-          "micro_batch": micro}
+          "micro_batch": micro, "rows": rows, "total": total}
     row, rec, ok = A.generator_step(st, st.ae, x, noise, gen, train_g=True, lr=1e-4, **kw)
     assert ok
     if st.disc is not None:
@@ -173,3 +178,44 @@ def test_ae_stages_micro_batches_equal_one_batch(tmp_path):
             if stage >= 3:
                 assert max_rel_diff(out["ref"]["disc"], before["disc"]) > 1e-4
         init = str(tmp_path / f"ref{stage}" / "checkpoint.pt")
+
+
+@pytest.mark.integration  # ~80 s on one CPU core: RAE's ViT-S/8 at 224 px, forward and back
+def test_ae_step_dino_discriminator_micro_batches_give_the_whole_batch_gradients(tmp_path):
+    """RAE's discriminator (backbone dino_vits8: RAE's DiffAug, fakes quantised, half hinge loss,
+    eval-mode discriminator in the generator step) accumulates too: its norm (RAE's
+    BatchNormLocal with virtual batch 1) is per sample, so parts of 3 + 1 rows give the
+    gradients of the batch of 4 -- and so those of 4 processes of one row each."""
+    cfg = ae_config(None)
+    cfg["autoencoder"]["discriminator"] = {"backbone": "dino_vits8", "weights": "random"}
+    train_stage(cfg, 1, None, out=str(tmp_path / "s1"), batches=batches)
+    init = str(tmp_path / "s1" / "checkpoint.pt")
+    ref = _one_step(cfg, 2, init, None)
+    acc = _one_step(cfg, 2, init, 3)
+    assert set(ref["grads"]) == {"g", "d"}
+    for key, g in ref["grads"].items():
+        rel = float((acc["grads"][key] - g).norm() / g.norm())
+        assert rel < 1e-5, (key, rel)
+    for key, v in ref["row"].items():
+        assert acc["row"][key] == pytest.approx(v, rel=1e-5, nan_ok=True), key
+
+
+def test_ae_step_on_two_processes_rows_is_the_whole_batch_step(tmp_path):
+    """Stage 2 split as two processes would hold it (rows 0-1 and 2-3 of a global batch of 4),
+    each drawing through the real step: the discriminator's gradient is the mean of the two
+    (what DDP's all-reduce makes of them) and the losses of every row are the whole batch's,
+    DiffAugment included (the GAN terms would differ if a process drew its own augmentation).
+    The generator's adaptive weight is not a mean over rows: tests/test_multinode.py runs
+    that through DDP."""
+    cfg = ae_config(None)
+    cfg["ae_train"]["grad_clip"] = 1e9  # the gradients as computed (DDP clips the mean)
+    train_stage(cfg, 1, None, out=str(tmp_path / "s1"), batches=batches)
+    init = str(tmp_path / "s1" / "checkpoint.pt")
+    whole = _one_step(cfg, 2, init, None)
+    halves = [_one_step(cfg, 2, init, micro, rows=rows, total=4)
+              for rows, micro in ((range(0, 2), None), (range(2, 4), 1))]
+    d = (halves[0]["grads"]["d"] + halves[1]["grads"]["d"]) / 2
+    assert float((d - whole["grads"]["d"]).norm() / whole["grads"]["d"].norm()) < 1e-5
+    for key in ("l1", "lpips", "align", "g_gan", "d_loss", "d_real", "d_fake"):
+        mean = (halves[0]["row"][key] + halves[1]["row"][key]) / 2
+        assert mean == pytest.approx(whole["row"][key], rel=1e-5), key

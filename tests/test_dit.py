@@ -300,8 +300,8 @@ def test_ddp_two_processes_equal_one_process_on_combined_batch(tmp_path):
 
 class FakeCache:
     """In-memory stand-in with the LatentCache reader interface: unit-norm tokens clustered by
-    class, deterministic epoch shuffles, DDP split. `hook(n)` runs before the n-th batch (1-based,
-    counted over the object's life) is handed out."""
+    class, deterministic epoch shuffles, DDP split as LatentCache.batches'. `hook(n)` runs
+    before the n-th batch (1-based, counted over the object's life) is handed out."""
 
     def __init__(self, n=40, grid=(2, 2), C=16, K=3, hook=None, nan_batches=()):
         g = torch.Generator().manual_seed(123)
@@ -320,12 +320,12 @@ class FakeCache:
                 radius=1.0, drop_last=True, raw=False):
         n = len(self)
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        order = order[rank::world_size]
-        for i in range(0, len(order) - batch_size + 1, batch_size):
+        whole = batch_size * world_size  # rank r: its rows of each global batch, as the reader
+        for i in range(0, len(order) - whole + 1, whole):
             self.served += 1
             if self.hook is not None:
                 self.hook(self.served)
-            idx = torch.as_tensor(order[i:i + batch_size])
+            idx = torch.as_tensor(order[i + rank * batch_size:i + (rank + 1) * batch_size])
             x = self.tokens[idx].half() if raw else self.tokens[idx] * radius
             if self.served in self.nan_batches:
                 x = torch.full_like(x, float("nan"))

@@ -312,17 +312,19 @@ def test_read_rows_equals_a_plain_zarr_read(cache3):
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_batches_equal_a_plain_zarr_read_in_the_promised_order(cache3, raw, shuffle):
-    """Each rank's batches are the stored rows of order() (whole batches), each window of
-    `window` rows permuted by default_rng([seed, epoch, rank, 1]) in turn when shuffled."""
+    """Each rank's batches are its rows of each global batch (2 ranks x 3 rows) of order() (the
+    one process's order, whole global batches), each window of `window` global rows permuted
+    by default_rng([seed, epoch, 0, 1]) in turn when shuffled (the same on every rank)."""
     lc = latents.open_cache(cache3)
     stored, labels = _plain_rows(cache3)
-    batch, window, seed, epoch = 3, 7, 5, 2  # window: 9 rows, whole batches
+    batch, window, seed, epoch = 3, 7, 5, 2  # window: 12 rows, whole global batches of 6
+    rows = lc.order(shuffle=shuffle, seed=seed, epoch=epoch)
+    rows = rows[:len(rows) // 6 * 6]
+    rng = np.random.default_rng([seed, epoch, 0, 1])
+    everyone = np.concatenate([rng.permutation(rows[w:w + 12]) if shuffle else rows[w:w + 12]
+                               for w in range(0, len(rows), 12)]).reshape(-1, 2, batch)
     for rank in (0, 1):
-        rows = lc.order(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=2)
-        rows = rows[:len(rows) // batch * batch]
-        rng = np.random.default_rng([seed, epoch, rank, 1])
-        want = np.concatenate([rng.permutation(rows[w:w + 9]) if shuffle else rows[w:w + 9]
-                               for w in range(0, len(rows), 9)])
+        want = everyone[:, rank].reshape(-1)
         got = list(lc.batches(batch, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
                               world_size=2, radius=8.0, window=window, raw=raw))
         assert [len(y) for _, y in got] == [batch] * (len(want) // batch)

@@ -123,16 +123,15 @@ def _dit_cfg(tmp_path, **dit):
 
 
 def _record_dit_steps(monkeypatch):
-    """Wrap train_step and draw_inputs (the real ones run) to record each step's inputs, the
+    """Wrap train_step and draw_rows (the real ones run) to record each step's inputs, the
     learning rate set on the optimiser, and the weights before and after."""
     steps, draws = [], []
-    real_step, real_draw = TD.train_step, TD.draw_inputs
+    real_step, real_draw = TD.train_step, TD.draw_rows
 
-    def draw(z0, y, generator, **kw):
-        seed = generator.initial_seed()
-        out = real_draw(z0, y, generator, **kw)
-        draws.append({"seed": seed, "z0": z0.clone(), "y_in": y.clone(), "kw": kw,
-                      "out": [o.clone() for o in out]})
+    def draw(z0, y, seed, step, rows, **kw):
+        out = real_draw(z0, y, seed, step, rows, **kw)
+        draws.append({"seed": seed, "step": step, "rows": rows, "z0": z0.clone(),
+                      "y_in": y.clone(), "kw": kw, "out": [o.clone() for o in out]})
         return out
 
     def step(model, opt, z0, z1, t, y, **kw):
@@ -144,7 +143,7 @@ def _record_dit_steps(monkeypatch):
         return res
 
     monkeypatch.setattr(TD, "train_step", step)
-    monkeypatch.setattr(TD, "draw_inputs", draw)
+    monkeypatch.setattr(TD, "draw_rows", draw)
     return steps, draws
 
 
@@ -168,11 +167,11 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
         assert torch.equal(s["z0"], d["z0"])  # data tokens at radius √C
         torch.testing.assert_close(s["z0"].norm(dim=-1), torch.full(s["z0"].shape[:2], 4.0))
 
-    # the draws: a generator seeded by (seed, rank, step), so each step's noise, times and
-    # dropout are new, yet a pure function of the step
-    seeds = [d["seed"] for d in draws]
-    assert seeds == [TD.step_seed(cfg["seed"], 0, s) for s in range(6)]
-    assert len(set(seeds)) == 6
+    # the draws: each sample's from a generator seeded by (seed, step, its row of the global
+    # batch), so each step's noise, times and dropout are new, yet a pure function of the step
+    # (and of the row: tests/test_world_size.py)
+    keys = [(d["seed"], d["step"], d["rows"]) for d in draws]
+    assert keys == [(cfg["seed"], s, range(0, 8)) for s in range(6)]
     for a, b in zip(draws, draws[1:], strict=False):
         assert not torch.allclose(a["out"][0], b["out"][0])  # noise
         assert not torch.allclose(a["out"][1], b["out"][1])  # times
@@ -180,9 +179,10 @@ def test_dit_loop_lr_draws_dropout_and_ema(tmp_path, monkeypatch):
         assert d["kw"]["label_dropout"] == dc["label_dropout"]
         assert d["kw"]["null_class"] == 3 and d["kw"]["r"] == pytest.approx(4.0)  # K, √C
         assert d["kw"]["alpha"] == pytest.approx(rfm.alpha_for(4, 16))
-        again = REAL_DRAW(d["z0"], d["y_in"], torch.Generator().manual_seed(d["seed"]),
-                               **d["kw"])
-        for x, y in zip(again, d["out"], strict=True):
+        # row j: draw_inputs on that sample alone, from a generator seeded by (seed, step, j)
+        again = [REAL_DRAW(d["z0"][i:i + 1], d["y_in"][i:i + 1], torch.Generator().manual_seed(
+            TD.sample_seed(d["seed"], d["step"], j)), **d["kw"]) for i, j in enumerate(d["rows"])]
+        for x, y in zip((torch.cat(p) for p in zip(*again, strict=True)), d["out"], strict=True):
             assert torch.equal(x, y)
     # over the run, about a quarter of the labels became the null class, the rest kept theirs
     y_in = torch.cat([d["y_in"] for d in draws])

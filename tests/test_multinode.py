@@ -60,10 +60,9 @@ def test_the_four_node_profile_launches_the_training_rules_on_four_nodes():
 
 # ---------------------------------------------------------------- two torchrun agents
 
-def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
+def _torchrun_two_nodes(tmp_path, *args: str) -> None:
     """Two torchrun agents, as two nodes would start them (--nnodes=2, one rank each, c10d
-    rendezvous on localhost), each running tests/torchrun_worker.py ARGS; with `standalone`,
-    one agent with two ranks instead (one node of two GPUs)."""
+    rendezvous on localhost), each running tests/torchrun_worker.py ARGS."""
     import os
     import socket
     import subprocess
@@ -73,11 +72,8 @@ def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    if standalone:
-        cmd, n = [torchrun, "--standalone", "--nproc_per_node=2"], 1
-    else:
-        cmd, n = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                  f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"], 2
+    cmd, n = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}"], 2
     cmd += [str(ROOT / "tests" / "torchrun_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -87,53 +83,64 @@ def _torchrun_two_nodes(tmp_path, *args: str, standalone: bool = False) -> None:
         assert a.returncode == 0, out[-3000:]
 
 
-def _same(a: dict, b: dict, rel: float = 1e-6) -> None:
-    """Equal to fp32 rounding: ||a - b|| / ||b|| over all the weights as one vector (per tensor,
-    AdamW turns rounding into 1e-6 on near-zero gradients: see test_accumulation)."""
+def _rel(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all the weights as one vector (per tensor, AdamW turns rounding
+    into 1e-6 on near-zero gradients: see test_accumulation)."""
     from test_accumulation import max_rel_diff
 
-    assert max_rel_diff(a, b) < rel
+    return max_rel_diff(a, b)
 
 
 @pytest.mark.integration
-def test_two_torchrun_nodes_train_as_one_node(tmp_path):
-    """Two torchrun agents with --nnodes=2 (c10d rendezvous on localhost), each rank also
-    accumulating over micro-batches (4 rows per rank in parts of 3 + 1), against one agent of
-    two ranks without accumulation (the DiT and AE stage 2 draw their noise and DiffAugment per
-    rank, so runs of one world size are compared), and AE stage 1 (no random draws) against one
-    process on the same global batch of 8."""
+def test_two_torchrun_nodes_train_as_one_process(tmp_path):
+    """Two torchrun agents with --nnodes=2 (c10d rendezvous on localhost), one rank each holding
+    4 rows of the global batch of 8 and accumulating over micro-batches of 3 + 1 rows, against
+    ONE process on the global batch of 8 without accumulation: the DiT (noise, times, label
+    dropout per sample), AE stage 1 and AE stage 2 (DiffAugment per sample, the adaptive
+    weight from all-reduced gradients, the discriminator) end with the same weights, to fp32
+    rounding: rel < 1e-6 on the weights and their EMA (measured: see the note printed with
+    -s), < 1e-4 on stage 2's discriminator (dead channels: see test_accumulation)."""
     import sys
 
     from dinosae.checkpoint import load_checkpoint
 
     sys.path.insert(0, str(ROOT / "tests"))
     import torchrun_worker as W
+    from test_dit import FakeCache
 
+    from dinosae.train import dit as TD
     from dinosae.train.ae import train_stage
 
+    measured = {}
     _torchrun_two_nodes(tmp_path, "dit", str(tmp_path / "dit2"), "3")
-    _torchrun_two_nodes(tmp_path, "dit", str(tmp_path / "dit1"), "0", standalone=True)
+    TD.train_dit(W.dit_config(None), FakeCache(), None, tmp_path / "dit1")
     one = load_checkpoint(tmp_path / "dit1" / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "dit2" / "checkpoint.pt")
-    assert two["world_size"] == one["world_size"] == 2
-    _same(one["model"], two["model"])
-    _same(one["ema"], two["ema"])
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("model", "ema"):
+        measured[f"dit {key}"] = _rel(two[key], one[key])
 
     _torchrun_two_nodes(tmp_path, "ae1", str(tmp_path / "s1n"), "3")
     s1 = tmp_path / "s1"
-    train_stage(W.ae_config(None), 1, None, out=str(s1),
-                batches=W.make_batches(W.images(), 8))
+    train_stage(W.ae_config(None), 1, None, out=str(s1), batches=W.make_batches(W.images(), 8))
     one = load_checkpoint(s1 / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "s1n" / "checkpoint.pt")
     assert two["world_size"] == 2 and one["world_size"] == 1
     for key in ("model", "ema"):
-        _same(one[key], two[key])
+        measured[f"ae1 {key}"] = _rel(two[key], one[key])
 
     init = str(s1 / "checkpoint.pt")
-    _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "ae2"), "3", init)
-    _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "ae1"), "0", init, standalone=True)
-    one = load_checkpoint(tmp_path / "ae1" / "checkpoint.pt")
-    two = load_checkpoint(tmp_path / "ae2" / "checkpoint.pt")
-    for key in ("model", "ema"):
-        _same(one[key], two[key])
-    _same(one["disc"], two["disc"], rel=1e-4)  # dead channels: see test_accumulation
+    _torchrun_two_nodes(tmp_path, "ae2", str(tmp_path / "s2n"), "3", init)
+    s2 = tmp_path / "s2"
+    train_stage(W.ae_config(None), 2, None, init=init, out=str(s2),
+                batches=W.make_batches(W.images(), 8))
+    one = load_checkpoint(s2 / "checkpoint.pt")
+    two = load_checkpoint(tmp_path / "s2n" / "checkpoint.pt")
+    for key in ("model", "ema", "disc"):
+        measured[f"ae2 {key}"] = _rel(two[key], one[key])
+    moved = _rel(one["model"], load_checkpoint(init)["model"])
+    print("two nodes vs one process, ||a - b|| / ||b||:",
+          ", ".join(f"{k} {v:.1e}" for k, v in measured.items()), f"(stage 2 moved {moved:.1e})")
+    assert moved > 1e-4  # stage 2 changed the weights: a real comparison
+    for key, rel in measured.items():
+        assert rel < (1e-4 if key == "ae2 disc" else 1e-6), (key, rel)

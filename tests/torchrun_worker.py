@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_multinode.py (not a test module): train the tiny DiT or an
-autoencoder stage on in-memory data, each rank its share of the global batch.
+autoencoder stage on in-memory data, each rank its rows of the global batch.
 
-    torchrun ... tests/torchrun_worker.py dit|ae2 OUT MICRO [INIT]
+    torchrun ... tests/torchrun_worker.py dit|ae1|ae2 OUT MICRO [INIT]
 """
 
 import sys

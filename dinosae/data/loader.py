@@ -118,16 +118,10 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
     for item in src:
         url, sample = item["url"], None
         with open(url, "rb", buffering=1 << 20) as f:
-            while len(header := f.read(_BLOCK)) == _BLOCK and header != _ZEROS:
-                if (header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0")
-                        or header[345:500].strip(b"\0")):  # a path prefix: not ours
-                    raise DataError(f"{url}: unexpected tar member (not written by dinosae)")
-                size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            for key, ext, _, size in _members(f, url):
                 data = f.read(size)
                 if len(data) != size:
                     raise DataError(f"{url}: truncated tar")
-                f.seek(-size % _BLOCK, io.SEEK_CUR)
-                key, ext = member_key(header[:100].rstrip(b"\0").decode(errors="replace"), url)
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
@@ -135,6 +129,20 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
                 sample[ext] = data
         if sample is not None:
             yield sample
+
+
+def _members(f: io.BufferedReader, url: str) -> Iterator[tuple[str, str, int, int]]:
+    """(key, extension, data offset, size) of each member of an open dinosae tar, f positioned
+    at the member's data when each is yielded (the caller may read it or not)."""
+    while len(header := f.read(_BLOCK)) == _BLOCK and header != _ZEROS:
+        if (header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0")
+                or header[345:500].strip(b"\0")):  # a path prefix: not ours
+            raise DataError(f"{url}: unexpected tar member (not written by dinosae)")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        key, ext = member_key(header[:100].rstrip(b"\0").decode(errors="replace"), url)
+        start = f.tell()
+        yield key, ext, start, size
+        f.seek(start + size + (-size % _BLOCK))
 
 
 def _mine(src: Iterator[dict], plan: _Plan) -> Iterator[dict]:
@@ -367,3 +375,147 @@ def infinite_batches(shards_dir: str | Path, batch_size: int, **kw) -> Iterator[
     `make_loader` (drop_last is ignored)."""
     kw.pop("drop_last", None)
     return iter(make_loader(shards_dir, batch_size, infinite=True, **kw))
+
+
+# ------------------------------------------------------- training batches, the same for any world
+
+# Training batches whose content does not depend on the number of processes or workers (a run's
+# result then does not either): one permutation of all samples per (seed, epoch) cut into global
+# batches of batch_size * world_size samples; rank r takes samples r*batch_size ..
+# (r+1)*batch_size - 1 of each; each sample's flip is drawn per (seed, epoch, position). Samples
+# are read by random access (an index of the tars' member offsets, built once per process), as
+# an image-folder loader reads files; the DataLoader's workers take turns, one batch each.
+
+_INDEX = ("shard", "offset", "size", "png", "label", "key")
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_index(folder: str, names: tuple[str, ...], sizes: tuple[int, ...]) -> np.ndarray:
+    """(N, 6) int64, one row per sample in key order: shard, image data offset and size, png
+    (else jpg), label, key -- from the tars' headers (a seek per member, the labels read)."""
+    rows = []
+    for i, name in enumerate(names):
+        url = str(Path(folder) / name)
+        samples: dict[str, list[int]] = {}
+        with open(url, "rb", buffering=1 << 16) as f:
+            for key, ext, start, size in _members(f, url):
+                if start + size > sizes[i]:
+                    raise DataError(f"{url}: truncated tar")
+                row = samples.setdefault(key, [i, -1, 0, 0, -1, int(key)])
+                if ext == "cls":
+                    row[4] = int(f.read(size))
+                else:
+                    row[1:4] = [start, size, int(ext == "png")]
+        for key, row in samples.items():
+            if row[1] < 0 or row[4] < 0:
+                raise DataError(f"{url}: sample {key} lacks its image or its label")
+        rows += samples.values()
+    index = np.array(rows, dtype=np.int64).reshape(-1, len(_INDEX))
+    return index[np.argsort(index[:, 5], kind="stable")]
+
+
+@dataclass(frozen=True)
+class _GlobalPlan:
+    """What a worker of `global_batch_loader` needs, picklable."""
+
+    folder: str
+    names: tuple[str, ...]
+    index: np.ndarray
+    rank: int
+    world_size: int
+    workers: int
+    batch_size: int  # this rank's rows of each global batch
+    seed: int
+    epoch: int
+    flip: bool
+    drop_last: bool
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of the epoch: positions in the index (keys order)."""
+        n, whole = len(self.index), self.batch_size * self.world_size
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        stop = n // whole * whole if self.drop_last else n
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        out = [order[t:min(t + whole, stop)][mine] for t in range(0, stop, whole)]
+        return [b for b in out if len(b)]
+
+    def flips(self) -> np.ndarray:
+        """Whether each sample (by index position) is mirrored this epoch."""
+        draws = np.random.default_rng([self.seed, self.epoch, 1]).random(len(self.index))
+        return (draws < 0.5) & self.flip
+
+
+class _GlobalBatches(torch.utils.data.IterableDataset):
+    """Worker w of W yields this rank's batches w, w + W, ...: the DataLoader takes them in
+    turn, so they arrive in order."""
+
+    def __init__(self, plan: _GlobalPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, num = (0, 1) if info is None else (info.id, info.num_workers)
+        plan, pool, files = self.plan, _BatchPool(_POOL), {}
+        flips = plan.flips()
+        try:
+            for rows in plan.batches()[worker::num]:
+                images = done = None
+                for i, row in enumerate(rows.tolist()):
+                    shard, offset, size, png = plan.index[row, :4].tolist()
+                    if shard not in files:
+                        files[shard] = open(Path(plan.folder) / plan.names[shard], "rb")  # noqa: SIM115
+                    f = files[shard]
+                    f.seek(offset)
+                    chw = _decode(f.read(size), "png" if png else "jpg")
+                    if images is None:
+                        images, done = pool.take((len(rows), *chw.shape))
+                    elif chw.shape != images.shape[1:]:
+                        raise DataError(f"sample {plan.index[row, 5]}: image of shape "
+                                        f"{chw.shape[1:]}, others in its batch "
+                                        f"{tuple(images.shape[2:])}")
+                    np.copyto(images[i].numpy(), chw)
+                    if flips[row]:
+                        images[i] = images[i].flip(-1)
+                yield images, plan.index[rows, 4], plan.index[rows, 5], done
+        finally:
+            for f in files.values():
+                f.close()
+
+
+class GlobalBatchLoader(ShardLoader):
+    """Iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) [, keys int64 (B,)]:
+    this rank's rows of each global batch (see `global_batch_loader`)."""
+
+    def __init__(self, plan: _GlobalPlan, with_index: bool, pin_memory: bool) -> None:
+        self.gplan, self.with_index = plan, with_index
+        self.loader = DataLoader(
+            _GlobalBatches(plan), batch_size=None, collate_fn=_as_is,
+            num_workers=plan.workers, pin_memory=pin_memory, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if plan.workers else None)
+
+    def __len__(self) -> int:
+        return len(self.gplan.batches())
+
+
+def global_batch_loader(shards_dir: str | Path, batch_size: int, *, flip: bool = True,
+                        workers: int = 2, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        epoch: int = 0, drop_last: bool = True, with_index: bool = False,
+                        pin_memory: bool = False) -> GlobalBatchLoader:
+    """One training epoch of `rank`'s rows (`batch_size` of them) of each global batch of
+    batch_size * world_size samples: the global batches, their samples' order and flips are
+    the same for any world size and number of workers. Without drop_last the last global batch
+    may be short (some ranks then get a shorter batch or none)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = read_manifest(shards_dir)
+    names = tuple(s["name"] for s in manifest["shards"])
+    sizes = tuple((Path(shards_dir) / n).stat().st_size for n in names)
+    index = _shard_index(str(Path(shards_dir).resolve()), names, sizes)
+    plan = _GlobalPlan(str(shards_dir), names, index, rank, world_size, max(0, workers),
+                       batch_size, seed, epoch, flip, drop_last)
+    if not plan.batches():
+        raise ValueError(f"{shards_dir}: {len(index)} samples make no global batch of "
+                         f"{batch_size} x {world_size}")
+    return GlobalBatchLoader(plan, with_index, pin_memory)

@@ -167,23 +167,37 @@ class LatentCache:
         memory when CUDA is available), for a training loop that moves them to its device as
         they are and projects them to its radius there (`radius` is then unused).
 
-        Reads `window` rows at a time in a background thread (default: 8 batches, at least 8
-        units); shuffled, the rows of a window (whole units picked at random) are shuffled among
-        themselves, so a batch mixes rows from many units (rows within a unit are neighbours in
-        manifest order, mostly one class). A larger window mixes more and holds more memory."""
-        rows = self.order(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                          world_size=world_size)
+        Several processes: `batch_size` is this rank's share of a global batch of
+        batch_size * world_size rows, cut from the one order of all rows (`order()` of one
+        process); rank r gets rows r*batch_size .. (r+1)*batch_size - 1 of each global batch, so
+        the global batches are the same whatever the world size (a run's result does not depend
+        on it). Without drop_last the last global batch may be short: some ranks then get a
+        shorter batch or none.
+
+        Reads `window` global rows at a time in a background thread (default: 8 global batches,
+        at least 8 units; this rank reads its share); shuffled, the rows of a window (whole
+        units picked at random) are shuffled among themselves (default_rng([seed, epoch, 0,
+        1]), the same on every rank), so a batch mixes rows from many units (rows within a unit
+        are neighbours in manifest order, mostly one class). A larger window mixes more and
+        holds more memory."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        rows = self.order(shuffle=shuffle, seed=seed, epoch=epoch)  # all rows: one order
+        whole = batch_size * world_size
         if drop_last:
-            rows = rows[:len(rows) // batch_size * batch_size]
-        window = ceil_div(window or max(8 * batch_size, 8 * self.unit_rows), batch_size)
-        window *= batch_size  # whole batches per window
-        rng = np.random.default_rng([seed, epoch, rank, 1])
+            rows = rows[:len(rows) // whole * whole]
+        window = ceil_div(window or max(8 * whole, 8 * self.unit_rows), whole) * whole
+        rng = np.random.default_rng([seed, epoch, 0, 1])
         pin = raw and torch.cuda.is_available()
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)  # in each global batch
 
         def windows() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
             for w in range(0, len(rows), window):
                 r = rows[w:w + window]
                 r = rng.permutation(r) if shuffle else r
+                r = np.concatenate([r[i:i + whole][mine] for i in range(0, len(r), whole)])
+                if not len(r):
+                    continue
                 shape = (len(r), *self.tokens.shape[1:])
                 # pinned: read straight into page-locked memory; the batches are views of it
                 z = (torch.empty(shape, dtype=torch.float16, pin_memory=True) if pin

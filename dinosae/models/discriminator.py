@@ -225,10 +225,14 @@ def rae_diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tens
     size (uncovered pixels 0), then brightness (+-0.5), saturation (x0..2) and contrast
     (x0.5..1.5), per sample. Draws as RAE does (three policy switches, then a (7, B) block of
     uniforms), so the same seed gives RAE's numbers."""
+    return apply_aug(RAE, x, draw_aug(RAE, x.shape[0], x.shape[-2:], g, x.device))
+
+
+def _rae_apply(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """rae_diffaug with its uniforms `r` (B, 7, 1, 1) given."""
     x = x.float()  # as RAE's
     B, _, H, W = x.shape
-    torch.rand(3, generator=g, device=x.device)  # RAE's switches: with p = 1 all are on
-    r = torch.rand(7, B, 1, 1, generator=g, device=x.device)
+    r = r.transpose(0, 1)  # (7, B, 1, 1), RAE's layout
     dh, dw = round(H * 0.125), round(W * 0.125)
     th = (r[0] * (2 * dh + 1)).floor().long() - dh  # (B, 1, 1)
     tw = (r[1] * (2 * dw + 1)).floor().long() - dw
@@ -244,19 +248,87 @@ def rae_diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tens
 
 
 # ---------------------------------------------------------------- DiffAugment (Zhao et al. 2020)
+#
+# Each augmentation is a draw of per-image parameters and their application: a training step
+# draws the parameters of its whole global batch and each process applies its own rows
+# (draw_aug, take_rows, apply_aug), so an image is augmented alike whatever the number of
+# processes and micro-batches.
 
-def _uniform(n: int, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, 1, 1, 1, generator=g, device=x.device, dtype=x.dtype)
+RAE = {"backbone": "dino_vits8"}  # a dcfg naming RAE's augmentation
+TEACHER = {"backbone": "teacher"}
+
+
+def draw_aug(dcfg: dict, n: int, size: tuple[int, int] | torch.Size,
+             g: torch.Generator | None, device: torch.device | str | None = None
+             ) -> dict[str, torch.Tensor]:
+    """The random parameters of `dcfg`'s backbone's DiffAugment for `n` images of `size` (H, W),
+    each a tensor of n rows, drawn in the order (and so with the values) of the one-call
+    augmentation: dino_vits8 -> rae_diffaug's, teacher -> diffaug's (colour, translation,
+    cutout)."""
+    H, W = size
+    device = g.device if g is not None else device
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        torch.rand(3, generator=g, device=device)  # RAE's switches: with p = 1 all are on
+        return {"r": torch.rand(7, n, 1, 1, generator=g, device=device).transpose(0, 1)}
+    p = {k: torch.rand(n, 1, 1, 1, generator=g, device=device)
+         for k in ("brightness", "saturation", "contrast")}
+    sy, sx = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
+    p["dy"] = torch.randint(-sy, sy + 1, (n, 1, 1), generator=g, device=device)
+    p["dx"] = torch.randint(-sx, sx + 1, (n, 1, 1), generator=g, device=device)
+    ch, cw = int(H * 0.5 + 0.5), int(W * 0.5 + 0.5)
+    p["cy"] = torch.randint(0, H + (1 - ch % 2), (n, 1, 1), generator=g, device=device)
+    p["cx"] = torch.randint(0, W + (1 - cw % 2), (n, 1, 1), generator=g, device=device)
+    return p
+
+
+def take_rows(params: dict[str, torch.Tensor], rows: torch.Tensor | slice
+              ) -> dict[str, torch.Tensor]:
+    """The parameters of some of the images (indices or a slice of the drawn rows)."""
+    return {k: v[rows] for k, v in params.items()}
+
+
+def apply_aug(dcfg: dict, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`dcfg`'s backbone's DiffAugment of images x with drawn `params` (one row per image)."""
+    if dcfg.get("backbone", "teacher") == "dino_vits8":
+        return _rae_apply(x, params["r"].to(x.device))
+    p = {k: v.to(x.device) for k, v in params.items()}
+    x = _color(x, p["brightness"], p["saturation"], p["contrast"])
+    return _cutout(_translate(x, p["dy"], p["dx"]), p["cy"], p["cx"], 0.5)
+
+
+def _color(x: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, u3: torch.Tensor
+           ) -> torch.Tensor:
+    x = x + (u1.to(x.dtype) - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (u2.to(x.dtype) * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (u3.to(x.dtype) + 0.5) + mean
+
+
+def _translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    B, _, H, W = x.shape
+    ys = torch.arange(H, device=x.device).view(1, H, 1) + dy  # source row of each output row
+    xs = torch.arange(W, device=x.device).view(1, 1, W) + dx
+    valid = ((ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)).unsqueeze(1)  # (B, 1, H, W)
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = x.permute(0, 2, 3, 1)[b, ys.clamp(0, H - 1), xs.clamp(0, W - 1)].permute(0, 3, 1, 2)
+    return out * valid
+
+
+def _cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, ratio: float) -> torch.Tensor:
+    _, _, H, W = x.shape
+    ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    ys = torch.arange(H, device=x.device).view(1, H, 1)
+    xs = torch.arange(W, device=x.device).view(1, 1, W)
+    inside = ((ys >= cy - ch // 2) & (ys < cy - ch // 2 + ch)
+              & (xs >= cx - cw // 2) & (xs < cx - cw // 2 + cw))
+    return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
 def aug_color(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
     """Random brightness (+-0.5), saturation (x0..2) and contrast (x0.5..1.5) per sample."""
-    B = x.shape[0]
-    x = x + (_uniform(B, x, g) - 0.5)
-    mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_uniform(B, x, g) * 2) + mean
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_uniform(B, x, g) + 0.5) + mean
+    u = [torch.rand(x.shape[0], 1, 1, 1, generator=g, device=x.device) for _ in range(3)]
+    return _color(x, *u)
 
 
 def aug_translation(x: torch.Tensor, ratio: float = 0.125,
@@ -266,12 +338,7 @@ def aug_translation(x: torch.Tensor, ratio: float = 0.125,
     sy, sx = int(H * ratio + 0.5), int(W * ratio + 0.5)
     dy = torch.randint(-sy, sy + 1, (B, 1, 1), generator=g, device=x.device)
     dx = torch.randint(-sx, sx + 1, (B, 1, 1), generator=g, device=x.device)
-    ys = torch.arange(H, device=x.device).view(1, H, 1) + dy  # source row of each output row
-    xs = torch.arange(W, device=x.device).view(1, 1, W) + dx
-    valid = ((ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)).unsqueeze(1)  # (B, 1, H, W)
-    b = torch.arange(B, device=x.device).view(B, 1, 1)
-    out = x.permute(0, 2, 3, 1)[b, ys.clamp(0, H - 1), xs.clamp(0, W - 1)].permute(0, 3, 1, 2)
-    return out * valid
+    return _translate(x, dy, dx)
 
 
 def aug_cutout(x: torch.Tensor, ratio: float = 0.5,
@@ -281,16 +348,12 @@ def aug_cutout(x: torch.Tensor, ratio: float = 0.5,
     ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
     cy = torch.randint(0, H + (1 - ch % 2), (B, 1, 1), generator=g, device=x.device)
     cx = torch.randint(0, W + (1 - cw % 2), (B, 1, 1), generator=g, device=x.device)
-    ys = torch.arange(H, device=x.device).view(1, H, 1)
-    xs = torch.arange(W, device=x.device).view(1, 1, W)
-    inside = ((ys >= cy - ch // 2) & (ys < cy - ch // 2 + ch)
-              & (xs >= cx - cw // 2) & (xs < cx - cw // 2 + cw))
-    return x * (~inside).unsqueeze(1).to(x.dtype)
+    return _cutout(x, cy, cx, ratio)
 
 
 def diffaug(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
     """colour, translation, cutout: applied alike (with fresh randomness) to real and fake."""
-    return aug_cutout(aug_translation(aug_color(x, g), g=g), g=g)
+    return apply_aug(TEACHER, x, draw_aug(TEACHER, x.shape[0], x.shape[-2:], g, x.device))
 
 
 # ---------------------------------------------------------------- losses and adaptive weight
@@ -300,17 +363,21 @@ def d_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def disc_logits(disc: nn.Module, images: torch.Tensor, dcfg: dict, vit: nn.Module,
-                g: torch.Generator | None = None) -> torch.Tensor:
+                g: torch.Generator | None = None,
+                aug: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of images in [0, 1], DiffAugmented as `dcfg`'s (autoencoder.discriminator)
     backbone says: dino_vits8 -> rae_diffaug on [-1, 1] images into the DinoDiscriminator;
     teacher -> diffaug, then the frozen teacher `vit`'s features (without a graph unless the
-    images need one) into the heads. `disc` may be wrapped in DDP."""
+    images need one) into the heads. The augmentation's parameters: `aug` (draw_aug's, one row
+    per image) or drawn from `g`. `disc` may be wrapped in DDP."""
+    if aug is None:
+        aug = draw_aug(dcfg, images.shape[0], images.shape[-2:], g, images.device)
     if dcfg.get("backbone", "teacher") == "dino_vits8":
-        return disc(rae_diffaug(2 * images - 1, g))
+        return disc(apply_aug(dcfg, 2 * images - 1, aug))
     if torch.is_grad_enabled() and images.requires_grad:
-        return disc(teacher_features(vit, diffaug(images, g), dcfg["layers"]))
+        return disc(teacher_features(vit, apply_aug(dcfg, images, aug), dcfg["layers"]))
     with torch.no_grad():
-        feats = teacher_features(vit, diffaug(images, g), dcfg["layers"])
+        feats = teacher_features(vit, apply_aug(dcfg, images, aug), dcfg["layers"])
     return disc(feats)
 
 

@@ -15,8 +15,10 @@ rerun after a kill resumes from it); the finished stage writes `out/checkpoint.p
 next stage needs (trained weights and their EMA, the discriminator from stage 2 on, no optimizer
 state) and removes last.pt. Neither holds the frozen teacher: it is referenced by source and
 sha256 (models.autoencoder). Data order, augmentation and noise are pure functions of (seed,
-stage, step, rank), so a resumed run ends with exactly the weights of an uninterrupted one (on
-CPU).
+stage, step, row of the global batch), never of the process (train.draws), so a resumed run
+ends with exactly the weights of an uninterrupted one (on CPU), and a run on W processes, each
+accumulating over ae_train.micro_batch rows, with those of one process on the global batch (up
+to float rounding).
 
 Reading order: build_stage (networks, optimisers), generator_step, discriminator_step, then
 train_stage, the loop.
@@ -35,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,17 +54,18 @@ from dinosae.models.discriminator import (
     adaptive_weight,
     build_discriminator,
     d_hinge_loss,
-    diffaug,
     disc_logits,
+    draw_aug,
     g_hinge_loss,
     quantize,
-    teacher_features,
+    take_rows,
     weight_of_grads,
 )
 from dinosae.models.encoder import Encoder
 from dinosae.models.perceptual import build_lpips
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
+from dinosae.train.draws import key_generator, my_rows, row_generators
 from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
 from dinosae.train.loop import (
     NOT_TRAJECTORY,
@@ -96,11 +98,25 @@ def alignment_loss(z: torch.Tensor, z_teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(z.float(), z_teacher.float(), dim=-1)).mean()
 
 
-def step_generator(seed: int, stage: int, step: int, rank: int,
-                   device: torch.device) -> torch.Generator:
-    """The random stream of one step on one rank (DiffAug, latent noise)."""
-    state = np.random.SeedSequence([seed, stage, step, rank]).generate_state(2, np.uint64)
-    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
+def step_generator(seed: int, stage: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one step, the same on every process: the DiffAugment parameters of
+    the whole global batch (each process applies its rows', `_aug_rows`)."""
+    return key_generator(seed, stage, step, 0, device=device)
+
+
+def _aug_rows(st: Stage, x: torch.Tensor, gen: torch.Generator, rows: range | None,
+              total: int | None, fakes_too: bool) -> dict[str, torch.Tensor]:
+    """DiffAugment parameters of this process's rows `rows` (default: all of x) of a global batch
+    of `total` rows: drawn for the whole global batch (with `fakes_too`, 2 * total: the reals,
+    then the fakes, as the discriminator step augments them) from the step's generator, the
+    rows of x (and their fakes) taken."""
+    rows = range(x.shape[0]) if rows is None else rows
+    total = x.shape[0] if total is None else total
+    idx = torch.arange(rows.start, rows.stop, device=gen.device)
+    if fakes_too:
+        idx = torch.cat([idx, idx + total])
+    drawn = draw_aug(st.args.discriminator, total * (1 + fakes_too), x.shape[-2:], gen)
+    return take_rows(drawn, idx)
 
 
 def noise_tau(step: int, steps: int, tau: float | list[float]) -> float:
@@ -264,16 +280,18 @@ def _check_disc_backbone(st: Stage, prev: dict, init: str) -> None:
 def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                    noise: torch.Tensor | None, gen: torch.Generator, *, train_g: bool,
                    lr: float, tcfg: dict, autocast: Any, device: torch.device,
-                   micro_batch: int | None = None) -> tuple[dict, torch.Tensor, bool]:
+                   micro_batch: int | None = None, rows: range | None = None,
+                   total: int | None = None) -> tuple[dict, torch.Tensor, bool]:
     """Reconstruction (+ alignment in stages 1-2, + adaptive-weight GAN from stage 2) and, when
     `train_g`, the update of stem + decoder (decoder only from stage 3). Returns (metrics row
     values, reconstruction, ok); ok is False on every rank when any rank's loss or gradient
     is not finite (the update is then skipped). A `micro_batch` below the batch accumulates
-    (`accumulated_generator_step`)."""
+    (`accumulated_generator_step`). `rows`: x's rows in the global batch of `total` (default: x
+    is the whole batch); `gen`, the step's generator, draws DiffAugment for all of them."""
     if micro_batch is not None and micro_batch < x.shape[0]:
         return accumulated_generator_step(st, model, x, noise, gen, micro_batch,
                                           train_g=train_g, lr=lr, tcfg=tcfg, autocast=autocast,
-                                          device=device)
+                                          device=device, rows=rows, total=total)
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
     rae = st.args.discriminator.get("backbone", "teacher") == "dino_vits8"
     row: dict[str, Any] = {}
@@ -292,8 +310,9 @@ def generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
             disc.requires_grad_(False)
             if rae:
                 disc.eval()  # RAE's generator step: stored spectral-norm vectors
+            aug = _aug_rows(st, x, gen, rows, total, fakes_too=False)
             g_gan = g_hinge_loss(disc_logits(disc, rec, st.args.discriminator, ae.encoder.vit,
-                                             gen))
+                                             aug=aug))
             lam = adaptive_weight(rec_loss, g_gan, ae.decoder.last_layer,
                                   weights["adaptive_max"])
             loss = loss + weights["adv"] * lam * g_gan
@@ -327,27 +346,24 @@ def _update_generator(st: Stage, row: dict, ok: bool, tcfg: dict) -> bool:
 
 def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                        rec: torch.Tensor, gen: torch.Generator, *, d_lr: float, tcfg: dict,
-                       autocast: Any, device: torch.device, micro_batch: int | None = None
+                       autocast: Any, device: torch.device, micro_batch: int | None = None,
+                       rows: range | None = None, total: int | None = None
                        ) -> tuple[dict, bool]:
     """Hinge loss on real vs reconstructed images, both DiffAugmented (with the dino_vits8
     backbone: fakes quantised to 8 bits, half the loss, as RAE); skipped on every rank alike
     when not finite. A `micro_batch` below the batch accumulates
-    (`accumulated_discriminator_step`, teacher backbone)."""
+    (`accumulated_discriminator_step`). `rows`, `total`: as generator_step's."""
     if micro_batch is not None and micro_batch < x.shape[0]:
         return accumulated_discriminator_step(st, disc_train, x, rec, gen, micro_batch,
                                               d_lr=d_lr, tcfg=tcfg, autocast=autocast,
-                                              device=device)
-    backbone = st.args.discriminator.get("backbone", "teacher")
-    st.disc.train()
-    st.disc.requires_grad_(True)
-    if backbone == "dino_vits8":
-        st.disc.dino.requires_grad_(False)  # frozen; train() keeps it in eval mode too
-    set_lr(st.d_opt, d_lr)
+                                              device=device, rows=rows, total=total)
+    backbone = _start_discriminator_step(st, d_lr)
     B = x.shape[0]
     fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
+    aug = _aug_rows(st, x, gen, rows, total, fakes_too=True)
     with autocast:
         logits = disc_logits(disc_train, torch.cat([x, fake]), st.args.discriminator,
-                             st.ae.encoder.vit, gen)
+                             st.ae.encoder.vit, aug=aug)
         d_real, d_fake = logits[:B], logits[B:]
         d_loss = D_LOSS_FACTOR[backbone] * d_hinge_loss(d_real, d_fake)
     row = {"d_loss": d_loss, "d_real": d_real.mean(), "d_fake": d_fake.mean()}
@@ -356,6 +372,19 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     if ok:
         d_loss.backward()
     return row, _update_discriminator(st, row, ok, tcfg)
+
+
+def _start_discriminator_step(st: Stage, d_lr: float) -> str:
+    """Training mode, gradients on (not into a frozen DINO backbone), the lr; returns the
+    backbone."""
+    backbone = st.args.discriminator.get("backbone", "teacher")
+    st.disc.train()
+    st.disc.requires_grad_(True)
+    if backbone == "dino_vits8":
+        st.disc.dino.requires_grad_(False)  # frozen; train() keeps it in eval mode too
+    set_lr(st.d_opt, d_lr)
+    st.d_opt.zero_grad(set_to_none=True)
+    return backbone
 
 
 def _update_discriminator(st: Stage, row: dict, ok: bool, tcfg: dict) -> bool:
@@ -375,11 +404,14 @@ def _update_discriminator(st: Stage, row: dict, ok: bool, tcfg: dict) -> bool:
 #
 # Gradient accumulation: the process's batch in parts of `micro` rows, each part's mean losses
 # weighted by its share of the rows, so that the summed gradients are the whole batch's. What
-# is not a mean over rows is made whole-batch explicitly: DiffAugment draws the whole batch's
-# randomness (`_rows_diffaug`), the spectral norms make one power iteration per step
-# (`parametrize.cached`), and lambda is computed from the summed gradients at W (the GAN
-# gradient is summed apart from the rest, then added with weight adv * lambda). Under DDP only
-# the last part's backward all-reduces.
+# is not a mean over rows is made whole-batch explicitly: DiffAugment's parameters are drawn
+# for the whole global batch and each part takes its rows' (`_aug_rows`), the spectral norms
+# make one power iteration per step (`parametrize.cached`), and lambda is computed from the
+# summed gradients at W (the GAN gradient is summed apart from the rest, then added with weight
+# adv * lambda). Under DDP only the last part's backward all-reduces. Both discriminators
+# normalise each image on its own (RAE's BatchNormLocal with virtual batch 1 is a per-sample
+# norm: models.discriminator.DinoHead), so no statistic couples the rows of a batch: k parts
+# give the update of one batch of k parts' rows, as k processes of one part each do.
 
 
 def _parts(b: int, micro: int) -> list[tuple[slice, float, bool]]:
@@ -393,16 +425,6 @@ def _no_sync(model: torch.nn.Module, last: bool) -> Any:
     return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
 
 
-def _rows_diffaug(x: torch.Tensor, gen: torch.Generator, total: int, start: int
-                  ) -> torch.Tensor:
-    """diffaug of rows start:start+len(x) of a batch of `total` rows, with the random draws of
-    one call on the whole batch (the caller resets `gen` before each part): the rows are put in
-    a zero batch of `total` (the augmentation is per row)."""
-    before = x.new_zeros(start, *x.shape[1:])
-    after = x.new_zeros(total - start - x.shape[0], *x.shape[1:])
-    return diffaug(torch.cat([before, x, after]), gen)[start:start + x.shape[0]]
-
-
 def _sum_into(sums: dict, values: dict, share: float) -> None:
     for k, v in values.items():
         sums[k] = sums.get(k, 0.0) + v.detach().float() * share
@@ -411,36 +433,39 @@ def _sum_into(sums: dict, values: dict, share: float) -> None:
 def accumulated_generator_step(st: Stage, model: torch.nn.Module, x: torch.Tensor,
                                noise: torch.Tensor | None, gen: torch.Generator, micro: int, *,
                                train_g: bool, lr: float, tcfg: dict, autocast: Any,
-                               device: torch.device) -> tuple[dict, torch.Tensor, bool]:
+                               device: torch.device, rows: range | None = None,
+                               total: int | None = None) -> tuple[dict, torch.Tensor, bool]:
     """generator_step in micro-batches of `micro` rows: the same update (up to float
     rounding), one part's activations in memory at a time."""
     weights, stage, ae, disc = tcfg["loss"], st.number, st.ae, st.disc
-    layers = st.args.discriminator.get("layers")
+    dcfg = st.args.discriminator
     gan = stage >= 2 and train_g
     set_lr(st.opt, lr)
     st.opt.zero_grad(set_to_none=True)
     gan_grads = [torch.zeros_like(p) for p in st.params] if gan else []
     sums: dict[str, torch.Tensor] = {}
     recs = []
-    g_state = gen.get_state()
+    aug = _aug_rows(st, x, gen, rows, total, fakes_too=False) if gan else {}
+    if gan:
+        disc.requires_grad_(False)
+        if dcfg.get("backbone", "teacher") == "dino_vits8":
+            disc.eval()  # RAE's generator step: stored spectral-norm vectors
     with parametrize.cached() if gan else nullcontext():
-        for rows, share, last in _parts(x.shape[0], micro):
+        for part_rows, share, last in _parts(x.shape[0], micro):
             with _no_sync(model, last):
                 with autocast, (nullcontext() if train_g else torch.no_grad()):
-                    z, rec = model(x[rows], None if noise is None else noise[rows])
-                    l1 = (rec.float() - x[rows]).abs().mean()
-                    lp = st.lpips(rec.float(), x[rows]).mean()
+                    xp = x[part_rows]
+                    z, rec = model(xp, None if noise is None else noise[part_rows])
+                    l1 = (rec.float() - xp).abs().mean()
+                    lp = st.lpips(rec.float(), xp).mean()
                     part = {"l1": l1, "lpips": lp}
                     loss = weights["l1"] * l1 + weights["lpips"] * lp
                     if stage <= 2:
-                        part["align"] = alignment_loss(z, ae.teacher_tokens(x[rows]))
+                        part["align"] = alignment_loss(z, ae.teacher_tokens(xp))
                         loss = loss + weights["align"] * part["align"]
                     if gan:
-                        disc.requires_grad_(False)
-                        gen.set_state(g_state)
-                        aug = _rows_diffaug(rec, gen, x.shape[0], rows.start)
-                        part["g_gan"] = g_hinge_loss(disc(teacher_features(ae.encoder.vit, aug,
-                                                                           layers)))
+                        part["g_gan"] = g_hinge_loss(disc_logits(
+                            disc, rec, dcfg, ae.encoder.vit, aug=take_rows(aug, part_rows)))
                 if gan:  # the GAN gradient apart: lambda needs it alone at W
                     grads = torch.autograd.grad(part["g_gan"] * share, st.params,
                                                 retain_graph=True, allow_unused=True)
@@ -477,25 +502,25 @@ def accumulated_generator_step(st: Stage, model: torch.nn.Module, x: torch.Tenso
 def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                                    rec: torch.Tensor, gen: torch.Generator, micro: int, *,
                                    d_lr: float, tcfg: dict, autocast: Any,
-                                   device: torch.device) -> tuple[dict, bool]:
+                                   device: torch.device, rows: range | None = None,
+                                   total: int | None = None) -> tuple[dict, bool]:
     """discriminator_step in micro-batches of `micro` real and `micro` reconstructed images."""
-    st.disc.requires_grad_(True)
-    set_lr(st.d_opt, d_lr)
-    st.d_opt.zero_grad(set_to_none=True)
-    B, layers = x.shape[0], st.args.discriminator["layers"]
-    with autocast, torch.no_grad():  # images only: the whole batch's augmentation at once
-        aug = diffaug(torch.cat([x, rec.detach()]), gen)
+    backbone = _start_discriminator_step(st, d_lr)
+    B, dcfg = x.shape[0], st.args.discriminator
+    fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
+    images = torch.cat([x, fake])
+    aug = _aug_rows(st, x, gen, rows, total, fakes_too=True)  # rows of `images`
     sums: dict[str, torch.Tensor] = {}
     with parametrize.cached():  # one power iteration per step, as in one forward
-        for rows, share, last in _parts(B, micro):
-            n = rows.stop - rows.start
+        for part_rows, share, last in _parts(B, micro):
+            idx = torch.arange(part_rows.start, part_rows.stop, device=x.device)
+            idx = torch.cat([idx, idx + B])  # the part's reals, then their fakes
+            n = part_rows.stop - part_rows.start
             with _no_sync(disc_train, last):
                 with autocast:
-                    with torch.no_grad():
-                        feats = teacher_features(st.ae.encoder.vit,
-                                                 torch.cat([aug[:B][rows], aug[B:][rows]]), layers)
-                    logits = disc_train(feats)
-                    d_loss = d_hinge_loss(logits[:n], logits[n:])
+                    logits = disc_logits(disc_train, images[idx], dcfg, st.ae.encoder.vit,
+                                         aug=take_rows(aug, idx.to(gen.device)))
+                    d_loss = D_LOSS_FACTOR[backbone] * d_hinge_loss(logits[:n], logits[n:])
                 # the cached spectral-norm weights are shared by the parts' graphs
                 (d_loss * share).backward(retain_graph=not last)
             _sum_into(sums, {"d_loss": d_loss, "d_real": logits[:n].mean(),
@@ -519,27 +544,31 @@ def _check_args(stage: int, init: str | None, out: str | None) -> None:
 
 
 def _shard_batches(cfg: dict, shards: str, local_batch: int, rank: int, world: int) -> EpochFn:
-    """epoch -> that epoch's batches of this rank, from the train shards."""
-    from dinosae.data.loader import make_loader
+    """epoch -> that epoch's batches of this rank (its rows of each global batch, the same
+    global batches for any world size), from the train shards."""
+    from dinosae.data.loader import global_batch_loader
 
     workers, seed = cfg.get("data", {}).get("workers", 2), int(cfg.get("seed", 0))
 
     def batches(epoch: int) -> Iterable:
-        return make_loader(shards, local_batch, train=True, flip=True, workers=workers,
-                           rank=rank, world_size=world, seed=seed, epoch=epoch)
+        return global_batch_loader(shards, local_batch, flip=True, workers=workers, rank=rank,
+                                   world_size=world, seed=seed, epoch=epoch)
 
     return batches
 
 
 def _noise(st: Stage, x: torch.Tensor, step: int, steps: int, tau_cfg: float | list[float],
-           gen: torch.Generator) -> tuple[torch.Tensor, float]:
+           key: tuple[int, ...], rows: range) -> tuple[torch.Tensor, float]:
     """Stage 4's relative latent noise sigma * eps, sigma = tau * U(0, 1) per sample (RAE's);
-    DinoSAE.forward scales it by each token's RMS. Returns (noise, tau)."""
+    DinoSAE.forward scales it by each token's RMS. Each sample's from its own generator, seeded
+    by (*key, 1, its row in the global batch): x holds the global rows `rows`. Returns (noise,
+    tau)."""
     tau = noise_tau(step, steps, tau_cfg)
-    sigma = torch.rand(x.shape[0], generator=gen, device=x.device) * tau
-    eps = torch.randn(x.shape[0], st.ae.grid[0] * st.ae.grid[1], st.ae.channels,
-                      generator=gen, device=x.device)
-    return sigma[:, None, None] * eps, tau
+    shape = (1, st.ae.grid[0] * st.ae.grid[1], st.ae.channels)
+    noise = [torch.rand(1, generator=g, device=x.device) * tau
+             * torch.randn(shape, generator=g, device=x.device)
+             for g in row_generators((*key, 1), rows, x.device)]
+    return torch.cat(noise), tau
 
 
 def train_stage(cfg: dict, stage: int, shards: str | None, init: str | None = None,
@@ -593,15 +622,6 @@ def _train_stage(cfg: dict, stage: int, shards: str | None, init: str | None, ou
     if batch % world:
         raise ConfigError(f"ae_train.stages[{stage - 1}].batch_size {batch} is not divisible by "
                           f"the {world} processes")
-    micro = tcfg.get("micro_batch")
-    backbone = cfg["autoencoder"].get("discriminator", {}).get("backbone", "teacher")
-    if micro and micro < batch // world and stage >= 2 and backbone != "teacher":
-        # RAE's discriminator draws its augmentation for the whole batch and normalises over it
-        # (BatchNorm): accumulation over parts is not yet the same update; refuse, not approximate
-        raise ConfigError(f"ae_train.micro_batch {micro} (gradient accumulation) is not supported "
-                          f"with autoencoder.discriminator.backbone {backbone!r} in stage "
-                          f"{stage} yet; use the 'teacher' backbone or a per-GPU batch of "
-                          f"{batch // world}")
     if batches is None:
         batches = _shard_batches(cfg, shards, batch // world, rank, world)
     files = RunCheckpoints(Path(out), tcfg["ckpt_every"], tcfg["stages"][stage - 1]["steps"],
@@ -677,30 +697,34 @@ def _loop(cfg: dict, st: Stage, init: str | None, out: Path, batches: EpochFn,
                  "device %s", stage, steps, global_batch, world,
                  sum(p.numel() for p in st.params), device)
     warmup_d = tcfg["disc_warmup_steps"] if stage == 2 else 0
+    rows = my_rows(rank, global_batch // world)  # this process's rows of each global batch
     t_last, logged = time.time(), start
     for step in range(start, steps):
         pos, batch = next(data)
         x = batch[0].to(device, non_blocking=True).float()
         if nan_fault(f"ae-stage{stage}-loss"):
             x = x * float("nan")
-        gen = step_generator(seed, stage, step, rank, device)
+        gen = step_generator(seed, stage, step, device)
         train_g = step >= warmup_d  # stage 2 starts with discriminator-only steps
         row = {k: float("nan") for k in FIELDS}
         noise = None
         if stage == 4:
-            noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"], gen)
+            noise, row["tau"] = _noise(st, x, step, steps, tcfg["noise_tau"],
+                                       (seed, stage, step), rows)
         lr = lr_at(step - warmup_d, mine["lr"], tcfg["warmup_steps"], steps - warmup_d,
                    tcfg["schedule"]) * recovery.lr_scale if train_g else 0.0
         g_row, rec, ok = generator_step(st, model, x, noise, gen, train_g=train_g, lr=lr,
                                         tcfg=tcfg, autocast=autocast, device=device,
-                                        micro_batch=tcfg.get("micro_batch"))
+                                        micro_batch=tcfg.get("micro_batch"), rows=rows,
+                                        total=global_batch)
         row.update(g_row)
         if st.disc is not None and ok:
             d_lr = lr_at(step, tcfg["disc_lr"], tcfg["warmup_steps"], steps,
                          tcfg["schedule"]) * recovery.lr_scale
             d_row, ok = discriminator_step(st, disc_train, x, rec, gen, d_lr=d_lr, tcfg=tcfg,
                                            autocast=autocast, device=device,
-                                           micro_batch=tcfg.get("micro_batch"))
+                                           micro_batch=tcfg.get("micro_batch"), rows=rows,
+                                           total=global_batch)
             row.update(d_row)
 
         # ---- bookkeeping: bad steps, metrics, grids, checkpoints, signals

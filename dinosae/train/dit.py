@@ -1,12 +1,15 @@
 """Train the flow-matching DiT on the latent cache (rule `train_dit` → results/dit/checkpoint.pt).
 
-One loop, nanoGPT style: read a batch of data tokens at radius R = √C, draw noise / times / label
-dropout from a generator seeded by (seed, rank, step), run the network (bf16 autocast on CUDA),
+One loop, nanoGPT style: read a batch of data tokens at radius R = √C, draw each sample's noise /
+time / label dropout from a generator seeded by (seed, step, its row in the global batch), so a
+run's result does not depend on the number of processes (train.draws), run the network (bf16
+autocast on CUDA),
 compute the flow loss in fp32, clip, AdamW step, EMA. Every `ckpt_every` steps (and on SIGTERM)
 the full state goes to out/last.pt, from which a rerun resumes exactly (the data position and
 the per-step seeds make a killed-and-resumed run equal to an uninterrupted one on CPU). The final
 checkpoint, out/checkpoint.pt, is written only at the end. DDP under torchrun: dit.batch_size is
-the global batch, split evenly over the ranks.
+the global batch, split evenly over the ranks (rank r holds its contiguous rows of each global
+batch: LatentCache.batches), each accumulating over dit.micro_batch rows at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dinosae.images import save_grid
 from dinosae.models.dit import SWITCHES, dit_from_config, switches_of
 from dinosae.outputs import names_only, writing
 from dinosae.progress import Progress
+from dinosae.train.draws import my_rows, row_generators, seed_of
 from dinosae.train.logs import EVENTS, WANDB_NAMES, RunLog
 from dinosae.train.loop import (
     NOT_TRAJECTORY,
@@ -58,9 +62,22 @@ RUN_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"sampl
 
 # ---------------------------------------------------------------- one training step
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A well-mixed 63-bit seed for the random draws of one (rank, step)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)[0] >> 1)
+def sample_seed(seed: int, step: int, row: int) -> int:
+    """The seed of the draws of one sample: row `row` of step `step`'s global batch."""
+    return seed_of(seed, step, row)
+
+
+def draw_rows(z0: torch.Tensor, y: torch.Tensor, seed: int, step: int, rows: range, *,
+              r: float, alpha: float, path: str, label_dropout: float,
+              null_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`draw_inputs` for the rows `rows` of step `step`'s global batch (z0, y: this process's
+    rows, in that order), each row from its own generator seeded by `sample_seed`: a sample
+    gets the same noise, time and dropout whatever the number of processes and micro-batches."""
+    parts = [draw_inputs(z0[i:i + 1], y[i:i + 1], g, r=r, alpha=alpha, path=path,
+                         label_dropout=label_dropout, null_class=null_class)
+             for i, g in enumerate(row_generators((seed, step), rows, z0.device))]
+    z1, t, y_out = (torch.cat(p) for p in zip(*parts, strict=True))
+    return z1, t, y_out
 
 
 def draw_inputs(z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *, r: float,
@@ -317,7 +334,6 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
     metrics = RunLog(out, cfg, resumed_at=step, device=device, name="dit") if is_main() else None
     recovery.log_pending(metrics)
     progress = Progress(dc["steps"], start=step, desc="dit")
-    gen = torch.Generator(device=device)
 
     def epoch_batches(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return data.batches(local_batch, shuffle=True, seed=seed, epoch=e, rank=rank,
@@ -335,9 +351,9 @@ def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: i
             if nan_fault("train-dit-loss"):
                 z0 = z0 * float("nan")
             y = y.to(device, non_blocking=True)
-            gen.manual_seed(step_seed(seed, rank, step))
-            z1, t, y = draw_inputs(z0, y, gen, r=R, alpha=alpha, path=path,
-                                   label_dropout=dc["label_dropout"], null_class=K)
+            z1, t, y = draw_rows(z0, y, seed, step, my_rows(rank, local_batch), r=R,
+                                 alpha=alpha, path=path, label_dropout=dc["label_dropout"],
+                                 null_class=K)
             lr = lr_at(step, dc["lr"], dc["warmup_steps"], dc["steps"], "constant") \
                 * recovery.lr_scale
             set_lr(opt, lr)
