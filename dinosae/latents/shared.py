@@ -40,10 +40,13 @@ USED = ".used"  # `<store>.used` beside a shared store: touched by every open (i
 
 
 def identity(encoder_tensors: str, manifest_sha256: str, lcfg: dict) -> str:
-    """sha256 hex of what determines a cache's bytes."""
+    """sha256 hex of what determines a cache's bytes. dtype float16 counts as absent (None),
+    as it was before dtypes existed: a float16 cache keeps its identity."""
+    settings = {k: lcfg.get(k) for k in IDENTITY_SETTINGS}
+    if settings["dtype"] == "float16":
+        settings["dtype"] = None
     doc = {"format": FORMAT, "version": VERSION, "encoder_tensors": encoder_tensors,
-           "manifest_sha256": manifest_sha256,
-           "latents": {k: lcfg.get(k) for k in IDENTITY_SETTINGS}}
+           "manifest_sha256": manifest_sha256, "latents": settings}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
