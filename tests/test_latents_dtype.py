@@ -223,3 +223,4 @@ def test_dtype_makes_another_identity_and_float16_keeps_the_old_one(world):
     assert len({old, ids["bfloat16"], ids["int8"]}) == 3
     for dtype, store in world["stores"].items():  # what encode_init recorded
         assert zarr.open_group(store, mode="r").attrs["identity"] == ids[dtype]
+
