@@ -5,6 +5,7 @@ unit before the cache is marked complete (validate_cache), and the rows a reader
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,8 @@ def _check_mean_norm(path: str | Path, norms: zarr.Array, mean_norm: Any, lie: A
     if not 0.5 < mean_norm / sample < 2.0:
         raise lie("mean_norm", f"is {mean_norm:.6g}, far from the stored norms' {sample:.6g}")
 
-def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
+def validate_cache(group: zarr.Group, attrs: dict, where: str = "",
+                   on_unit: Callable[[], None] | None = None) -> dict:
     """Check every unit; returns summary statistics or raises CacheError naming the first bad
     region: every unit written, shapes = manifest count, labels in range, every stored token
     norm within NORM_TOL of 1, no NaN/Inf in tokens or norms."""
@@ -205,6 +207,8 @@ def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
     stats = {"norm_sum": 0.0, "norm_min": np.inf, "norm_max": -np.inf, "unit_norm_error": 0.0}
     for u, data in background(read(u) for u in range(units)):
         a = u * unit
+        if on_unit is not None:
+            on_unit()
         bad = _check_unit(data, names, k, a, dtype)
         if bad:
             raise CacheError(f"{where}: {describe_region(region_of_unit(u, layout), parts)}: "
