@@ -10,8 +10,16 @@ the latents settings that change the stored values or their layout (IDENTITY_SET
 used read-only and no encode job is planned. Otherwise the experiment builds its own cache and
 `encode-gather` publishes it (`publish`): moved (or copied, across file systems) into the root
 under the lock of its final name, the local path left as a link to it; a cache published first
-by another experiment wins, and the local copy is dropped for a link to that one. So two
-experiments that build the same cache at once end with one cache in the root.
+by another experiment wins, and the local copy is dropped for a link to that one.
+
+Two experiments that would build the same cache at once do not both build it: `encode-init`
+(the autoencoder exists by then, so the identity is known) claims the build,
+`<root>/<id>.zarr.building` (claim_or_wait), and the builder renews the claim for every unit
+it encodes (encode-part) or validates (encode-gather); publishing drops it. A second
+experiment's encode-init finds the claim held and waits for the finished cache, links it, and
+its encode-part and encode-gather do nothing. A claim not renewed for STALE_S (the builder
+died, or its parts waited that long in a queue) is taken over: at worst both build, and
+publishing still keeps one.
 """
 
 from __future__ import annotations
