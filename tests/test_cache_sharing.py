@@ -275,7 +275,7 @@ def test_list_and_path(world, tmp_path, capsys, monkeypatch):
     assert rc == 0 and out.strip() == f"{root / ident[:24]}.zarr"
     rc, out, _ = cache(capsys, "list", "--config", "config.yaml")
     row = out.splitlines()[1].split()
-    assert rc == 0 and row[:4] == [ident[:16], "true", "train", "10"], out
+    assert rc == 0 and row[:5] == [ident[:16], "true", "train", "10", "float16"], out
     assert "1 cache(s)" in out and str(world["ae"]) in out
 
 
