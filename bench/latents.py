@@ -20,7 +20,12 @@
    fp32/radius conversion) against a memmap reading the same rows in the same windows, each
    window into fresh memory: mm[rows] (one copy; the baseline), + the same conversion. Files
    were just written, so reads come from the page cache for all (warm). Best of 3. Goal: the
-   shuffled raw read >= 0.5x the memmap's at the paper's row size.
+   shuffled raw read >= 0.5x the memmap's at the paper's row size. Then each store dtype
+   (--read-dtypes; store.quantize of the same tokens, the same chunking, the first codec)
+   read shuffled by the reader (float16 unit tokens out: store.dequantize) against the same
+   memmap of the float16 .npy, in GB/s of float32-equivalent tokens delivered.
+   Quick, e.g.: --only read --read-shape 16 192 --read-codecs none (the default config's rows)
+   and --only read --read-shape 256 1024 --read-rows 512 --read-codecs none (the paper's).
 3. Bytes on disk per image, per codec and for the real cache (all arrays).
 
 Random-init encoder tokens are closer to noise than a trained encoder's, so they compress a
@@ -42,32 +47,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from latents_common import best_of, du, shards_and_encoder
 from zarr.core.buffer import default_buffer_prototype
 
 from dinosae import latents
-from dinosae.checkpoint import save_checkpoint
 from dinosae.config import load_config
-from dinosae.data.mini import build_mini_dataset
-from dinosae.data.shard import read_manifest, shard_split
+from dinosae.data.shard import read_manifest
 from dinosae.dist import pick_device
-from dinosae.models.autoencoder import ae_config, build_autoencoder
+from dinosae.latents.store import DTYPES, ZARR_DTYPES, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 ND = default_buffer_prototype().nd_buffer
-
-
-def du(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def best_of(fn, reps: int = 3) -> float:
-    """Shortest wall time of `reps` calls (the machine is shared: the minimum is the signal)."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def sync(device: torch.device) -> None:
@@ -151,26 +141,36 @@ def tile(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def tiled_store(path: Path, big: np.ndarray, labels: np.ndarray, norms: np.ndarray,
-                attrs: dict, codec: str) -> float:
-    """A complete single-array cache holding the tokens `big` (labels, norms: one per row),
-    the cache's chunking; returns the write time."""
+                attrs: dict, codec: str, dtype: str = "float16") -> float:
+    """A complete single-array cache holding the float16 tokens `big` stored as `dtype`
+    (store.quantize; labels, norms: one per row), the cache's chunking; returns the write time
+    (with the quantization)."""
     shutil.rmtree(path, ignore_errors=True)
     g = zarr.open_group(path, mode="w")
     rows, t, c = big.shape
     unit, chunk = attrs["unit_rows"], attrs["chunk_rows"]
-    arr = g.create_array("tokens", shape=(rows, t, c), dtype="float16", chunks=(chunk, t, c),
-                         shards=(unit, t, c), compressors=latents.compressors(codec))
+    arr = g.create_array("tokens", shape=(rows, t, c), dtype=ZARR_DTYPES[dtype],
+                         chunks=(chunk, t, c), shards=(unit, t, c),
+                         compressors=latents.compressors(codec))
+    scales = g.create_array("scales", shape=(rows, t), dtype="float16", chunks=(unit, t),
+                            compressors=latents.compressors(codec)) if dtype == "int8" else None
     g.create_array("labels", data=labels, chunks=(unit,))
     units = -(-rows // unit)  # what the reader checks: norms, written, the parts layout
     g.create_array("norms", data=norms, chunks=(unit, t))
     g.create_array("written", data=np.ones(units, np.uint8), chunks=(1,))
     t0 = time.perf_counter()
     for a in range(0, rows, unit):
-        arr[a:a + unit] = big[a:a + unit]
+        if dtype == "float16":
+            arr[a:a + unit] = big[a:a + unit]
+            continue
+        q, s = quantize(big[a:a + unit].astype(np.float32), dtype)
+        arr[a:a + unit] = q
+        if scales is not None:
+            scales[a:a + unit] = s
     seconds = time.perf_counter() - t0
     g.attrs.update({**attrs, "count": rows, "rows": rows, "units": units,
                     "parts_layout": {"parts": 1, "regions": [{"part": 0, "units": [0, units]}]},
-                    "flip": False, "complete": True, "compression": codec,
+                    "flip": False, "complete": True, "compression": codec, "dtype": dtype,
                     "mean_norm": float(norms.astype(np.float64).mean())})
     return seconds
 
@@ -248,7 +248,8 @@ def memmap_rates(npy: Path, lc: latents.LatentCache, batch: int) -> dict[str, fl
 
 
 def bench_read(tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray, attrs: dict,
-               tmp: Path, rows: int, batch: int, codecs: list[str]) -> list[dict]:
+               tmp: Path, rows: int, batch: int, codecs: list[str],
+               dtypes: tuple[str, ...] = ()) -> list[dict]:
     big, labels, norms = tile(tokens, rows), tile(labels, rows), tile(norms, rows)
     npy = tmp / "raw.npy"
     np.save(npy, big)
@@ -279,6 +280,17 @@ def bench_read(tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray, attrs:
                                                    for a in range(0, rows, batch)])})
         if codec != codecs[-1]:
             shutil.rmtree(path)
+    for dtype in dtypes:  # each store dtype, in the first codec
+        path = tmp / f"read_{dtype}.zarr"
+        write_s = tiled_store(path, big, labels, norms, attrs, codecs[0], dtype)
+        os.sync()
+        lc = latents.open_cache(path)
+        out.append({"dtype": dtype, "codec": codecs[0], "write": write_s,
+                    "bytes": sum(du(path / k) for k in ("tokens", "scales")
+                                 if (path / k).exists()),
+                    **{f"shuffled_{k}": reader_rate(lc, batch, True, k == "raw")
+                       for k in ("raw", "conv")}})
+        shutil.rmtree(path)
     del big
     raw = memmap_rates(npy, latents.open_cache(tmp / f"read_{codecs[-1]}.zarr"), batch)
     out.append({"codec": "raw .npy", "bytes": npy.stat().st_size - 128, "memmap": raw})
@@ -288,6 +300,8 @@ def bench_read(tokens: np.ndarray, labels: np.ndarray, norms: np.ndarray, attrs:
 def print_read(res: list[dict], rows: int, row_bytes: int, batch: int) -> None:
     gb = rows * row_bytes / 1e9
     mm = res[-1]["memmap"]
+    by_dtype = [r for r in res if "dtype" in r]
+    res = [r for r in res if "dtype" not in r]
     print(f"\n| read {rows} rows ({gb * 1e3:.0f} MB fp16), batch {batch}, warm page cache"
           "                 | samples/s |  GB/s | vs memmap |")
     print("|--------------------------------------------------------------------------|"
@@ -320,6 +334,19 @@ def print_read(res: list[dict], rows: int, row_bytes: int, batch: int) -> None:
     for r in res[:-1]:  # the reader fills fresh memory too (the memmap's work) and reads zarr
         print(f"{r['codec']}: one-thread bound for a reader through zarr, memmap / (memmap + "
               f"zarr part) = {mm['shuffled_raw'] / (mm['shuffled_raw'] + r['into']):.2f}")
+    if by_dtype:
+        f32 = rows * row_bytes * 2 / 1e9  # the tokens as float32: what training consumes
+        print(f"\n| store dtype ({by_dtype[0]['codec']}), shuffled windows, batch {batch} | "
+              "token bytes/row | write+quantize GB/s | raw (float16 out) GB/s fp32-eq | "
+              "vs memmap | fp32 + radius GB/s fp32-eq | vs memmap |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(f"| memmap of the float16 .npy (mm[rows]) | {row_bytes} | - | "
+              f"{f32 / mm['shuffled_raw']:.2f} | 1.00 | {f32 / mm['shuffled_conv']:.2f} | 1.00 |")
+        for r in by_dtype:
+            print(f"| {r['dtype']} | {r['bytes'] / rows:.0f} | {gb / r['write']:.2f} | "
+                  f"{f32 / r['shuffled_raw']:.2f} | {mm['shuffled_raw'] / r['shuffled_raw']:.2f} | "
+                  f"{f32 / r['shuffled_conv']:.2f} | "
+                  f"{mm['shuffled_conv'] / r['shuffled_conv']:.2f} |")
     print("\n| codec    | bytes/row | ratio | write GB/s | arr[unit] read GB/s | "
           "reader shuffled raw GB/s |")
     print("|----------|----------:|------:|-----------:|--------------------:|"
@@ -333,18 +360,8 @@ def print_read(res: list[dict], rows: int, row_bytes: int, batch: int) -> None:
 def encode_part_of_bench(cfg: dict, args: argparse.Namespace, tmp: Path,
                          device: torch.device) -> dict:
     """1. and the cache's size; returns bench_encode's results."""
-    root = Path(args.root) if args.root else tmp / "mini"
-    if not args.root:
-        build_mini_dataset(cfg, root)
-    cfg["data"].update(root=str(root), workers=min(2, os.cpu_count() or 1))
-    shard_split(cfg, "train", tmp / "shards")
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg)
-    sd = ae.state_dict()
-    save_checkpoint(tmp / "ae.pt", {"kind": "dinosae-ae", "stage": 4, "step": 0,
-                                    "config": ae_config(cfg), "model": sd, "ema": sd})
-    del ae
-    enc = bench_encode(cfg, tmp / "shards", tmp / "ae.pt", tmp, device, args.workers)
+    shards, ckpt = shards_and_encoder(cfg, tmp, args.root)
+    enc = bench_encode(cfg, shards, ckpt, tmp, device, args.workers)
     a = enc["attrs"]
     row_bytes = a["tokens"] * a["channels"] * 2
     print(f"\nlatent cache benchmark  device={device}  threads={torch.get_num_threads()}  "
@@ -391,6 +408,8 @@ def main() -> None:
                    help="rows read (default: 16384, at most 1 GiB of tokens)")
     p.add_argument("--read-batch", type=int, default=256)
     p.add_argument("--read-codecs", default="none,zstd,blosc")
+    p.add_argument("--read-dtypes", default=",".join(DTYPES),
+                   help="store dtypes read against the memmap (in the first codec); '' none")
     p.add_argument("--workers", type=int, default=2,
                    help="JPEG decoding threads of the candidate encode_part (baseline: 0)")
     p.add_argument("--keep", default=None, help="keep the work folder here")
@@ -422,7 +441,9 @@ def main() -> None:
               f"({row_bytes} B/row), chunk {attrs['chunk_rows']} rows, unit (shard) "
               f"{attrs['unit_rows']} rows; torch threads {torch.get_num_threads()}; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (before)")
-        res = bench_read(tokens, labels, norms, attrs, tmp, rows, args.read_batch, codecs)
+        dtypes = tuple(d for d in args.read_dtypes.split(",") if d)
+        res = bench_read(tokens, labels, norms, attrs, tmp, rows, args.read_batch, codecs,
+                         dtypes)
         print_read(res, rows, row_bytes, args.read_batch)
         print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
     finally:

@@ -1,88 +1,50 @@
-"""What a smaller store dtype would cost the method: the cache's unit tokens stored as float16
-(today), bfloat16, or int8 with a per-token scale (absmax / 127), each read back and projected
-to unit norm again.
+"""What each store dtype (latents.dtype) costs the method: a cache is built in each dtype through
+the pipeline's own encode_init / encode_part / encode_gather, then read back through the reader
+(LatentCache.read_rows: what training reads, float16 unit tokens whatever the dtype).
 
-    .venv/bin/python bench/latents_dtype.py [--config config.yaml] [--root FOLDER] [--images 8]
+    .venv/bin/python bench/latents_dtype.py [--config config.yaml] [--root FOLDER] [--images 64]
     .venv/bin/python bench/latents_dtype.py --config workflow/configs/imagenet256.yaml \
         --set autoencoder.teacher.weights=random --root ../shared/imagenet-sample --images 4
 
 The configured autoencoder and DiT with random weights (no weights can be downloaded) encode
 real photographs (--root, an ImageNet-style folder; default the embedded dataset). Reported per
-dtype, against the fp32 tokens and against the fp16 store:
-  * direction error: the angle between a stored token and the encoder's (degrees, mean / max);
-  * decode PSNR: the decoder's image from the stored tokens (at the encoder's own norms) against
-    its image from the fp16 tokens (dB; identical images give inf);
+dtype, against the encoder's float32 tokens and against the float16 store:
+  * direction error: the angle between a served token and the encoder's (degrees, mean / max);
+  * decode PSNR: the decoder's image from the served tokens (at the encoder's own norms, the
+    store's norms array) against its image from the float16 store's tokens (dB; inf: equal);
   * DiT loss: the RFM loss of the DiT on the same batch, noise, times and labels, relative
-    difference from the fp16 tokens' loss;
-  * bytes per image of the tokens (int8: + a float16 scale per token);
-  * dequantization rate (stored dtype -> fp16 unit tokens), one thread, GB of fp16 out per s.
+    difference from the float16 store's loss;
+  * bytes per image: store.bytes_per_image (tokens, int8's scales, norms, label) and on disk.
 Random weights put the numbers at a scale that a trained encoder may not share: the direction
 error depends only on the token values, the PSNR and loss on how sensitive random networks are.
+Read rates per dtype: bench/latents.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from latents_common import build_cache, du, shards_and_encoder
 
-from dinosae import rfm
+from dinosae import latents, rfm
 from dinosae.config import load_config
-from dinosae.data.mini import build_mini_dataset
-from dinosae.models.autoencoder import build_autoencoder
+from dinosae.data.shard import read_manifest
+from dinosae.latents.store import DTYPES, bytes_per_image
+from dinosae.models.autoencoder import DinoSAE
 from dinosae.models.dit import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quantize(z: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unit tokens (..., C) float32 -> (stored values, per-token scale or None)."""
-    if dtype == "float16":
-        return z.half(), None
-    if dtype == "bfloat16":
-        return z.bfloat16(), None
-    if dtype == "int8":
-        scale = z.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-        return torch.round(z / scale).clamp(-127, 127).to(torch.int8), scale.half()
-    raise ValueError(dtype)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Stored values -> unit tokens float32 (projected to norm 1 again)."""
-    z = q.float() if scale is None else q.float() * scale.float()
-    return z / z.norm(dim=-1, keepdim=True)
-
-
-def images(folder: Path, n: int, size: int) -> torch.Tensor:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    out = []
-    for f in files[:: max(1, len(files) // n)][:n]:
-        im = Image.open(f).convert("RGB")
-        s = min(im.size)
-        im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2,
-                      (im.height + s) // 2)).resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def best_of(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 @torch.no_grad()
@@ -91,20 +53,37 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "config.yaml"))
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--root", default=None, help="ImageNet-style folder (default: embedded)")
-    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--images", type=int, default=64,
+                   help="images encoded (the last zarr chunk is stored whole: few images "
+                        "inflate 'on disk')")
+    p.add_argument("--keep", default=None, help="keep the work folder here")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config, None, args.set, check_paths=False)
-    size = int(cfg["data"]["image_size"])
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.root) if args.root else Path(tmp) / "mini"
-        if not args.root:
-            build_mini_dataset(cfg, root)
-        x = images(root, args.images, size)
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg).eval()
-    z, norms = ae.encode_unit(x)  # fp32 unit tokens (B, T, C), raw norms (B, T)
+    cfg["device"] = "cpu"
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="bench_dtype_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        shards, ckpt = shards_and_encoder(cfg, tmp, args.root, args.images)
+        stores = {d: build_cache(cfg, shards, ckpt, tmp / f"{d}.zarr", dtype=d, flip=False)
+                  for d in DTYPES}
+        report(cfg, args, shards, ckpt, stores)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(cfg: dict, args: argparse.Namespace, shards: Path, ckpt: Path,
+           stores: dict[str, Path]) -> None:
+    ae = DinoSAE.load(ckpt).eval()
+    manifest = read_manifest(shards)
+    n = manifest["count"]
+    _, images, labels = next(latents.iter_units(shards, manifest, [0], n))
+    # the truth: the encoder's float32 unit tokens of the same images
+    z, _ = latents.encode_images(ae, images, torch.device("cpu"), 8, dtype=None)
+    z = torch.from_numpy(z)
     B, T, C = z.shape
+    norms = torch.from_numpy(latents.open_cache(stores["float16"]).group["norms"][:])
     grid = tuple(int(g) for g in ae.grid)
     dc = cfg["dit"]
     dit = build_dit(dc["model"], T, C, 1000, grid, dc["head"]).eval()
@@ -118,26 +97,30 @@ def main() -> None:
         zt, u = rfm.point_and_target(tokens * r, z1, t, r, dc["path"])
         return float(rfm.flow_loss_at(dit(zt, t, y), zt, u, dc["path"], dc["lambda_rad"])[0])
 
-    ref = dequantize(*quantize(z, "float16"))
+    def served(dtype: str) -> torch.Tensor:
+        lc = latents.open_cache(stores[dtype])
+        return torch.from_numpy(lc.read_rows(np.arange(n))[0]).float()
+
+    ref = served("float16")
     ref_img, ref_loss = ae.decode_at(ref, norms[..., None]), loss(ref)
+    size = cfg["data"]["image_size"]
     print(f"config {args.config}: {B} images of {size} px -> {T}x{C} tokens; DiT {dc['model']}"
-          f"{' + head' if dc['head'] else ''}; random weights; one thread\n")
-    print("| store dtype | bytes/image | direction error vs fp32, mean / max (deg) | decode "
-          "PSNR vs fp16 (dB) | DiT loss vs fp16 (rel.) | dequantize GB/s |")
+          f"{' + head' if dc['head'] else ''}; random weights; one thread; stores written and "
+          "read through dinosae.latents\n")
+    print("| store dtype | bytes/image (plan) | on disk / image | direction error vs fp32, "
+          "mean / max (deg) | decode PSNR vs fp16 (dB) | DiT loss vs fp16 (rel.) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for dtype in ("float16", "bfloat16", "int8"):
-        q, scale = quantize(z, dtype)
-        back = dequantize(q, scale)
-        angle = torch.rad2deg(torch.arccos((back * z).sum(-1).clamp(-1, 1)))
-        nbytes = q.element_size() * T * C + (scale.numel() // B * 2 if scale is not None else 0)
+    for dtype in DTYPES:
+        back = served(dtype)
+        angle = torch.rad2deg(torch.arccos(
+            ((back * z).sum(-1) / back.norm(dim=-1) / z.norm(dim=-1)).clamp(-1, 1)))
         img = ae.decode_at(back, norms[..., None])
         rel = abs(loss(back) - ref_loss) / ref_loss
-        big_q, big_s = q.repeat(max(1, 64 // B), 1, 1), (None if scale is None else
-                                                        scale.repeat(max(1, 64 // B), 1, 1))
-        secs = best_of(lambda q=big_q, s=big_s: dequantize(q, s).half())
-        gbs = big_q.numel() * 2 / 1e9 / secs
-        print(f"| {dtype} | {nbytes} | {float(angle.mean()):.4f} / {float(angle.max()):.4f} | "
-              f"{psnr(img, ref_img):.1f} | {rel:.2e} | {gbs:.2f} |")
+        disk = sum(du(stores[dtype] / k) for k in ("tokens", "scales", "norms", "labels")
+                   if (stores[dtype] / k).exists()) / n
+        print(f"| {dtype} | {bytes_per_image(T, C, dtype)} | {disk:.0f} | "
+              f"{float(angle.mean()):.4f} / {float(angle.max()):.4f} | "
+              f"{psnr(img, ref_img):.1f} | {rel:.2e} |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from torch.utils.flop_counter import (
 )
 
 from dinosae.errors import ConfigError
+from dinosae.latents.store import bytes_per_image
 
 GPUS_FILE = Path(__file__).with_name("gpus.yaml")
 DEFAULT_MFU = 0.05  # calibrated on published DiT-XL training throughputs: README "Planning a run"
@@ -774,7 +775,7 @@ def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_
     n_enc = {"train": data.train, "val": data.val}[lc["split"]]
     disk = {
         "shards": data.shard_bytes or (data.train + data.val) * per_image,
-        "latent cache": cache_bytes(n_enc, m.tokens, m.channels, bool(lc.get("flip", False))),
+        "latent cache": n_enc * bytes_per_image(m.tokens, m.channels, lc.get("dtype"), lc["flip"]),
         **checkpoint_bytes(m),
         "samples": sc["num_samples"] * hw * hw * 3 * (2 if sc.get("export_npz") else 1),
     }
@@ -789,7 +790,8 @@ def make_plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float = DEFAULT_
         f"data: train {data.train:,} / val {data.val:,} images, {data.classes} classes "
         f"({data.source})",
         f"shards: {d['format']} q{d['quality']} at {hw} px, {shards}; latent cache: tokens "
-        f"fp16 + norms fp32{' + flipped copies' if lc.get('flip') else ''}, uncompressed",
+        f"{lc.get('dtype') or 'float16'} + norms fp32"
+        f"{' + flipped copies' if lc.get('flip') else ''}, uncompressed",
         "checkpoints (fp32): an AE stage's checkpoint.pt holds stem + decoder (weights and "
         "EMA) and the discriminator, the frozen teacher referenced; the DiT's weights and EMA; "
         "each last.pt adds AdamW",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,65 @@ def test_two_concurrent_first_builds_make_one_cache(world, tmp_path):
     assert not list(root.glob(".*tmp*"))
 
 
+def _build_timed(args):
+    """encode_init, (after `delay` s) encode_part, encode_gather; their end times and summary."""
+    import time
+
+    world_cfg, shards, ae, out, root, delay = args
+    torch.set_num_threads(1)
+    cfg = json.loads(json.dumps(world_cfg))
+    cfg["latents"]["root"] = root
+    latents.encode_init(cfg, shards, ae, out)
+    t_init = time.time()
+    time.sleep(delay)  # the first builder is slow: the second must wait, not build
+    part = latents.encode_part(cfg, out, shards, ae, 0, 1, out + ".done")
+    latents.encode_gather(cfg, out, out + ".report.json")
+    return {"init": t_init, "end": time.time(), "encoded": part["encoded_units"]}
+
+
+def test_a_second_concurrent_build_waits_and_encodes_nothing(world, tmp_path):
+    import time
+
+    root = tmp_path / "root"
+    outs = [tmp_path / f"e{i}" / "train.zarr" for i in (0, 1)]
+    for o in outs:
+        o.parent.mkdir()
+    args = [(world["cfg"], str(world["shards"]), str(world["ae"]), str(o), str(root), d)
+            for o, d in zip(outs, (3.0, 0.0), strict=True)]
+    ctx = multiprocessing.get_context("fork")  # two processes: the lock is per process
+    with ctx.Pool(2) as pool:
+        first = pool.apply_async(_build_timed, (args[0],))
+        while not list(root.glob("*.building")):  # the first has claimed the build
+            time.sleep(0.05)
+        second = pool.apply_async(_build_timed, (args[1],))
+        a, b = first.get(timeout=300), second.get(timeout=300)
+    assert a["encoded"] > 0 and b["encoded"] == 0  # only the first encoded
+    assert b["init"] >= a["end"] - 1.0  # the second's init returned once the first had finished
+    stores = list(root.glob("*.zarr"))
+    assert len(stores) == 1 and all(o.resolve() == stores[0].resolve() for o in outs)
+    assert not list(root.glob("*.building"))  # released by the publisher
+    assert latents.open_cache(outs[1]).attrs["complete"] is True
+
+
+def test_an_abandoned_claim_is_taken_over(world, tmp_path):
+    root, ident = tmp_path / "root", "ab" * 32
+    claim = shared.claim_path(root, ident)
+    root.mkdir()
+    claim.write_text(json.dumps({"owner": "/elsewhere/train.zarr"}))
+    mine = tmp_path / "train.zarr"  # (a fresh foreign claim makes it wait: the test above)
+    os.utime(claim, (0, 0))  # not renewed since 1970
+    assert shared.claim_or_wait(root, ident, mine, stale_s=3600) is None
+    assert json.loads(claim.read_text())["owner"] == str(mine)
+    beat = shared.heartbeat(root, ident, mine, every_s=0)
+    os.utime(claim, (0, 0))
+    beat()
+    assert claim.stat().st_mtime > 1e9  # renewed by its owner
+    shared.release(root, ident, tmp_path / "other.zarr")
+    assert claim.exists()  # not someone else's to drop
+    shared.release(root, ident, mine)
+    assert not claim.exists()
+
+
 # ---------------------------------------------------------------- dinosae cache ...
 
 def cache(capsys, *args: str) -> tuple[int, str, str]:
@@ -215,7 +275,7 @@ def test_list_and_path(world, tmp_path, capsys, monkeypatch):
     assert rc == 0 and out.strip() == f"{root / ident[:24]}.zarr"
     rc, out, _ = cache(capsys, "list", "--config", "config.yaml")
     row = out.splitlines()[1].split()
-    assert rc == 0 and row[:4] == [ident[:16], "true", "train", "10"], out
+    assert rc == 0 and row[:5] == [ident[:16], "true", "train", "10", "float16"], out
     assert "1 cache(s)" in out and str(world["ae"]) in out
 
 

@@ -2,6 +2,7 @@
 count on real tensors, the plan's arithmetic on the tiny config, and the paper profile
 (workflow/profiles/imagenet256) against the paper-size plan."""
 
+import copy
 import math
 
 import pytest
@@ -177,6 +178,19 @@ def test_plan_arithmetic_on_the_tiny_config(tiny):
     assert p.disk["samples"] == sc["num_samples"] * 32 * 32 * 3
     assert p.disk["dit checkpoint"] == 8 * m.n_dit  # weights and EMA, fp32
     assert p.disk["dit last.pt while training"] == 16 * m.n_dit  # + two AdamW moments
+
+
+def test_cache_size_follows_dtype_and_flip(tiny, monkeypatch):
+    """The latent cache line (dinosae.latents.store.bytes_per_image), against the arrays' sizes
+    written out by hand: int8 tokens + a float16 scale per token, norms, twice with flips."""
+    cfg, m = tiny
+    monkeypatch.setattr(P, "measure_work", lambda *a, **k: m)  # the networks do not change
+    T, C = 4, 64
+    # (float16 without flips: test_plan_arithmetic_on_the_tiny_config)
+    c = copy.deepcopy(cfg)
+    c["latents"].update(dtype="int8", flip=True)
+    p = P.make_plan(c, "h100", gpus=1, mfu=0.25)
+    assert p.disk["latent cache"] == p.data.train * (2 * (T * C + T * 2 + T * 4) + 8)
 
 
 def test_cli_prints_the_table(tmp_path, capsys, tiny):

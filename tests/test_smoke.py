@@ -20,6 +20,7 @@ import yaml
 import zarr
 from helpers import ROOT, default_config, run_snakemake, workflow_copy
 
+from dinosae import latents
 from dinosae.config import validate
 
 CONFIGS = ("workflow/configs/imagenet256.yaml", "workflow/configs/imagenet256_smoke.yaml")
@@ -145,8 +146,10 @@ def test_smoke_artifacts_have_paper_sizes(smoke_run: Path):
     assert g["tokens"].shape == (n, 256, 1024)
     if cfg["latents"]["flip"]:
         assert g["tokens_flip"].shape == (n, 256, 1024)
-    tokens = g["tokens"][:1].astype(np.float32)
-    np.testing.assert_allclose(np.linalg.norm(tokens, axis=-1), 1.0, atol=1e-3)
+    assert g.attrs["dtype"] == cfg["latents"]["dtype"]  # the paper config's int8
+    tokens = latents.open_cache(work / "results/latents/train.zarr").read_rows(np.arange(1))[0]
+    np.testing.assert_allclose(np.linalg.norm(tokens.astype(np.float32), axis=-1), 1.0,
+                               atol=1e-3)
 
     # the DiT: LightningDiT-XL, parameter for parameter
     path = work / "results/dit/checkpoint.pt"

@@ -5,6 +5,7 @@ unit before the cache is marked complete (validate_cache), and the rows a reader
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,17 @@ from dinosae.files import sha256_file
 from dinosae.latents.background import background
 from dinosae.latents.store import (
     ARRAYS,
+    DTYPES,
     MEAN_NORM_EXACT_VALUES,
     NORM_TOL,
+    NORM_TOLS,
+    ZARR_DTYPES,
     ceil_div,
+    dequantize,
     describe_region,
+    norm_tolerance,
     region_of_unit,
+    store_dtype,
 )
 
 
@@ -98,6 +105,20 @@ def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool 
                       f"promises array {name!r}, which the store lacks")
     if not flip and ("tokens_flip" in arrays or "norms_flip" in arrays):
         raise lie("flip", "is false, but the store holds flipped tokens")
+    dtype = attrs.get("dtype", "float16")
+    if dtype not in DTYPES:
+        raise lie("dtype", f"is {dtype!r:.40}, not one of {', '.join(DTYPES)}")
+    for name in [k for k in names if k.startswith("tokens")]:
+        if str(arrays[name].dtype) != ZARR_DTYPES[dtype]:
+            raise lie("dtype", f"is {dtype}, but array {name} holds {arrays[name].dtype} "
+                               f"(a {dtype} store holds {ZARR_DTYPES[dtype]})")
+        scales = name.replace("tokens", "scales")
+        if dtype == "int8" and scales not in arrays:
+            raise lie("dtype", f"is int8, but the store lacks the scales of {name} ({scales})")
+        if dtype != "int8" and scales in arrays:
+            raise lie("dtype", f"is {dtype}, but the store holds {scales} (an int8 store's)")
+        if dtype == "int8":
+            names.append(scales)
     for name in names:
         shape = tuple(arrays[name].shape)
         if name == "written":
@@ -106,6 +127,8 @@ def check_attrs(path: str | Path, group: zarr.Group, attrs: dict, reading: bool 
             continue
         if shape[0] != n:
             raise lie("count", f"is {n}, but array {name} has {shape[0]} rows")
+        if name.startswith("scales") and shape != (n, T):
+            raise lie("dtype", f"is int8, but array {name} is {shape}, not {(n, T)}")
         if name.startswith(("tokens", "norms")) and (len(shape) < 2 or shape[1] != T):
             raise lie("grid", f"{grid} gives {T} tokens a row, but array {name} is {shape}")
         if name.startswith("tokens") and shape[2:] != (C,):
@@ -138,7 +161,8 @@ def _check_mean_norm(path: str | Path, norms: zarr.Array, mean_norm: Any, lie: A
     if not 0.5 < mean_norm / sample < 2.0:
         raise lie("mean_norm", f"is {mean_norm:.6g}, far from the stored norms' {sample:.6g}")
 
-def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
+def validate_cache(group: zarr.Group, attrs: dict, where: str = "",
+                   on_unit: Callable[[], None] | None = None) -> dict:
     """Check every unit; returns summary statistics or raises CacheError naming the first bad
     region: every unit written, shapes = manifest count, labels in range, every stored token
     norm within NORM_TOL of 1, no NaN/Inf in tokens or norms."""
@@ -172,21 +196,28 @@ def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
         raise CacheError(f"{where}: {describe_region(r, parts)} is not written: {len(todo)} of "
                          f"{r['units'][1] - r['units'][0]} units missing (first: unit {todo[0]})")
 
+    dtype = store_dtype(attrs)
+    extra = [t.replace("tokens", "scales") for t in names] if dtype == "int8" else []
+
     def read(u: int) -> tuple[int, dict]:
         a, b = u * unit, min((u + 1) * unit, n)
         return u, {name: group[name][a:b] for name in
-                   names + [t.replace("tokens", "norms") for t in names] + ["labels"]}
+                   names + [t.replace("tokens", "norms") for t in names] + ["labels"] + extra}
 
     stats = {"norm_sum": 0.0, "norm_min": np.inf, "norm_max": -np.inf, "unit_norm_error": 0.0}
     for u, data in background(read(u) for u in range(units)):
         a = u * unit
-        bad = _check_unit(data, names, k, a)
+        if on_unit is not None:
+            on_unit()
+        bad = _check_unit(data, names, k, a, dtype)
         if bad:
             raise CacheError(f"{where}: {describe_region(region_of_unit(u, layout), parts)}: "
                              f"{bad}")
         for name in names:
-            err = np.abs(np.linalg.norm(data[name].astype(np.float32), axis=-1) - 1.0).max()
-            stats["unit_norm_error"] = max(stats["unit_norm_error"], float(err))
+            z = dequantize(data[name], data.get(name.replace("tokens", "scales")), dtype,
+                           project=False)
+            err = float((z.norm(dim=-1) - 1.0).abs().max())
+            stats["unit_norm_error"] = max(stats["unit_norm_error"], err)
         raw = data["norms"].astype(np.float64)
         stats["norm_sum"] += float(raw.sum())
         stats["norm_min"] = min(stats["norm_min"], float(raw.min()))
@@ -196,7 +227,8 @@ def validate_cache(group: zarr.Group, attrs: dict, where: str = "") -> dict:
             "max_norm": stats["norm_max"], "max_unit_norm_error": stats["unit_norm_error"]}
 
 
-def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int) -> str | None:
+def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int,
+                dtype: str = "float16") -> str | None:
     """The first problem in one unit's arrays, or None."""
     labels = data["labels"]
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
@@ -204,15 +236,19 @@ def _check_unit(data: dict, names: list[str], num_classes: int, first_row: int) 
         return (f"label {labels[bad[0]]} at row {first_row + bad[0]} is outside "
                 f"0..{num_classes - 1}")
     for name in names:
-        t = data[name].astype(np.float32)
+        scales = data.get(name.replace("tokens", "scales"))
+        t = dequantize(data[name], scales, dtype, project=False).numpy()
         finite = np.isfinite(t).all(axis=(1, 2))
+        if scales is not None:
+            finite &= np.isfinite(scales).all(axis=1)
         if not finite.all():
             return f"{name} row {first_row + np.flatnonzero(~finite)[0]} has NaN/Inf"
-        err = np.abs(np.linalg.norm(t, axis=-1) - 1.0).max(axis=1)
-        bad = np.flatnonzero(err > NORM_TOL)
+        tol = norm_tolerance(dtype, scales, t.shape[-1])
+        off = np.abs(np.linalg.norm(t, axis=-1) - 1.0) - tol
+        bad = np.flatnonzero(off.max(axis=1) > 0)
         if len(bad):
-            return (f"{name} row {first_row + bad[0]}: a token norm is off 1 by "
-                    f"{err[bad[0]]:.3g} (> {NORM_TOL})")
+            return (f"{name} row {first_row + bad[0]}: a token norm is off 1 by more than "
+                    f"the {dtype} store allows (by {off[bad[0]].max():.3g} beyond it)")
         norms = data[name.replace("tokens", "norms")]
         ok = np.isfinite(norms).all(axis=1) & (norms > 0).all(axis=1)
         if not ok.all():
@@ -232,6 +268,24 @@ def bad_rows(tokens: np.ndarray, tol: float = NORM_TOL, block: int = 16) -> np.n
         y = t[i:i + block].float()
         ss = (y * y).sum(-1)  # squared token norms (rows, T); |‖z‖² − 1| ≈ 2 |‖z‖ − 1|
         ok = ((ss - 1.0).abs() <= tol * (2.0 + tol)).all(-1)
+        if not bool(ok.all()):
+            bad.append(i + torch.nonzero(~ok).flatten().numpy())
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def bad_stored_rows(tokens: np.ndarray, scales: np.ndarray | None, dtype: str,
+                    block: int = 16) -> np.ndarray:
+    """Indices of the rows of stored tokens (n, T, C) of a `dtype` store (int8: + scales
+    (n, T)) holding a token that is not finite or whose norm (dequantize, not projected) is off
+    1 by more than store.norm_tolerance; what gather and `cache verify` check."""
+    if dtype == "float16":
+        return bad_rows(tokens, block=block)
+    bad = []
+    for i in range(0, len(tokens), block):
+        s = None if scales is None else scales[i:i + block]
+        z = dequantize(tokens[i:i + block], s, dtype, project=False)
+        tol = torch.as_tensor(norm_tolerance(dtype, s, z.shape[-1]), dtype=torch.float32)
+        ok = ((z.norm(dim=-1) - 1.0).abs() <= tol).all(-1)
         if not bool(ok.all()):
             bad.append(i + torch.nonzero(~ok).flatten().numpy())
     return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
@@ -289,6 +343,10 @@ def has_checksums(array: zarr.Array) -> bool:
     return "Crc32cCodec" in codecs + [type(c).__name__ for c in inner]
 
 
+NORM_TOL_NOTE = {"float16": f"{NORM_TOL:g}", "bfloat16": f"{NORM_TOLS['bfloat16']:g}",
+                 "int8": f"{NORM_TOL:g} + half a step (scale) times sqrt(channels)"}
+
+
 def verify_cache(path: str | Path, group: zarr.Group, attrs: dict) -> dict:
     """Everything a cache promises, checked to the end (`dinosae cache verify`): complete,
     every attribute against the arrays, every chunk file present, every chunk's checksum, every
@@ -307,8 +365,10 @@ def verify_cache(path: str | Path, group: zarr.Group, attrs: dict) -> dict:
         except CacheError as e:
             problems.append(str(e))
     flip, n, unit, K = attrs["flip"], attrs["count"], attrs["unit_rows"], attrs["num_classes"]
+    dtype = store_dtype(attrs)
     tokens = ["tokens", "tokens_flip"] if flip else ["tokens"]
-    names = tokens + [t.replace("tokens", "norms") for t in tokens] + ["labels"]
+    names = tokens + [t.replace("tokens", "norms") for t in tokens] + ["labels"] + (
+        [t.replace("tokens", "scales") for t in tokens] if dtype == "int8" else [])
     for name, keys in missing_chunks(path, group, names + ["written"]).items():
         rows = (group[name].shards or group[name].chunks)[0]
         problems += [f"chunk file {name}/{k} is missing (rows {int(k.split('/')[1]) * rows}.."
@@ -319,28 +379,37 @@ def verify_cache(path: str | Path, group: zarr.Group, attrs: dict) -> dict:
         problems.append(f"units not written: {np.flatnonzero(written == 0)[:8].tolist()}")
     for u in range(attrs["units"]):
         a, b = u * unit, min((u + 1) * unit, n)
+        values = {}
         for name in names:
             try:
-                values = group[name][a:b]
+                values[name] = group[name][a:b]
             except ValueError as e:  # zarr: "Stored and computed checksum do not match"
                 problems.append(f"{name} rows {a}..{b - 1}: unreadable chunk ({str(e)[:80]})")
-                continue
+        for name in [k for k in names if k in values]:
+            if name.startswith("scales"):
+                continue  # checked with their tokens
             if name.startswith("tokens"):
-                bad = bad_rows(values)
+                scales = name.replace("tokens", "scales")
+                if dtype == "int8" and scales not in values:
+                    continue
+                bad = bad_stored_rows(values[name], values.get(scales), dtype)
                 if len(bad):
                     problems.append(f"{name} rows {(a + bad[:8]).tolist()}"
-                                    f"{' ...' if len(bad) > 8 else ''}: not finite unit vectors")
+                                    f"{' ...' if len(bad) > 8 else ''}: not finite unit vectors "
+                                    f"(as a {dtype} store: {NORM_TOL_NOTE[dtype]})")
             elif name.startswith("norms"):
-                bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)).all(axis=1))
+                bad = np.flatnonzero(~(np.isfinite(values[name]) & (values[name] > 0))
+                                     .all(axis=1))
                 if len(bad):
                     problems.append(f"{name} rows {(a + bad[:8]).tolist()}: not finite and "
                                     "positive")
             else:
-                bad = np.flatnonzero((values < 0) | (values >= K))
+                bad = np.flatnonzero((values[name] < 0) | (values[name] >= K))
                 if len(bad):
                     problems.append(f"labels rows {(a + bad[:8]).tolist()}: outside 0..{K - 1}")
     crc = all(has_checksums(group[name]) for name in names)
     return {"problems": problems,
-            "checked": f"attributes, chunk files, {n * len(tokens)} rows of {', '.join(names)}, "
+            "checked": f"attributes, chunk files, {n * len(tokens)} rows of {', '.join(names)} "
+                       f"({dtype} tokens: norm within {NORM_TOL_NOTE[dtype]} of 1), "
                        + ("crc32c of every chunk" if crc else "no chunk checksums (a store "
                           "made before they were added)")}

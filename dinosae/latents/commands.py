@@ -27,11 +27,12 @@ def cache_command(cfg: dict, action: str, path: str | None = None) -> int:
         if not Path(root).is_dir():
             raise CacheError(f"{root}: no such folder")
         rows = list_caches(root)
-        print(f"{'identity':17} {'complete':8} {'split':5} {'images':>8} {'GB':>8} "
-              f"{'last use':16} encoder")
+        print(f"{'identity':17} {'complete':8} {'split':5} {'images':>8} {'dtype':8} "
+              f"{'GB':>8} {'last use':16} encoder")
         for r in rows:
             print(f"{(r['identity'] or '-')[:16]:17} {str(r['complete']).lower():8} "
-                  f"{r['split'] or '-':5} {r['count'] or 0:8d} {r['bytes'] / 1e9:8.3f} "
+                  f"{r['split'] or '-':5} {r['count'] or 0:8d} {str(r['dtype']):8.8} "
+                  f"{r['bytes'] / 1e9:8.3f} "
                   f"{r['last_use']:16} {r['encoder']} (tensors "
                   f"{(r['encoder_tensors'] or '-')[:12]})")
         print(f"{len(rows)} cache(s) in {root}")

@@ -16,8 +16,9 @@ from dinosae.latents.reader import LatentCache, open_cache
 class LatentDataset(torch.utils.data.Dataset):
     """Item i -> (tokens float32 (T, C), label int). Items 0..N-1 are the N images; with `flip`
     (and a cache encoded with flips), items N..2N-1 are the same images flipped left-right, so a
-    shuffling sampler mixes both. `radius`: tokens scaled to that sphere (None: as stored, unit
-    norm up to fp16 rounding). `expect_encoder_sha`: refuse a cache another encoder made.
+    shuffling sampler mixes both. `radius`: tokens scaled to that sphere (None: the reader's
+    float16 unit tokens, whatever the store's dtype). `expect_encoder_sha`: refuse a cache
+    another encoder made.
 
         ds = LatentDataset("results/latents/train.zarr", radius=ds_radius)
         loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds), num_workers=4)

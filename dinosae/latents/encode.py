@@ -12,10 +12,10 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,11 +27,13 @@ from dinosae.faults import fault_point
 from dinosae.files import atomic_write_text, sha256_file
 from dinosae.latents.background import background
 from dinosae.latents.checks import check_attrs, validate_cache
-from dinosae.latents.shared import identity, publish
+from dinosae.latents.shared import claim_or_wait, heartbeat, identity, link, publish
 from dinosae.latents.store import (
     DESCRIPTION,
+    DTYPES,
     FORMAT,
     VERSION,
+    ZARR_DTYPES,
     ceil_div,
     check_manifest,
     chunking,
@@ -39,8 +41,11 @@ from dinosae.latents.store import (
     create_arrays,
     describe_region,
     open_for_write,
+    open_group,
     own_store,
     plan_regions,
+    quantize,
+    store_dtype,
     update_attrs,
 )
 from dinosae.outputs import output_lock, replace_dir, writing
@@ -60,9 +65,10 @@ def load_encoder(checkpoint: str | Path, device: str | torch.device) -> Any:
 
 @torch.no_grad()
 def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_size: int,
-                  flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  flip: bool = False, dtype: Literal["float16"] | None = "float16"
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (n, H, W, 3) -> (unit-norm tokens float16 (n, T, C), raw norms float32 (n, T)).
-    Normalised in fp32, then cast."""
+    Normalised in fp32, then cast (`dtype` None: the float32 tokens, for store.quantize)."""
     tokens, norms = [], []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).to(device)
@@ -70,7 +76,7 @@ def encode_images(model: Any, images: np.ndarray, device: torch.device, batch_si
         if flip:
             x = x.flip(-1)
         z, n = model.encode_unit(x)  # (B, T, C) unit tokens, (B, T) raw norms
-        tokens.append(z.half().cpu().numpy())
+        tokens.append((z.half() if dtype == "float16" else z).cpu().numpy())
         norms.append(n.cpu().numpy())
     return np.concatenate(tokens), np.concatenate(norms)
 
@@ -183,7 +189,10 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
         raise CacheError(f"{checkpoint}: the encoder gives {T}x{C} tokens at {size} px, but "
                          f"declares grid {grid} and {model.channels} channels")
     n, flip = int(manifest["count"]), bool(lcfg.get("flip", False))
-    chunk, unit = chunking(lcfg, T * C * 2)
+    dtype = lcfg.get("dtype") or "float16"
+    if dtype not in DTYPES:
+        raise CacheError(f"latents.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    chunk, unit = chunking(lcfg, T * C * np.dtype(ZARR_DTYPES[dtype]).itemsize)
     units = ceil_div(n, unit)
     parts = int(lcfg.get("parts", 1))
     codec = lcfg.get("compression", "zstd")
@@ -192,7 +201,7 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
         "format": FORMAT, "version": VERSION, "description": DESCRIPTION,
         "identity": identity(tensors, manifest_sha, lcfg),
         "count": n, "rows": n * (2 if flip else 1), "grid": grid, "tokens": int(T),
-        "channels": int(C), "radius": 1.0, "image_size": size, "flip": flip,
+        "channels": int(C), "radius": 1.0, "image_size": size, "flip": flip, "dtype": dtype,
         "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
         "encoder": {"path": str(checkpoint), "sha256": sha256_file(checkpoint),
                     "tensors": tensors},
@@ -204,17 +213,23 @@ def encode_init(cfg: dict, shards: str | Path, checkpoint: str | Path, out: str 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False, "mean_norm": None,
     }
+    root = lcfg.get("root")
+    if root and (found := claim_or_wait(root, attrs["identity"], out)) is not None:
+        with writing(out, "encode-init", own_store, force=force, inputs=[shards, checkpoint]):
+            link(out, found)  # another experiment built it meanwhile: nothing to encode here
+        log.info("%s: built by another experiment meanwhile: %s (read-only)", out, found)
+        return out
     with writing(out, "encode-init", own_store, force=force, inputs=[shards, checkpoint]):
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             create_arrays(tmp, attrs, flip, n, T, C, chunk, unit, units,
-                          compressors(codec, checksum=True))
+                          compressors(codec, checksum=True), dtype)
             replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, flip=%s",
-             out, n, units, unit, chunk, parts, codec, flip)
+    log.info("%s: %d images -> %d units of %d rows (chunks of %d), %d parts, %s, %s, flip=%s",
+             out, n, units, unit, chunk, parts, dtype, codec, flip)
     return out
 
 
@@ -224,10 +239,17 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
     summary) at the end. Config sections: device, latents (batch_size)."""
     from dinosae.data.shard import MANIFEST, read_manifest
 
-    group, attrs = open_for_write(cache)
-    check_attrs(cache, group, attrs)
     if not 0 <= index < parts:
         raise ValueError(f"encode-part: index {index} is not in 0..{parts - 1}")
+    if Path(cache).is_symlink() and open_group(cache, "r", "run `dinosae encode-init` first"
+                                               )[1].get("complete") is True:
+        # a shared cache another experiment built (encode_init waited for it): read-only
+        summary = {"part": index, "parts": parts, "shared": str(Path(cache).resolve()),
+                   "encoded_units": 0, "encoded_images": 0}
+        atomic_write_text(done, json.dumps(summary, indent=1) + "\n")
+        return summary
+    group, attrs = open_for_write(cache)
+    check_attrs(cache, group, attrs)
     manifest = read_manifest(shards)
     if sha256_file(Path(shards) / MANIFEST) != attrs["source"]["sha256"]:
         raise CacheError(f"{cache}: {Path(shards) / MANIFEST} differs from the manifest the cache "
@@ -256,7 +278,9 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
         progress = Progress(n_todo, desc=f"encode part {index}", unit="img")
         workers = max(1, int(cfg.get("data", {}).get("workers", 1)))  # JPEG decoding threads
         units = background(iter_units(shards, manifest, todo, unit, workers))
-        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress, index)
+        beat = heartbeat((cfg.get("latents") or {}).get("root"), attrs.get("identity"), cache)
+        write_units(model, units, arrays, device, batch_size, flip, size, unit, progress, index,
+                    dtype=store_dtype(attrs), on_unit=beat)
         progress.close()
     seconds = time.time() - t0
     summary = {"part": index, "parts": parts, "units": [u0, u1], "rows": region["rows"],
@@ -268,16 +292,19 @@ def encode_part(cfg: dict, cache: str | Path, shards: str | Path, checkpoint: st
 
 def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
                 arrays: dict, device: torch.device, batch_size: int, flip: bool, size: int,
-                unit_rows: int, progress: Progress | None = None, part: int = 0) -> None:
-    """Encode each (unit, images, labels) and write it, one unit's write in flight while the
-    next is encoded. Leaving (also on an error) waits for that write, so a unit is either fully
-    written and marked, or not marked."""
+                unit_rows: int, progress: Progress | None = None, part: int = 0,
+                dtype: str = "float16", on_unit: Callable[[], None] | None = None) -> None:
+    """Encode each (unit, images, labels), store it as `dtype` (store.quantize) and write it,
+    one unit's write in flight while the next is encoded. Leaving (also on an error) waits for
+    that write, so a unit is either fully written and marked, or not marked."""
     written = 0
 
     def wait(job: Any) -> None:
         nonlocal written
         job.result()
         written += 1
+        if on_unit is not None:
+            on_unit()
         fault_point(f"encode-part{part}", written)
 
     with ThreadPoolExecutor(1) as writer:
@@ -287,10 +314,13 @@ def write_units(model: Any, units: Iterable[tuple[int, np.ndarray, np.ndarray]],
                 raise ValueError(f"unit {u}: images of shape {images.shape[1:]}, the cache "
                                  f"expects {size}x{size}x3")
             data = {"labels": labels}
-            data["tokens"], data["norms"] = encode_images(model, images, device, batch_size)
-            if flip:
-                data["tokens_flip"], data["norms_flip"] = encode_images(
-                    model, images, device, batch_size, flip=True)
+            for suffix in ("", "_flip") if flip else ("",):
+                z, data[f"norms{suffix}"] = encode_images(
+                    model, images, device, batch_size, flip=bool(suffix),
+                    dtype="float16" if dtype == "float16" else None)
+                data[f"tokens{suffix}"], scales = quantize(z, dtype)
+                if scales is not None:
+                    data[f"scales{suffix}"] = scales
             if pending is not None:
                 wait(pending)
             pending = writer.submit(_write_unit, arrays, u, unit_rows, data)
@@ -312,16 +342,27 @@ def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
     to `out`. A failure raises CacheError naming the first bad region and leaves complete
     false. Config: latents.root (optional): then the complete cache is published there by its
     identity (shared.publish) and `cache` becomes a link to it."""
+    root = (cfg.get("latents") or {}).get("root")
+    if Path(cache).is_symlink():  # a shared cache another experiment built and validated
+        group, attrs = open_group(cache, "r", "run `dinosae encode-init` first")
+        if attrs.get("complete") is True:
+            report = {"cache": str(cache), "shared": str(Path(cache).resolve()),
+                      "identity": attrs.get("identity"), "complete": True,
+                      "count": attrs["count"], "rows": attrs["rows"],
+                      "mean_norm": attrs["mean_norm"], "encoder": attrs["encoder"],
+                      "source": attrs["source"], "seconds": 0.0}
+            atomic_write_text(out, json.dumps(report, indent=1) + "\n")
+            return report
     with output_lock(cache, "encode-gather"):  # one writer of the attributes at a time
         group, attrs = open_for_write(cache)
         t0 = time.time()
         try:
-            report = validate_cache(group, attrs, where=f"latent cache {cache}")
+            report = validate_cache(group, attrs, where=f"latent cache {cache}",
+                                    on_unit=heartbeat(root, attrs.get("identity"), cache))
         except Exception:
             update_attrs(group, cache, {"complete": False})
             raise
         update_attrs(group, cache, {"complete": True, "mean_norm": report["mean_norm"]})
-    root = (cfg.get("latents") or {}).get("root")
     shared = publish(cache, root) if root else None
     report = {"cache": str(cache), "shared": str(shared) if shared else None,
               "identity": attrs.get("identity"), "complete": True, **report,

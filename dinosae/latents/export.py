@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from dinosae.errors import CacheError
-from dinosae.latents.checks import bad_rows, rows_error
 from dinosae.latents.reader import open_cache
 
 log = logging.getLogger(__name__)
@@ -32,12 +31,16 @@ def _h5_attr(value: Any) -> Any:
 
 def export_hdf5(cfg: dict, cache: str | Path, out: str | Path) -> Path:
     """Write a complete cache's arrays (tokens, labels, norms, and the flipped ones) and
-    attributes to one HDF5 file; `attrs_json` holds all attributes exactly. Config: none."""
+    attributes to one HDF5 file; `attrs_json` holds all the store's attributes exactly. The
+    tokens are float16 unit vectors whatever the store's dtype (read through the reader:
+    store.dequantize), so the file's attribute `dtype` is float16 and `store_dtype` the
+    store's. Config: none."""
     import h5py
 
     lc, out = open_cache(cache), Path(out)
     group, unit = lc.group, lc.attrs["unit_rows"]
     names = [k for k in ("tokens", "labels", "norms", "tokens_flip", "norms_flip") if k in group]
+    attrs = {**lc.attrs, "dtype": "float16", "store_dtype": lc.dtype}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:  # a damaged row stops the export: no file at `out`, no temporary left
@@ -46,17 +49,21 @@ def export_hdf5(cfg: dict, cache: str | Path, out: str | Path) -> Path:
                 src = group[name]
                 chunks = (min(lc.chunk_rows if name.startswith("tokens") else unit, lc.count),
                           *src.shape[1:])
-                dst = f.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=chunks)
+                dtype = np.float16 if name.startswith("tokens") else src.dtype
+                dst = f.create_dataset(name, shape=src.shape, dtype=dtype, chunks=chunks)
                 for a in range(0, lc.count, unit):
-                    values = src[a:a + unit]
-                    if name.startswith("tokens") and len(bad := bad_rows(values)):
-                        raise rows_error(cache, name, a + bad)
+                    if name.startswith("tokens"):  # checked by the reader (rows_error)
+                        rows = np.arange(a, min(a + unit, lc.count))
+                        values = lc.read_rows(rows + (lc.count if name.endswith("_flip")
+                                                      else 0))[0]
+                    else:
+                        values = src[a:a + unit]
                     if name.startswith("norms") and not (np.isfinite(values) & (values > 0)).all():
                         rows = np.flatnonzero(~(np.isfinite(values) & (values > 0)).all(axis=1))
                         raise CacheError(f"{cache}: {name} rows {(a + rows[:8]).tolist()} are not "
                                          "finite and positive: the cache is damaged")
                     dst[a:a + unit] = values
-            for key, value in lc.attrs.items():
+            for key, value in attrs.items():
                 if value is not None:
                     f.attrs[key] = _h5_attr(value)
             f.attrs["attrs_json"] = json.dumps(lc.attrs)

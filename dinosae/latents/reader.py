@@ -16,7 +16,7 @@ from dinosae.files import sha256_file
 from dinosae.latents.background import background
 from dinosae.latents.checks import bad_rows, check_attrs, check_chunks, rows_error
 from dinosae.latents.shared import encoder_tensors, mark_used
-from dinosae.latents.store import VERSION, ceil_div, open_group
+from dinosae.latents.store import VERSION, ceil_div, dequantize_into, open_group, store_dtype
 
 
 def open_cache(path: str | Path, expect_encoder_sha: str | None = None,
@@ -53,17 +53,22 @@ def open_cache(path: str | Path, expect_encoder_sha: str | None = None,
 class LatentCache:
     """A complete latent cache. Row r < N is image r; with flip, row N + i is image i flipped.
 
-    `cache[r]` -> (tokens float32 (T, C) as stored, label); `batches(...)` is the fast path.
-    Every row read is checked (finite, unit norm: checks.bad_rows); `check = False` skips that.
+    `cache[r]` -> (tokens float32 (T, C), label); `batches(...)` is the fast path. Whatever the
+    store's dtype, every read serves float16 unit tokens (store.dequantize: a float16 store's
+    as stored, a bfloat16 or int8 store's dequantized and projected to unit norm). Every row
+    read is checked (finite, unit norm: checks.bad_rows); `check = False` skips that.
     """
 
     def __init__(self, path: Path, group: zarr.Group, attrs: dict) -> None:
         self.path, self.group, self.attrs = path, group, attrs
         self.tokens = group["tokens"]
+        self.dtype = store_dtype(attrs)
         self.labels = group["labels"][:]
         self.count, self.chunk_rows = int(attrs["count"]), int(attrs["chunk_rows"])
         self.unit_rows = int(attrs["unit_rows"])
-        self._arrays = [group["tokens"]] + ([group["tokens_flip"]] if attrs["flip"] else [])
+        suffixes = ("", "_flip") if attrs["flip"] else ("",)
+        self._arrays = [group[f"tokens{s}"] for s in suffixes]
+        self._scales = [group[f"scales{s}"] for s in suffixes] if self.dtype == "int8" else []
         self._chunk: tuple[tuple[int, int], np.ndarray] | None = None
         self.check = True
 
@@ -85,6 +90,10 @@ class LatentCache:
         if self._chunk is None or self._chunk[0] != key:
             start = key[1] * self.chunk_rows
             chunk = self._arrays[a][start:start + self.chunk_rows]
+            if self.dtype != "float16":
+                scales = self._scales[a][start:start + self.chunk_rows] if self._scales else None
+                chunk = dequantize_into(np.empty(chunk.shape, np.float16), chunk, scales,
+                                        self.dtype)
             if self.check and len(bad := bad_rows(chunk)):
                 raise rows_error(self.path, ("tokens", "tokens_flip")[a], start + bad)
             self._chunk = (key, chunk)
@@ -116,8 +125,10 @@ class LatentCache:
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Stored tokens float16 (n, T, C) and labels (n,) of the given rows, in that order; the
-        tokens go into `out` when given. Rows are read in sorted order: a run of consecutive rows
+        """Tokens float16 (n, T, C) and labels (n,) of the given rows, in that order; the tokens
+        go into `out` when given. A float16 store's tokens go straight into `out`; another
+        dtype's are read the same way into a buffer of the stored values (and scales), then
+        dequantized into `out`. Rows are read in sorted order: a run of consecutive rows
         that keeps its order in `out` is one zarr call straight into place; any other run is
         read unit (zarr shard) by unit into one reused buffer, each row then copied to its place.
         What a memmap would not pay is zarr's own work per shard: a file read, a copy of each
@@ -125,23 +136,36 @@ class LatentCache:
         rows = np.asarray(rows)
         if out is None:
             out = np.empty((len(rows), *self.tokens.shape[1:]), dtype=np.float16)
+        if self.dtype == "float16":
+            self._gather(self._arrays, rows, out)
+        else:
+            stored = self._gather(self._arrays, rows, np.empty(out.shape, self.tokens.dtype))
+            scales = (self._gather(self._scales, rows, np.empty(out.shape[:2], np.float16))
+                      if self._scales else None)
+            dequantize_into(out, stored, scales, self.dtype)
+        if self.check and len(bad := bad_rows(out)):
+            raise rows_error(self.path, *self._where(rows[bad]))
+        return out, self.labels[rows % self.count]
+
+    def _gather(self, arrays: list[zarr.Array], rows: np.ndarray, out: np.ndarray
+                ) -> np.ndarray:
+        """Rows `rows` of `arrays` (the reader's rows: row N + i is arrays[1]'s row i) into
+        `out`, in that order (see read_rows)."""
         sort = np.argsort(rows, kind="stable")
         srt = rows[sort]
         buf = None
         for lo, hi in self._runs(srt):
             dst = sort[lo:hi]
             if (np.diff(dst) == 1).all():  # in order in `out`, e.g. not shuffled
-                self._read(int(srt[lo]), out[dst[0]:dst[0] + hi - lo])
+                self._read(arrays, int(srt[lo]), out[dst[0]:dst[0] + hi - lo])
                 continue
             if buf is None:
-                buf = np.empty((self.unit_rows, *out.shape[1:]), dtype=np.float16)
+                buf = np.empty((self.unit_rows, *out.shape[1:]), dtype=out.dtype)
             starts = lo + np.flatnonzero(srt[lo:hi] % self.count % self.unit_rows == 0)
             for a, b in pairwise([lo, *starts[starts > lo].tolist(), hi]):  # unit by unit
-                self._read(int(srt[a]), buf[:b - a])
+                self._read(arrays, int(srt[a]), buf[:b - a])
                 out[sort[a:b]] = buf[:b - a]
-        if self.check and len(bad := bad_rows(out)):
-            raise rows_error(self.path, *self._where(rows[bad]))
-        return out, self.labels[rows % self.count]
+        return out
 
     def _runs(self, srt: np.ndarray) -> list[tuple[int, int]]:
         """Sorted rows -> [lo, hi) index ranges of consecutive rows of one array."""
@@ -151,10 +175,10 @@ class LatentCache:
         return list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(srt)].tolist(),
                         strict=True))
 
-    def _read(self, row: int, into: np.ndarray) -> None:
+    def _read(self, arrays: list[zarr.Array], row: int, into: np.ndarray) -> None:
         """Rows row..row+len(into)-1 (of one array) into `into`, one zarr call."""
         a, first = divmod(row, self.count)
-        self._arrays[a].get_basic_selection(
+        arrays[a].get_basic_selection(
             slice(first, first + len(into)),
             out=default_buffer_prototype().nd_buffer.from_numpy_array(into))
 
@@ -163,7 +187,7 @@ class LatentCache:
                 window: int | None = None, raw: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(tokens float32 (B, T, C) on the sphere of `radius`, labels int64 (B,)) for one epoch.
-        `raw`: the tokens as stored instead (float16, unit norm up to fp16 rounding; in pinned
+        `raw`: the float16 tokens read_rows serves instead (unit norm up to fp16 rounding; in pinned
         memory when CUDA is available), for a training loop that moves them to its device as
         they are and projects them to its radius there (`radius` is then unused).
 

@@ -10,25 +10,36 @@ the latents settings that change the stored values or their layout (IDENTITY_SET
 used read-only and no encode job is planned. Otherwise the experiment builds its own cache and
 `encode-gather` publishes it (`publish`): moved (or copied, across file systems) into the root
 under the lock of its final name, the local path left as a link to it; a cache published first
-by another experiment wins, and the local copy is dropped for a link to that one. So two
-experiments that build the same cache at once end with one cache in the root.
+by another experiment wins, and the local copy is dropped for a link to that one.
+
+Two experiments that would build the same cache at once do not both build it: `encode-init`
+(the autoencoder exists by then, so the identity is known) claims the build,
+`<root>/<id>.zarr.building` (claim_or_wait), and the builder renews the claim for every unit
+it encodes (encode-part) or validates (encode-gather); publishing drops it. A second
+experiment's encode-init finds the claim held and waits for the finished cache, links it, and
+its encode-part and encode-gather do nothing. A claim not renewed for STALE_S (the builder
+died, or its parts waited that long in a queue) is taken over: at worst both build, and
+publishing still keeps one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from dinosae.errors import CacheError, OutputLocked
+from dinosae.files import atomic_write_text
 from dinosae.latents.store import FORMAT, VERSION
 from dinosae.outputs import output_lock
 
@@ -37,13 +48,19 @@ log = logging.getLogger(__name__)
 IDENTITY_SETTINGS = ("flip", "batch_size", "compression", "chunk_rows", "shard_chunks", "dtype")
 STORE_CHARS = 24  # hex digits of the identity in a shared store's name (96 bits)
 USED = ".used"  # `<store>.used` beside a shared store: touched by every open (its last use)
+BUILDING = ".building"  # `<store>.building`: the experiment building it (claim_or_wait)
+STALE_S = 2 * 3600.0  # a claim not renewed for this long is abandoned (renewed per unit encoded
+# or validated; so a build whose parts wait longer than this in a queue may be built twice)
 
 
 def identity(encoder_tensors: str, manifest_sha256: str, lcfg: dict) -> str:
-    """sha256 hex of what determines a cache's bytes."""
+    """sha256 hex of what determines a cache's bytes. dtype float16 counts as absent (None),
+    as it was before dtypes existed: a float16 cache keeps its identity."""
+    settings = {k: lcfg.get(k) for k in IDENTITY_SETTINGS}
+    if settings["dtype"] == "float16":
+        settings["dtype"] = None
     doc = {"format": FORMAT, "version": VERSION, "encoder_tensors": encoder_tensors,
-           "manifest_sha256": manifest_sha256,
-           "latents": {k: lcfg.get(k) for k in IDENTITY_SETTINGS}}
+           "manifest_sha256": manifest_sha256, "latents": settings}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -134,6 +151,90 @@ def _waiting_lock(target: Path, wait_s: float = 600.0) -> Iterator[Path]:
         yield path
 
 
+def claim_path(root: str | Path, ident: str) -> Path:
+    store = store_in(root, ident)
+    return store.with_name(store.name + BUILDING)
+
+
+def _claim_holder(claim: Path) -> tuple[str, float] | None:
+    """(owner, seconds since the claim was last renewed), or None: no (readable) claim."""
+    try:
+        age = time.time() - claim.lstat().st_mtime
+        owner = json.loads(claim.read_text()[:4096]).get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (str(owner), age)
+
+
+def claim_or_wait(root: str | Path, ident: str, owner: str | Path, stale_s: float = STALE_S,
+                  poll_s: float = 2.0) -> Path | None:
+    """Before an experiment builds the cache `ident` at its path `owner`: None when it is to
+    build it (the claim `<root>/<id>.zarr.building` is now its own: nobody held it, it held it
+    already, or its holder stopped renewing it for `stale_s`), or the complete shared store once
+    another experiment's build of it has finished (waiting for that meanwhile). So two
+    experiments that would build the same cache at once do not both build it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target, claim, me = store_in(root, ident), claim_path(root, ident), os.path.abspath(owner)
+    waiting = False
+    while True:
+        if (found := find(root, ident)) is not None:
+            return found
+        with _waiting_lock(target):  # publish's lock: a claim is decided by one at a time
+            if (found := find(root, ident)) is not None:
+                return found
+            holder = _claim_holder(claim)
+            if holder is None or holder[0] == me or holder[1] > stale_s:
+                if holder is not None and holder[0] != me:
+                    log.warning("%s: %s stopped building it %.0f s ago; building it here",
+                                target, holder[0], holder[1])
+                atomic_write_text(claim, json.dumps({"owner": me, "pid": os.getpid(),
+                                                     "host": socket.gethostname()}) + "\n")
+                return None
+        if not waiting:
+            log.info("%s is being built by %s: waiting for it", target, holder[0])
+            waiting = True
+        time.sleep(poll_s)
+
+
+def heartbeat(root: str | Path | None, ident: str | None, owner: str | Path,
+              every_s: float = 10.0) -> Callable[[], None]:
+    """A function that renews this experiment's claim on building `ident` (its mtime; at most
+    every `every_s`); does nothing without a root or a claim of this experiment's."""
+    if not root or not ident:
+        return lambda: None
+    claim, me, last = claim_path(root, ident), os.path.abspath(owner), [0.0]
+
+    def beat() -> None:
+        if time.monotonic() - last[0] < every_s:
+            return
+        last[0] = time.monotonic()
+        holder = _claim_holder(claim)
+        if holder is not None and holder[0] == me:
+            with contextlib.suppress(OSError):
+                os.utime(claim)
+
+    return beat
+
+
+def release(root: str | Path, ident: str, owner: str | Path) -> None:
+    """Drop this experiment's claim on building `ident` (after publishing it)."""
+    claim = claim_path(root, ident)
+    holder = _claim_holder(claim)
+    if holder is not None and holder[0] == os.path.abspath(owner):
+        claim.unlink(missing_ok=True)
+
+
+def link(cache: Path, target: Path) -> None:
+    """`cache` becomes a link to the shared store `target` (a local copy is removed first)."""
+    if cache.is_dir() and not cache.is_symlink():
+        shutil.rmtree(cache)
+    tmp_link = cache.with_name(f".{cache.name}.link{os.getpid()}")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(target.resolve())
+    os.replace(tmp_link, cache)
+
+
 def publish(cache: str | Path, root: str | Path) -> Path:
     """Move a complete local cache into `root` by its identity and leave a link in its place;
     if `root` already holds that cache complete, drop the local one for a link to it. Returns
@@ -161,12 +262,8 @@ def publish(cache: str | Path, root: str | Path) -> Path:
         else:
             log.info("%s already holds this cache (identity %s…): using it", target,
                      attrs["identity"][:16])
-        if cache.is_dir() and not cache.is_symlink():
-            shutil.rmtree(cache)
-        tmp_link = cache.with_name(f".{cache.name}.link{os.getpid()}")
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(target.resolve())
-        os.replace(tmp_link, cache)
+        link(cache, target)
+    release(root, attrs["identity"], cache)
     return target
 
 

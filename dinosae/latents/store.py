@@ -3,12 +3,27 @@ the arrays and opening a store. The one place that spells the format (checks.py 
 
 Store (`results/latents/<split>.zarr`); row i is image i of the shard manifest:
 
-    tokens       float16 [N, T, C]   unit-norm (along C) encoder tokens of image i
+    tokens       DTYPE   [N, T, C]   unit-norm (along C) encoder tokens of image i
+    scales       float16 [N, T]      int8 stores only: each token's scale (dequantize)
     labels       int64   [N]         class index of image i (attribute `classes` names them)
     norms        float32 [N, T]      the encoder's raw token norms (before normalising)
-    tokens_flip  float16 [N, T, C]   the same for image i flipped left-right   (only when flip)
+    tokens_flip  DTYPE   [N, T, C]   the same for image i flipped left-right   (only when flip)
+    scales_flip  float16 [N, T]                                   (only when flip, int8 only)
     norms_flip   float32 [N, T]                                             (only when flip)
     written      uint8   [U]         bookkeeping: written[u] = 1 once unit u is written
+
+Dtype (attribute `dtype`, cfg latents.dtype; absent in stores made before it: float16). The
+stored tokens, and how `dequantize` turns them back into unit tokens (every reader goes through
+it; a plain zarr reader repeats it in two lines):
+
+    float16   tokens as float16                      z = tokens
+    bfloat16  tokens as uint16: the bfloat16 bits    z = (tokens << 16) viewed as float32, / ‖·‖
+    int8      tokens as int8, q = round(z / s),      z = q · s, / ‖·‖
+              s = max|z| / 127 per token (float16, array `scales`)
+
+The norm a stored token may be off 1 by (NORM_TOLS; checked by gather and `cache verify`,
+before the projection to unit norm): float16 1e-3 (its rounding: 2^-11 per value), bfloat16
+4e-3 (2^-8), int8 ½·s·√C + 1e-3 per token (each value is off by at most half a step s).
 
 Units. Every array is cut along N into units of S = chunk_rows × shard_chunks rows. A unit is
 exactly one zarr shard of each array (tokens: inner chunks of chunk_rows rows, so one sample or a
@@ -30,6 +45,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
@@ -37,17 +53,23 @@ from dinosae.errors import CacheError
 from dinosae.outputs import names_only
 
 FORMAT, VERSION = "dinosae-latents", 1
-NORM_TOL = 1e-3  # |‖token‖ − 1| allowed in the stored (fp16) tokens
+NORM_TOL = 1e-3  # |‖token‖ − 1| allowed in float16 tokens (what every reader serves)
+DTYPES = ("float16", "bfloat16", "int8")
+ZARR_DTYPES = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}  # tokens array
+NORM_TOLS = {"float16": NORM_TOL, "bfloat16": 4e-3, "int8": NORM_TOL}  # int8: + ½·s·√C
+INT8_MAX = 127
 CHUNK_BYTES = 1 << 20  # chunk_rows: null -> about 1 MiB of tokens per chunk
 SHARD_CHUNKS = 16  # shard_chunks default
 DESCRIPTION = (
-    "Row i of tokens/labels/norms is image i of the source shard manifest. tokens: float16 "
-    "[N, T, C] unit-norm along C (T = grid[0]*grid[1], row-major); norms: the raw token norms; "
-    "tokens_flip/norms_flip (when flip): the same for image i flipped left-right. "
-    "Use only when complete is true.")
+    "Row i of tokens/labels/norms is image i of the source shard manifest. tokens: [N, T, C] "
+    "unit-norm along C (T = grid[0]*grid[1], row-major), stored as attribute dtype (absent: "
+    "float16; bfloat16: the bits as uint16; int8: times scales [N, T], then divided by its "
+    "norm); norms: the raw token norms; tokens_flip/scales_flip/norms_flip (when flip): the "
+    "same for image i flipped left-right. Use only when complete is true.")
 
 
-ARRAYS = ("tokens", "labels", "norms", "tokens_flip", "norms_flip", "written")
+ARRAYS = ("tokens", "labels", "norms", "tokens_flip", "norms_flip", "written", "scales",
+          "scales_flip")
 # what encode_init writes into the store (zarr's own files only)
 STORE_NAMES = names_only("zarr.json", *ARRAYS)
 MEAN_NORM_EXACT_VALUES = 1 << 24  # open_cache recomputes mean_norm exactly up to N x T norms
@@ -131,13 +153,94 @@ def own_store(store: Path) -> str | None:
 own_store.accepts = STORE_NAMES.accepts  # type: ignore[attr-defined]
 
 
+# ---------------------------------------------------------------- dtypes
+
+def store_dtype(attrs: dict) -> str:
+    """A store's token dtype: its attribute `dtype` (absent: float16, the format before dtypes)."""
+    return attrs.get("dtype") or "float16"
+
+
+def bytes_per_image(tokens: int, channels: int, dtype: str | None = "float16",
+                    flip: bool = False) -> int:
+    """Bytes one image takes in a cache, uncompressed: tokens [T, C] in `dtype` (int8: + a
+    float16 scale per token), norms float32 [T] (each twice with flips), a label int64.
+    `dinosae plan`'s cache size is count × this."""
+    dtype = dtype or "float16"
+    if dtype not in DTYPES:
+        raise ValueError(f"latents.dtype: unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
+    token = tokens * channels * np.dtype(ZARR_DTYPES[dtype]).itemsize
+    scales = tokens * 2 if dtype == "int8" else 0
+    return (2 if flip else 1) * (token + scales + tokens * 4) + 8
+
+
+def quantize(z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit tokens float32 (..., C) -> (stored tokens, int8's per-token float16 scales or None).
+    int8: s = max|z| / 127 rounded to float16, q = round(z / s) with that s (so q · s is what
+    dequantize sees); max |q| is 127 in every token."""
+    z = np.asarray(z, dtype=np.float32)
+    if dtype == "float16":
+        return z.astype(np.float16), None
+    if dtype == "bfloat16":  # round to nearest even, as torch does; keep the 16 high bits
+        return torch.from_numpy(z).bfloat16().view(torch.int16).numpy().view(np.uint16), None
+    if dtype == "int8":
+        s = (np.abs(z).max(axis=-1) / INT8_MAX).astype(np.float16)
+        q = np.rint(z / s.astype(np.float32)[..., None]).clip(-INT8_MAX, INT8_MAX)
+        return q.astype(np.int8), s
+    raise ValueError(f"latents.dtype: unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
+
+
+def dequantize(tokens: np.ndarray, scales: np.ndarray | None, dtype: str,
+               project: bool = True) -> torch.Tensor:
+    """Stored tokens (..., C) (+ int8's scales (...)) -> float32 tokens; `project`: divided by
+    their norm (unit vectors; float16 tokens are returned as stored, already unit norm to
+    their rounding). The one way every reader turns stored values into tokens."""
+    if dtype == "float16":
+        return torch.from_numpy(np.ascontiguousarray(tokens)).float()
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(tokens).view(np.int16)
+        z = torch.from_numpy(bits).view(torch.bfloat16).float()
+    elif dtype == "int8":
+        z = torch.from_numpy(np.ascontiguousarray(tokens)).float()
+        z.mul_(torch.from_numpy(np.ascontiguousarray(scales)).float().unsqueeze(-1))
+    else:
+        raise ValueError(f"unknown store dtype {dtype!r} ({' | '.join(DTYPES)})")
+    if project:
+        z.div_(z.norm(dim=-1, keepdim=True))
+    return z
+
+
+def dequantize_into(out: np.ndarray, tokens: np.ndarray, scales: np.ndarray | None, dtype: str,
+                    block: int = 16) -> np.ndarray:
+    """dequantize (projected) into the float16 array `out`, `block` rows at a time (bounded
+    float32 memory)."""
+    for i in range(0, len(out), block):
+        z = dequantize(tokens[i:i + block], None if scales is None else scales[i:i + block],
+                       dtype)
+        out[i:i + block] = z.half().numpy()
+    return out
+
+
+def norm_tolerance(dtype: str, scales: np.ndarray | None, channels: int) -> float | np.ndarray:
+    """How far a stored token's norm (dequantize, not projected) may be off 1 (see the module
+    doc): a number, or for int8 one per token (a NaN scale gives NaN: never within)."""
+    if dtype == "int8":
+        return NORM_TOL + 0.5 * np.sqrt(channels) * np.asarray(scales, dtype=np.float32)
+    return NORM_TOLS[dtype]
+
+
 def create_arrays(path: Path, attrs: dict, flip: bool, n: int, T: int, C: int, chunk: int,
-                   unit: int, units: int, comp: tuple) -> None:
+                   unit: int, units: int, comp: tuple, dtype: str = "float16") -> None:
     group = zarr.open_group(path, mode="w")
+    # unwritten tokens read back as NaN (float16; bfloat16's NaN bits) or as zero (int8; its
+    # scales NaN): no fill value is a unit vector
+    fill = {"float16": np.nan, "bfloat16": 0x7FC0, "int8": 0}[dtype]
     for suffix in ("", "_flip") if flip else ("",):
-        group.create_array(f"tokens{suffix}", shape=(n, T, C), dtype="float16",
+        group.create_array(f"tokens{suffix}", shape=(n, T, C), dtype=ZARR_DTYPES[dtype],
                            chunks=(chunk, T, C), shards=(unit, T, C), compressors=comp,
-                           fill_value=np.nan)
+                           fill_value=fill)
+        if dtype == "int8":
+            group.create_array(f"scales{suffix}", shape=(n, T), dtype="float16",
+                               chunks=(unit, T), compressors=comp, fill_value=np.nan)
         group.create_array(f"norms{suffix}", shape=(n, T), dtype="float32", chunks=(unit, T),
                            compressors=comp, fill_value=np.nan)
     group.create_array("labels", shape=(n,), dtype="int64", chunks=(unit,), compressors=comp,
