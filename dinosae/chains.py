@@ -116,8 +116,25 @@ def chain_settings(planned_min: float, max_runtime_min: float | None, checkpoint
     lead = signal_lead_s(checkpoint_gb, write_mb_s, step_s)
     jobs = jobs_in_chain(planned_min, max_runtime_min, lead)
     runtime = planned_min if jobs == 1 else max_runtime_min
+    # Slurm may deliver --signal up to a minute early: under limits so short that this could
+    # cost half the job, the job's own stop (Deadline) and Slurm's SIGTERM at the limit (then
+    # KillWait, 30 s by default, to write last.pt) are the only stops
+    early = lead + SLURM_SIGNAL_RESOLUTION_S >= runtime * 60 / 2
     return {"runtime": int(math.ceil(runtime)), "jobs": jobs, "lead_s": lead,
-            "signal": f"--signal=TERM@{lead}"}
+            "signal": "" if early else f"--signal=TERM@{lead}"}
+
+
+def _plain(resource: Any) -> Any:
+    """A Snakemake resource's value when it is a constant (a number Snakemake keeps as an
+    expression, such as 0.5, from its text), else None (missing) or the resource itself."""
+    if resource is None:
+        return None
+    if getattr(resource, "is_evaluable", lambda: False)():
+        try:
+            return float(str(getattr(resource, "raw", "")).strip("'\""))
+        except ValueError:
+            return resource  # a function of the job: not a plain number
+    return getattr(resource, "value", None)
 
 
 def chain_rule(rule: Any, write_mb_s: Callable[[], float], spare: int = 1
@@ -133,8 +150,7 @@ def chain_rule(rule: Any, write_mb_s: Callable[[], float], spare: int = 1
     values = {}
     for key, default in (("runtime", None), ("max_runtime", None), ("checkpoint_gb", 1.0),
                          ("step_s", 60.0)):
-        r = res.get(key) if hasattr(res, "get") else None
-        v = getattr(r, "value", None) if r is not None else None  # a missing one: value None
+        v = _plain(res.get(key) if hasattr(res, "get") else None)
         v = default if v is None else v
         if v is not None and not isinstance(v, (int, float)):
             return None
@@ -149,7 +165,8 @@ def chain_rule(rule: Any, write_mb_s: Callable[[], float], spare: int = 1
     extra = res.get("slurm_extra")
     extra = getattr(extra, "value", None) if extra is not None else None
     flags = " ".join(filter(None, [str(extra).strip("'\"") if extra else "", s["signal"]]))
-    res["slurm_extra"] = f"'{flags}'"
+    if flags:
+        res["slurm_extra"] = f"'{flags}'"
     rule.restart_times = s["jobs"] - 1 + spare
     return s
 
@@ -186,14 +203,16 @@ class Deadline:
     The loop calls `stepped()` after each step and `saved(seconds)` after writing last.pt;
     `near()` is True once the time left is under `lead_s()`: `margin` x (the longest step +
     the longest last.pt write seen in this job), at least `floor` (`min_lead_s()`). The first
-    step (start-up, compilation) counts only until a second one is timed. `clock` is for tests.
+    step is not timed (it holds the job's start: building the models, loading last.pt, data
+    workers, compilation), so the first job's lead until its second step is the floor plus the
+    write. `clock` is for tests.
     """
 
     def __init__(self, end: float | None, margin: float = 2.0, floor: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.end, self.margin, self.clock = end, margin, clock
         self.floor = min_lead_s() if floor is None else floor
-        self.first_s = self.step_s = self.save_s = 0.0
+        self.step_s = self.save_s = 0.0
         self.steps = 0
         self._t = clock()
 
@@ -201,9 +220,7 @@ class Deadline:
         now = self.clock()
         took, self._t = now - self._t, now
         self.steps += 1
-        if self.steps == 1:
-            self.first_s = took
-        else:
+        if self.steps > 1:
             self.step_s = max(self.step_s, took)
 
     def saved(self, seconds: float) -> None:
@@ -211,8 +228,7 @@ class Deadline:
         self._t = self.clock()  # the next step's time starts after the write
 
     def lead_s(self) -> float:
-        step = self.step_s if self.steps > 1 else self.first_s
-        return max(self.floor, self.margin * (step + self.save_s))
+        return max(self.floor, self.margin * (self.step_s + self.save_s))
 
     def left_s(self) -> float:
         return math.inf if self.end is None else self.end - self.clock()
@@ -229,8 +245,9 @@ def format_chains(rules: list[tuple[str, float]], disk: dict[str, float],
                   max_runtime_min: float, write_mb_s: float = PLAN_WRITE_MB_S) -> str:
     """`dinosae plan --max-runtime`'s lines: each training rule's jobs per chain, from its
     planned wall hours per job (`rules`: (rule, hours)) and its last.pt size (`disk`)."""
-    lines = [f"wall-time chains under max_runtime {max_runtime_min:g} min (SIGTERM lead for "
-             f"last.pt at {write_mb_s:g} MB/s):"]
+    lines = [f"wall-time chains under max_runtime {max_runtime_min:g} min (each job stops "
+             "itself ahead of its end time; Slurm's SIGTERM lead, the backstop, for last.pt at "
+             f"{write_mb_s:g} MB/s):"]
     for rule, hours in rules:
         key = next((v for k, v in CHECKPOINT_OF.items() if rule.startswith(k)), None)
         if key is None:
@@ -239,6 +256,8 @@ def format_chains(rules: list[tuple[str, float]], disk: dict[str, float],
                              "resumable: give it a longer partition")
             continue
         s = chain_settings(hours * 60, max_runtime_min, disk.get(key, 0.0) / 2**30, write_mb_s)
+        backstop = (f"SIGTERM {s['lead_s']} s before each limit" if s["signal"] else
+                    "SIGTERM at the limit (a minute-early --signal could cost half the job)")
         lines.append(f"  {rule:<14} {hours:8.1f} h  {s['jobs']:4d} job(s) of {s['runtime']} min, "
-                     f"SIGTERM {s['lead_s']} s before each limit")
+                     f"{backstop}")
     return "\n".join(lines)

@@ -97,6 +97,9 @@ def test_the_environment_lowers_the_floor_and_the_start_up(monkeypatch):
     assert jobs_in_chain(3, 1, 5) == math.ceil(180 / (60 - 20 - 5))  # 6 jobs of 35 s of work
     with pytest.raises(ValueError, match="under a quarter"):
         jobs_in_chain(3, 1, 30)  # 10 s of work in a 60 s job
+    # a --signal Slurm may send a minute early could stop a 1-minute job at its start: none
+    assert chain_settings(10, 1, 0, 500.0, step_s=1)["signal"] == ""
+    assert chain_settings(10, 3, 0, 500.0, step_s=1)["signal"] == "--signal=TERM@5"
     monkeypatch.setenv("DINOSAE_CHAIN_MIN_LEAD_S", "soon")
     from dinosae.errors import ConfigError
 
@@ -130,9 +133,9 @@ def test_the_deadline_lead_is_measured_in_the_job():
     now = [1000.0]
     d = Deadline(end=1100.0, margin=2.0, floor=5.0, clock=lambda: now[0])
     assert d.lead_s() == 5.0 and not d.near()
-    now[0] += 30.0  # the first step, with the job's start-up: counts until a second is timed
+    now[0] += 30.0  # the first step, with the job's start-up: not timed
     d.stepped()
-    assert d.lead_s() == 60.0 and not d.near()  # 70 s left
+    assert d.lead_s() == 5.0 and not d.near()  # 70 s left
     now[0] += 4.0
     d.stepped()
     assert d.lead_s() == 8.0  # 2 x the longest later step
