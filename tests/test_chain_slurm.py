@@ -5,10 +5,11 @@ The tiny workflow's `ae_stage1`, with enough steps for about 1.5 minutes of work
 the single-node Slurm of scripts/slurm-local.sh. Each job reads its end time from squeue, stops
 itself ahead of it (the lead measured in the job; its floor lowered to 5 s by
 DINOSAE_CHAIN_MIN_LEAD_S), writes last.pt and exits "continue"; Snakemake resubmits it and the
-next job resumes. Checked: several Slurm jobs ran for the rule, each but the last stopped with
-status 75, the final checkpoint's tensors equal an uninterrupted local run's (torch.equal, CPU),
-and metrics.csv holds each step once. The data shards are made locally first, and the
-uninterrupted run goes alongside the chain, so the test takes about as long as the chain.
+next job resumes. Checked: several Slurm jobs ran for the rule, each but the last
+stopped itself ahead of its limit after more steps than the one before (the run's stops.log),
+the final checkpoint's tensors equal an uninterrupted local run's (torch.equal, CPU), and
+metrics.csv holds each step once. The data shards are made locally first, and the uninterrupted
+run goes alongside the chain, so the test takes about as long as the chain.
 Skips when no Slurm answers, except in CI (CI=true), where it fails.
 """
 
@@ -31,7 +32,7 @@ from test_slurm import our_jobs, slurm_node_state
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
-STEPS = 150  # ~0.4 s a step on an idle core: ~60 s of work, two or three jobs of a minute
+STEPS = 200  # ~0.4 s a step on an idle core: ~80 s of work, two or three jobs of a minute
 TARGET = "results/ae/stage1/checkpoint.pt"
 
 
@@ -111,11 +112,17 @@ def test_a_rule_longer_than_the_limit_runs_as_a_chain_of_slurm_jobs(tmp_path: Pa
     # (a) a chain: the rule was planned as one, and ran as several Slurm jobs, each but the
     # last stopping itself ahead of the minute with the "continue" status
     assert "ae_stage1: a chain of up to 18 jobs of 1 min" in r.stderr, r.stderr[-3000:]
-    ids = re.findall(r"SLURM (?:run|job) ID:? '?(\d+)", r.stderr)
-    assert len(logs) >= 2 and len(set(ids)) == len(logs), (ids, [p.name for p in logs])
-    failed = [p for p in logs if "exit code 75" in p.read_text() or
-              "exit status 75" in p.read_text()]
-    assert len(failed) == len(logs) - 1, shown
+    ids = re.findall(r"submitted with SLURM jobid (\d+)", r.stderr)
+    assert len(logs) >= 2 and sorted(ids) == sorted(p.stem for p in logs), (ids, logs)
+    assert r.stderr.count("Trying to restart job") == len(logs) - 1
+    stops = (work / "results/ae/stage1/stops.log").read_text().splitlines()
+    print("\n".join(stops))
+    assert len(stops) == len(logs) - 1, stops
+    at = []
+    for line, job in zip(stops, ids, strict=False):  # each job but the last, in order
+        assert f" job {job}: ae stage 1: stopped by the job's time limit (" in line, (line, ids)
+        at.append(int(re.search(r"after step (\d+);", line).group(1)))
+    assert at == sorted(set(at)) and 0 < at[0] and at[-1] < STEPS, at  # each made progress
     # (b) the chain's final checkpoint is the uninterrupted run's
     got = tensors(load_checkpoint(work / TARGET, map_location="cpu"))
     want = tensors(load_checkpoint(ref / TARGET, map_location="cpu"))

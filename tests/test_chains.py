@@ -108,7 +108,7 @@ def test_the_environment_lowers_the_floor_and_the_start_up(monkeypatch):
 
 
 def test_the_job_end_time(tmp_path, monkeypatch):
-    from datetime import datetime
+    from datetime import datetime, timezone
 
     assert job_end_time({}) is None  # not in a job
     assert job_end_time({"DINOSAE_JOB_END": "1700000000.5", "SLURM_JOB_ID": "7"}) == 1700000000.5
@@ -121,7 +121,17 @@ def test_the_job_end_time(tmp_path, monkeypatch):
     squeue.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_END", "2026-12-03T15:02:00")
-    assert job_end_time({"SLURM_JOB_ID": "21"}) == datetime(2026, 12, 3, 15, 2).timestamp()
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")  # squeue's local time is not UTC
+    time.tzset()
+    try:
+        assert job_end_time({"SLURM_JOB_ID": "21"}) == datetime(2026, 12, 3, 20, 2,
+                                                                 tzinfo=timezone.utc).timestamp()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     assert (fake / "args").read_text().split() == ["-h", "-j", "21", "-o", "%e"]
     for answer in ("N/A", "Unknown", ""):  # no time limit, or no answer: no deadline
         monkeypatch.setenv("FAKE_END", answer)

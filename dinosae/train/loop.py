@@ -135,7 +135,9 @@ class RunCheckpoints:
 
     * `last.pt`, the full state (optimizer included) every `every` steps and when a signal
       stops the run; a rerun resumes from it (`resume()`);
-    * `checkpoint.pt`, written once at the end (`finish()`), after which last.pt is removed.
+    * `checkpoint.pt`, written once at the end (`finish()`), after which last.pt is removed;
+    * `stops.log`, a line for each time the run stopped early (when, the Slurm job, why, at
+      which step): a wall-time chain's jobs.
 
     `after_step(done, state)` is called by every rank after each step: it saves last.pt when
     due, and when SIGTERM/SIGINT reached any rank, or the job's end time is nearer than the lead
@@ -204,8 +206,13 @@ class RunCheckpoints:
             barrier()
             self.signal.deadline.saved(time.perf_counter() - t)
         if stopping:
-            raise StoppedToContinue(f"{self.name}: stopped by {self.signal.reason()} after step "
-                                    f"{done}; rerun to resume from {self.last}")
+            message = (f"{self.name}: stopped by {self.signal.reason()} after step {done}; "
+                       f"rerun to resume from {self.last}")
+            if is_main():  # one line per stop of the run's jobs (the job log is rewritten)
+                with open(self.last.parent / "stops.log", "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} job "
+                            f"{os.environ.get('SLURM_JOB_ID', '-')}: {message}\n")
+            raise StoppedToContinue(message)
 
     def finish(self, state: Callable[[], dict]) -> Path:
         if is_main():
