@@ -1,6 +1,6 @@
 """A wall-time chain through the real local Slurm (dinosae/chains.py, train.loop.StopSources).
 
-The tiny workflow's `ae_stage1`, with enough steps for about 1.5 minutes of work, is submitted by
+The tiny workflow's `ae_stage1`, with enough steps for about a minute of work, is submitted by
 `snakemake --profile` (tests/slurm-profile plus the site setting `max_runtime: 1` minute) to
 the single-node Slurm of scripts/slurm-local.sh. Each job reads its end time from squeue, stops
 itself ahead of it (the lead measured in the job; its floor lowered to 5 s by
@@ -32,7 +32,7 @@ from test_slurm import our_jobs, slurm_node_state
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
-STEPS = 200  # ~0.4 s a step on an idle core: ~80 s of work, two or three jobs of a minute
+STEPS = 150  # ~0.4 s a step on idle cores: ~1 min of work, two jobs of a minute (see the note)
 TARGET = "results/ae/stage1/checkpoint.pt"
 
 
