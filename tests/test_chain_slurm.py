@@ -32,7 +32,9 @@ from test_slurm import our_jobs, slurm_node_state
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
-STEPS = 150  # ~0.4 s a step on idle cores: ~1 min of work, two jobs of a minute (see the note)
+# ~0.4 s a step on idle cores: ~1 min of work, two 1-minute jobs (a job starts in ~15 s idle,
+# ~50 s on a machine at load 7, where the chain needs many more jobs: up to 18 are allowed)
+STEPS = 150
 TARGET = "results/ae/stage1/checkpoint.pt"
 
 
