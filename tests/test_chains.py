@@ -1,6 +1,8 @@
 """Wall-time chains (dinosae/chains.py): the SIGTERM lead and the jobs of a chain against a
-step-by-step count; a DiT run stopped by SIGTERM in every job of a chain exits with the
-"continue" status each time and ends bit-identical to an uninterrupted run (CPU); the Snakemake
+step-by-step count (and with the test settings of the environment); the job's end time from
+the environment or squeue; the deadline's lead against a fake clock; a DiT run stopped by
+SIGTERM, or by its job's end time, in every job of a chain exits with the "continue" status each
+time and ends bit-identical to an uninterrupted run (CPU); the Snakemake
 glue caps a long rule at the site's max_runtime, adds the --signal lead and sizes the retries
 (through a fake sbatch, as tests/test_slurm.py's submission tests)."""
 
@@ -19,8 +21,10 @@ from dinosae.chains import (
     CONTINUE_EXIT,
     MIN_LEAD_S,
     STARTUP_S,
+    Deadline,
     chain_settings,
     format_chains,
+    job_end_time,
     jobs_in_chain,
     signal_lead_s,
 )
@@ -43,8 +47,8 @@ def test_lead_and_jobs_per_chain():
     assert signal_lead_s(0.01, 5000.0, step_s=1) == MIN_LEAD_S  # never under Slurm's resolution
     for planned, limit, lead in [(24480, 2880, 223), (13680, 1440, 90), (100, 60, 90),
                                  (2880, 2880, 90), (3, 1, 0)]:
-        if limit * 60 - STARTUP_S - lead < 60:
-            with pytest.raises(ValueError, match="under a minute of work"):
+        if limit * 60 - STARTUP_S - lead < limit * 60 / 4:
+            with pytest.raises(ValueError, match="under a quarter of each job"):
                 jobs_in_chain(planned, limit, lead)
             continue
         want = 1 if planned <= limit else simulated_jobs(planned, limit, lead)
@@ -82,6 +86,109 @@ def test_a_chain_of_sigterm_stopped_jobs_ends_as_an_uninterrupted_run(tmp_path):
     assert steps == [2, 3, 4]  # (a resumed job counts the batches it skips as served)
     TD.train_dit(cfg, FakeCache(), None, out)
     _assert_same_state(load_checkpoint(out / "checkpoint.pt"), ref)
+
+
+def test_the_environment_lowers_the_floor_and_the_start_up(monkeypatch):
+    """What tests/test_chain_slurm.py runs with: a 1-minute limit, 20 s of start-up, 5 s lead."""
+    monkeypatch.setenv("DINOSAE_CHAIN_MIN_LEAD_S", "5")
+    monkeypatch.setenv("DINOSAE_CHAIN_STARTUP_S", "20")
+    assert signal_lead_s(0.001, 500.0, step_s=1) == 5  # 2 x (1 s + 2 ms) under the floor
+    assert signal_lead_s(0.001, 500.0, step_s=4) == 9
+    assert jobs_in_chain(3, 1, 5) == math.ceil(180 / (60 - 20 - 5))  # 6 jobs of 35 s of work
+    with pytest.raises(ValueError, match="under a quarter"):
+        jobs_in_chain(3, 1, 30)  # 10 s of work in a 60 s job
+    # a --signal Slurm may send a minute early could stop a 1-minute job at its start: none
+    assert chain_settings(10, 1, 0, 500.0, step_s=1)["signal"] == ""
+    assert chain_settings(10, 3, 0, 500.0, step_s=1)["signal"] == "--signal=TERM@5"
+    monkeypatch.setenv("DINOSAE_CHAIN_MIN_LEAD_S", "soon")
+    from dinosae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DINOSAE_CHAIN_MIN_LEAD_S='soon'"):
+        signal_lead_s(1, 500.0)
+
+
+def test_the_job_end_time(tmp_path, monkeypatch):
+    from datetime import datetime, timezone
+
+    assert job_end_time({}) is None  # not in a job
+    assert job_end_time({"DINOSAE_JOB_END": "1700000000.5", "SLURM_JOB_ID": "7"}) == 1700000000.5
+    assert job_end_time({"SLURM_JOB_END_TIME": "1700000060", "SLURM_JOB_ID": "7"}) == 1700000060
+    # Slurm 22.05 exports no end time: squeue prints it in local time
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    squeue = fake / "squeue"
+    squeue.write_text('#!/bin/sh\necho "$*" > "$(dirname "$0")/args"\necho "$FAKE_END"\n')
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_END", "2026-12-03T15:02:00")
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")  # squeue's local time is not UTC
+    time.tzset()
+    try:
+        assert job_end_time({"SLURM_JOB_ID": "21"}) == datetime(2026, 12, 3, 20, 2,
+                                                                 tzinfo=timezone.utc).timestamp()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    assert (fake / "args").read_text().split() == ["-h", "-j", "21", "-o", "%e"]
+    for answer in ("N/A", "Unknown", ""):  # no time limit, or no answer: no deadline
+        monkeypatch.setenv("FAKE_END", answer)
+        assert job_end_time({"SLURM_JOB_ID": "21"}) is None
+    assert job_end_time({"SLURM_JOB_ID": "21; rm -rf /"}) is None  # never reaches a command
+
+
+def test_the_deadline_lead_is_measured_in_the_job():
+    now = [1000.0]
+    d = Deadline(end=1100.0, margin=2.0, floor=5.0, clock=lambda: now[0])
+    assert d.lead_s() == 5.0 and not d.near()
+    now[0] += 30.0  # the first step, with the job's start-up: not timed
+    d.stepped()
+    assert d.lead_s() == 5.0 and not d.near()  # 70 s left
+    now[0] += 4.0
+    d.stepped()
+    assert d.lead_s() == 8.0  # 2 x the longest later step
+    now[0] += 1.0
+    d.saved(3.0)  # a last.pt written in 3 s (the time after it is the next step's)
+    now[0] += 2.0
+    d.stepped()
+    assert d.lead_s() == 2 * (4.0 + 3.0)
+    assert d.left_s() == 1100.0 - 1037.0 and not d.near()
+    now[0] = 1100.0 - 14.0
+    assert not d.near()
+    now[0] += 0.5
+    assert d.near()
+    assert not Deadline(end=None, floor=0.0).near()  # no end time: only a signal stops
+
+
+def test_a_chain_stopped_by_the_job_end_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A job whose end is already nearer than the lead does one step, writes last.pt and exits
+    "continue": the guard that every job makes progress. Four such jobs and a last one end with
+    the uninterrupted run's checkpoint."""
+    cfg = tiny_config(tmp_path)
+    cfg["device"] = "cpu"
+    cfg["dit"].update(steps=5, batch_size=8, ckpt_every=100, log_every=1, image_every=100,
+                      warmup_steps=2)
+    cfg = {k: cfg[k] for k in ("seed", "device", "dit", "sample")}
+    ref = load_checkpoint(TD.train_dit(cfg, FakeCache(), None, tmp_path / "ref"))
+    import time
+
+    out, steps = tmp_path / "chain", []
+    monkeypatch.setenv("DINOSAE_CHAIN_MIN_LEAD_S", "60")
+    for _ in range(4):
+        monkeypatch.setenv("DINOSAE_JOB_END", str(time.time() + 30))  # 30 s left < 60 s lead
+        with pytest.raises(SystemExit) as stop:
+            TD.train_dit(cfg, FakeCache(), None, out)
+        assert stop.value.code == CONTINUE_EXIT, stop.value
+        assert "stopped by the job's time limit" in str(stop.value)
+        steps.append(load_checkpoint(out / "last.pt")["step"])
+    assert steps == [1, 2, 3, 4]
+    monkeypatch.setenv("DINOSAE_JOB_END", str(time.time() + 3600))
+    TD.train_dit(cfg, FakeCache(), None, out)
+    _assert_same_state(load_checkpoint(out / "checkpoint.pt"), ref)
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.integration

@@ -85,7 +85,7 @@ FIELDS = ["step", "lr", "loss", "align", "l1", "lpips", "g_gan", "lambda", "d_lo
           "rollbacks", "lr_scale"]
 # what a stage folder holds (and temporaries): anything else there is not ours to replace
 STAGE_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"grid_\d+\.png",
-                          EVENTS, *WANDB_NAMES)
+                          r"stops\.log", EVENTS, *WANDB_NAMES)
 # ae_train keys that only change logging / checkpoint cadence: a resume ignores them
 _CADENCE_KEYS = ("log_every", "image_every", "ckpt_every")
 

@@ -57,7 +57,7 @@ GRID_SAMPLES = 16  # images in the periodic sample grid
 MAX_BAD_STEPS = 5  # default for dit.max_bad_steps
 # what a DiT run folder holds (and temporaries): anything else there is not ours to replace
 RUN_FOLDER = names_only(r"checkpoint\.pt", r"last\.pt", r"metrics\.csv", r"samples_\d+\.png",
-                        EVENTS, *WANDB_NAMES)
+                        r"stops\.log", EVENTS, *WANDB_NAMES)
 
 
 # ---------------------------------------------------------------- one training step

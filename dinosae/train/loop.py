@@ -10,13 +10,14 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dinosae.chains import CONTINUE_EXIT
+from dinosae.chains import CONTINUE_EXIT, Deadline, job_end_time
 from dinosae.checkpoint import load_checkpoint, save_checkpoint
 from dinosae.dist import any_rank, barrier, is_main
 from dinosae.errors import NumericsError
@@ -106,16 +107,43 @@ class StoppedToContinue(SystemExit):
         return self.message
 
 
+class StopSources:
+    """Why a run stops early: SIGTERM/SIGINT (`flag`), or its job's end time coming nearer than
+    the measured lead (`deadline`, dinosae.chains.Deadline: a wall-time chain's job stops itself
+    before Slurm's limit). `.stop` is either; the loops read it as they read a StopFlag."""
+
+    def __init__(self, deadline: Deadline | None = None) -> None:
+        self.flag = StopFlag()
+        self.deadline = Deadline(job_end_time()) if deadline is None else deadline
+
+    @property
+    def stop(self) -> bool:
+        return self.flag.stop or self.deadline.near()
+
+    def reason(self) -> str:
+        if self.flag.stop or not self.deadline.near():
+            return "signal"
+        return (f"the job's time limit ({self.deadline.left_s():.0f} s left, under the "
+                f"{self.deadline.lead_s():.0f} s lead)")
+
+    def restore(self) -> None:
+        self.flag.restore()
+
+
 class RunCheckpoints:
     """The checkpoint files of one training run in `out`:
 
     * `last.pt`, the full state (optimizer included) every `every` steps and when a signal
       stops the run; a rerun resumes from it (`resume()`);
-    * `checkpoint.pt`, written once at the end (`finish()`), after which last.pt is removed.
+    * `checkpoint.pt`, written once at the end (`finish()`), after which last.pt is removed;
+    * `stops.log`, a line for each time the run stopped early (when, the Slurm job, why, at
+      which step): a wall-time chain's jobs.
 
     `after_step(done, state)` is called by every rank after each step: it saves last.pt when
-    due, and when SIGTERM/SIGINT reached any rank, saves and exits every rank with
-    "<name>: stopped by signal after step N; rerun to resume from <out>/last.pt".
+    due, and when SIGTERM/SIGINT reached any rank, or the job's end time is nearer than the lead
+    (`StopSources`), saves and exits every rank with status CONTINUE_EXIT and
+    "<name>: stopped by signal after step N; rerun to resume from <out>/last.pt" (or "by the
+    job's time limit (...)").
     `state` is a function returning the dict to save (built only when saving); `stop`, when
     given, is the signal flag already agreed over the ranks (the DiT step reduces it together
     with its losses: one host sync per step; under DDP a signal that arrives after that reduction
@@ -129,7 +157,7 @@ class RunCheckpoints:
         self.every, self.steps, self.name, self.fault = every, steps, name, fault
         self.device = device
         self.identity, self.restart = dict(identity or {}), restart
-        self.signal = StopFlag()
+        self.signal = StopSources()
 
     def resume(self) -> dict | None:
         """last.pt's contents, or None when there is none (or `restart`: it is then replaced at
@@ -165,18 +193,26 @@ class RunCheckpoints:
     def after_step(self, done: int, state: Callable[[], dict], stop: bool | None = None
                    ) -> None:
         fault_point(self.fault, done)
+        self.signal.deadline.stepped()
         if stop is None:  # not yet agreed over the ranks by the caller
             stop = any_rank(self.signal.stop, self.device)
         elif not torch.distributed.is_initialized():  # alone: a signal since then counts too
             stop = stop or self.signal.stop
         stopping = stop and done < self.steps
         if (done % self.every == 0 and done < self.steps) or stopping:
+            t = time.perf_counter()
             if is_main():
                 save_checkpoint(self.last, self._stamped(state()))
             barrier()
+            self.signal.deadline.saved(time.perf_counter() - t)
         if stopping:
-            raise StoppedToContinue(f"{self.name}: stopped by signal after step {done}; rerun "
-                                    f"to resume from {self.last}")
+            message = (f"{self.name}: stopped by {self.signal.reason()} after step {done}; "
+                       f"rerun to resume from {self.last}")
+            if is_main():  # one line per stop of the run's jobs (the job log is rewritten)
+                with open(self.last.parent / "stops.log", "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} job "
+                            f"{os.environ.get('SLURM_JOB_ID', '-')}: {message}\n")
+            raise StoppedToContinue(message)
 
     def finish(self, state: Callable[[], dict]) -> Path:
         if is_main():

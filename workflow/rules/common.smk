@@ -133,11 +133,17 @@ def chain_training_rules():
 
     from dinosae.chains import chain_rule, measure_write_mb_s
 
+    if not workflow.is_main_process:  # a job's own Snakemake: no retries inside the job
+        return
     rate = cache(lambda: measure_write_mb_s("results"))
     for name in [f"ae_stage{k}" for k in (1, 2, 3, 4)] + ["train_dit"]:
-        s = chain_rule(workflow.get_rule(name), rate)
+        try:
+            s = chain_rule(workflow.get_rule(name), rate)
+        except ValueError as e:  # a max_runtime too short for this rule's chain
+            raise ValueError(f"{name}: {e}") from None
         if s is not None and s["jobs"] > 1:
             logger.info(
-                f"{name}: a chain of up to {s['jobs']} jobs of {s['runtime']} min "
-                f"(SIGTERM {s['lead_s']} s before each limit)"
+                f"{name}: a chain of up to {s['jobs']} jobs of {s['runtime']} min, each "
+                f"stopping itself ahead of its limit (Slurm's {s['signal'] or 'SIGTERM at the limit'}"
+                " the backstop)"
             )
