@@ -25,8 +25,9 @@ rule train_dit:
         reference=lambda w, input: (
             f"--reference {shlex.quote(str(input.reference))}" if GFID_PROXY else ""
         ),
+        micro=micro_batch("dit.micro_batch"),
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache:q} --ae {input.ae:q}"
+        "{params.launch} train-dit --cfg {params.cfg} {params.micro} --cache {params.cache:q} --ae {input.ae:q}"
         " {params.reference} --out {params.out:q} > {log:q} 2>&1"
 
 
@@ -44,8 +45,9 @@ rule sample:
     params:
         cfg=cfg("seed", "device", "sample"),
         cache="" if PRETRAINED_DIT else f"--cache {shlex.quote(CACHE)}",
+        micro=micro_batch("sample.batch_size"),
     shell:
-        "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
+        "dinosae sample --cfg {params.cfg} {params.micro} --dit {input.dit:q} --ae {input.ae:q}"
         " {params.cache} --out {output:q} > {log:q} 2>&1"
 
 
