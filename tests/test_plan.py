@@ -2,6 +2,7 @@
 count on real tensors, the plan's arithmetic on the tiny config, and the paper profile
 (workflow/profiles/imagenet256) against the paper-size plan."""
 
+import dataclasses
 import math
 
 import pytest
@@ -177,6 +178,49 @@ def test_plan_arithmetic_on_the_tiny_config(tiny):
     assert p.disk["samples"] == sc["num_samples"] * 32 * 32 * 3
     assert p.disk["dit checkpoint"] == 8 * m.n_dit  # weights and EMA, fp32
     assert p.disk["dit last.pt while training"] == 16 * m.n_dit  # + two AdamW moments
+
+
+def test_memory_column_follows_the_micro_batch(tiny):
+    cfg, m = tiny
+    spec, work = GPUS["h200"], m.rules["train_dit"]
+    big = {**cfg, "dit": {**cfg["dit"], "batch_size": 64, "micro_batch": 8},
+           "ae_train": {**cfg["ae_train"], "micro_batch": 1}}
+    data = P.dataset_counts(cfg)
+    loads = P.rule_loads(big, data)
+    assert (loads["train_dit"].micro, loads["ae_stage3"].micro) == (8, 1)
+    dit = P.rule_plan("train_dit", work, loads["train_dit"], 1, spec, 0.05)
+    ae = P.rule_plan("ae_stage2", m.rules["ae_stage2"], loads["ae_stage2"], 1, spec, 0.05)
+    assert (dit.batch, dit.micro, dit.accum) == (64, 8, 8)
+    assert (ae.batch, ae.micro, ae.accum) == (4, 1, 4)
+    # one micro-batch's step holds the memory: the peak of a plain step of batch 8, not 64
+    plain = P.rule_loads({**cfg, "dit": {**cfg["dit"], "batch_size": 8, "micro_batch": None}},
+                         data)["train_dit"]
+    eight = P.rule_plan("train_dit", work, plain, 1, spec, 0.05)
+    assert (eight.batch, eight.accum) == (8, 1)
+    assert dit.peak_bytes == eight.peak_bytes and dit.act_bytes == eight.act_bytes
+    assert dit.peak_bytes < dit.state_bytes + work.peak_live(64)
+    assert dit.flops_per_step == 64 * dit.flops_per_image  # the step still does 64 images
+    p = P.make_plan(cfg, "h200", gpus=1)  # measured already: its table with these rows
+    text = P.format_plan(dataclasses.replace(p, rules=[ae, dit]))
+    line = next(x for x in text.splitlines() if x.startswith("train_dit "))
+    assert " 64 " in line and " 8 x 8 " in line and "micro x acc" in text
+    assert P._si(dit.peak_bytes, "B") in line
+
+
+def test_fid_reference_price_scales_with_the_reference_split(tiny):
+    cfg, m = tiny
+    cfg = {**cfg, "eval": {**cfg["eval"], "reference": "train"}}
+    spec, work = GPUS["h100"], m.rules["fid_reference"]
+    per_image = sum(f / (spec[k] * 1e12 * 0.05) for k, f in work.flops().items())
+    for n in (1_281_167, 2 * 1_281_167):  # the whole train split is streamed
+        load = P.rule_loads(cfg, P.Dataset(n, 50_000, 1000, "test"))["fid_reference"]
+        row = P.rule_plan("fid_reference", work, load, 8, spec, 0.05, memory=False)
+        assert row.images == n
+        assert row.gpu_hours == pytest.approx(n * per_image / 3600, rel=1e-9)
+    # ADM's reference batch instead: its 10k images (arr_0), whatever the split's size
+    adm = {**cfg, "eval": {**cfg["eval"], "adm_reference": "VIRTUAL_imagenet256_labeled.npz"}}
+    assert P.rule_loads(adm, P.Dataset(10**6, 50_000, 1000, "test"))["fid_reference"].images \
+        == 10_000
 
 
 def test_cli_prints_the_table(tmp_path, capsys, tiny):
