@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAPER = ROOT / "workflow/configs/imagenet256.yaml"
 PAPER_PROFILE = ROOT / "workflow/profiles/imagenet256/config.yaml"
+A100_80_PROFILE = ROOT / "workflow/profiles/imagenet256_a100-80/config.yaml"
 GPUS = yaml.safe_load((ROOT / "dinosae/gpus.yaml").read_text())
 RUNTIME_MARGIN = 1.2  # the profile's runtime over the plan's wall time
 
@@ -284,8 +285,8 @@ def test_paper_dit_epoch_time_lands_within_2x_of_the_papers_figure(paper):
     assert 10 < minutes < 40, minutes
 
 
-def profile_resources() -> dict[str, dict]:
-    prof = yaml.safe_load(PAPER_PROFILE.read_text())
+def profile_resources(path=PAPER_PROFILE) -> dict[str, dict]:
+    prof = yaml.safe_load(path.read_text())
     return {rule: {**prof["default-resources"], **res}
             for rule, res in prof["set-resources"].items()}
 
@@ -311,6 +312,33 @@ def test_paper_profile_fits_every_rule_in_gpu_and_host_memory(paper):
         # every rank can stage its GPU state (weights, AdamW, EMA) in host memory
         assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
     assert not math.isnan(sum(r.peak_bytes for r in p.rules))
+
+
+def test_a100_80_profile_runtimes_cover_the_plan_and_its_micro_batches_fit(paper):
+    cfg, _ = paper
+    res = profile_resources(A100_80_PROFILE)
+    gpus = {rule: int(r.get("gpu", 0)) for rule, r in res.items()}
+    for rule, h in P.job_hours(cfg, "a100-80", gpus).items():
+        assert gpus[rule] >= 1 and res[rule]["runtime"] >= RUNTIME_MARGIN * h * 60, (rule, h)
+    p = P.make_plan(cfg, "a100-80", gpus=8)  # the per-GPU batches traced by the paper plan
+    m = P.measure_work(cfg, 1000)
+    budget = P.FIT_FRACTION * GPUS["a100-80"]["memory_gb"] * 1e9
+    for r in p.rules:
+        micro = res[r.rule].get("micro_batch", r.batch)
+        assert r.gpus == res[r.rule]["gpu"] and 1 <= micro <= r.batch, r.rule
+        assert r.state_bytes + m.rules[r.rule].peak_live(micro) <= budget, r.rule
+        assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
+
+
+@pytest.mark.integration
+def test_a100_80_profile_micro_batches_are_what_plan_gpu_chooses(paper):
+    cfg, _ = paper
+    res = profile_resources(A100_80_PROFILE)
+    fits = P.micro_batch_fits(cfg, P.make_plan(cfg, "a100-80", gpus=8))
+    assert {f.rule for f in fits} <= set(res)
+    for f in fits:
+        assert res[f.rule].get("micro_batch", f.batch) == f.micro, f.rule
+    assert any(f.micro < f.batch for f in fits)  # the DiT needs accumulation on 80 GB
 
 
 def test_gfid_proxy_cost_is_sample_and_fid_work_on_its_samples():
