@@ -72,3 +72,28 @@ def test_plan_prints_the_micro_batch_that_fits_a_small_gpu(monkeypatch, capsys, 
                        "X", 72)
     assert "not even one image" in text and "micro-batch    3 x   3 steps,   2.0 GB" in text
     assert "fits,   7.0 GB" in text and "eval.batch_size=99" in text
+
+
+def test_a_profiles_micro_batch_resource_reaches_the_rules_config(tmp_path):
+    # the resource a workflow profile sets per rule becomes `--set KEY=N` on its shell line
+    # (not a param that Snakemake compares: a finished rule does not rerun for it)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import workflow_copy
+
+    workflow_copy(tmp_path)
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    r = subprocess.run([snakemake, "-n", "-p", "--cores", "2", "--set-resources",
+                        "ae_stage2:micro_batch=2", "train_dit:micro_batch=3",
+                        "sample:micro_batch=5", "eval_recon:micro_batch=4"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if "--cfg" in x]
+    stage = {x for x in lines if "ae-train" in x}
+    assert sum("--set ae_train.micro_batch=2 " in x for x in stage) == 1  # stage 2 only
+    assert sum("--set dit.micro_batch=3 " in x for x in lines if "train-dit" in x) == 1
+    assert sum("--set sample.batch_size=5 " in x for x in lines if " sample " in x) == 1
+    assert sum("--set eval.batch_size=4 " in x for x in lines if "eval-recon" in x) == 1
+    assert sum("--set " in x for x in lines) == 4  # no other rule gets one
