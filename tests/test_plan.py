@@ -330,8 +330,8 @@ def test_a100_80_profile_runtimes_cover_the_plan_and_its_micro_batches_fit(paper
         assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
 
 
-@pytest.mark.integration
 def test_a100_80_profile_micro_batches_are_what_plan_gpu_chooses(paper):
+    # cheap after the paper fixture: the search traces the DiT at 2 sizes and sample at 1
     cfg, _ = paper
     res = profile_resources(A100_80_PROFILE)
     fits = P.micro_batch_fits(cfg, P.make_plan(cfg, "a100-80", gpus=8))
