@@ -223,8 +223,10 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
         "dinosae.plan", "plan",
         "FLOPs, GPU-hours, wall time, GPU memory and disk of every rule of a config, measured "
         "on the configured networks before any GPU is booked",
-        [("--gpu", dict(default="h100", help="GPU kind from dinosae/gpus.yaml: h100, h200, "
-                                              "b200 (default h100)")),
+        [("--gpu", dict(default="h100", help="GPU kind from dinosae/gpus.yaml: a100-40, "
+                                              "a100-80, h100, h200, b200 (default h100); the "
+                                              "plan chooses each rule's largest micro-batch "
+                                              "that fits it")),
          ("--gpus", dict(type=GPUS, default=8, help="GPUs (training rules: data-parallel over "
                                                    "all of them; default 8)")),
          ("--mfu", dict(type=FRACTION, default=None, help="model-FLOPs utilisation, the fraction "

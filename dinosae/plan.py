@@ -1,68 +1,49 @@
 """`dinosae plan`: what a configuration costs before anyone books GPUs.
 
-For every rule that computes, the real networks are built from the config (random weights, on
-the meta device) and one call of the rule's work is run on *fake* tensors (FakeTensorMode:
-shapes and dtypes only, no arithmetic, no memory), so that the paper-size models cost seconds
-on a CPU and the batch size costs nothing:
-
-* FLOPs per image: `torch.utils.flop_counter.FlopCounterMode` at batch 1 (forward, and for the
-  training rules backward too, including the recomputation of activation-checkpointed blocks),
-  with two formulas torch lacks or gets wrong (see `flop_counter`);
-* GPU memory: the peak of the bytes of live tensors made during the call (activations,
-  gradients, temporaries, autocast's weight copies; not the weights) at the configured per-GPU
-  batch, plus weights, AdamW moments, EMA and DDP gradient buckets from the parameter counts;
-  activation memory per image is the growth of that peak from batch 1 to the per-GPU batch.
-  The training calls run under CPU bf16 autocast, which casts the same kinds of ops as CUDA's.
-
-From those and the configured data and steps: GPU-hours and wall time on N GPUs of a GPU in
-`gpus.yaml` at a stated model-FLOPs utilisation (MFU, overridable), peak GPU memory flagged when
-above FIT_FRACTION of the GPU, and disk for shards, the latent cache and checkpoints. Precision
-follows the code: AE and DiT training and the DiT in sampling run under bf16 autocast (bf16
-tensor-core peak); encoding, decoding and the evaluation networks run in fp32, where
-convolutions use TF32 tensor cores (cuDNN's default) and matmuls the fp32 CUDA cores (PyTorch
-leaves TF32 off for matmuls). Not counted: data loading, optimizer steps, EMA updates,
-communication (the MFU absorbs them); stage 2's discriminator warm-up steps count as full steps.
-
-The training calls below mirror the loops in dinosae.train.ae and dinosae.train.dit (same
-networks, losses and backward passes); keep them in step when those change.
+What each rule does to one image, its FLOPs and its peak GPU memory at a batch, is measured
+on fake tensors by dinosae.plan_measure (see there). This module decides and prints: from
+those and the configured data and steps, GPU-hours and wall time on N GPUs of a GPU in
+`gpus.yaml` at a stated model-FLOPs utilisation (MFU, overridable), peak GPU memory per GPU
+(one micro-batch's step when `micro_batch` is configured: gradient accumulation makes up the
+per-GPU batch) flagged when above FIT_FRACTION of the GPU, the largest micro-batch that fits
+the GPU (dinosae.microbatch), wall-time chains (dinosae.chains), and disk for shards, the
+latent cache and checkpoints. Precision follows the code: AE and DiT training and the DiT in
+sampling run under bf16 autocast (bf16 tensor-core peak); encoding, decoding and the
+evaluation networks run in fp32, where convolutions use TF32 tensor cores (cuDNN's default)
+and matmuls the fp32 CUDA cores (PyTorch leaves TF32 off for matmuls). Not counted: data
+loading, optimizer steps, EMA updates, communication (the MFU absorbs them); stage 2's
+discriminator warm-up steps count as full steps.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import math
-import weakref
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn as nn
 import yaml
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    conv_flop_count,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
 
 from dinosae.errors import ConfigError
 from dinosae.latents.store import bytes_per_image
+from dinosae.microbatch import CONFIG_KEY, Fit, format_fits, largest_fitting
+from dinosae.plan_measure import (  # noqa: F401 (the measuring names, importable from here)
+    SECTIONS,
+    FakeWorld,
+    LiveBytes,
+    Measured,
+    Part,
+    RuleWork,
+    _plan_config,
+    flop_counter,
+    measure_work,
+)
 
 GPUS_FILE = Path(__file__).with_name("gpus.yaml")
 DEFAULT_MFU = 0.05  # calibrated on published DiT-XL training throughputs: README "Planning a run"
 FIT_FRACTION = 0.9  # of a GPU's memory: the rest is for the CUDA context and allocator slack
 IMAGENET = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # ILSVRC2012
 TAR_BLOCK = 512  # a tar member: one header block + data padded to whole blocks
-CONV_OPS = ("convolution",)  # FlopCounterMode op names run by cuDNN (TF32 in fp32 rules)
-SECTIONS = ("data", "autoencoder", "ae_train", "latents", "dit", "sample", "eval")  # planned
+ADM_REFERENCE_IMAGES = 10_000  # arr_0 of ADM's reference batch (dinosae.evaluate streams it)
 
 
 # ---------------------------------------------------------------- GPUs
@@ -75,474 +56,6 @@ def load_gpus(path: str | Path = GPUS_FILE) -> dict[str, dict]:
         if missing:
             raise ConfigError(f"{path}: GPU {key!r} lacks {sorted(missing)}")
     return table
-
-
-# ---------------------------------------------------------------- measuring on fake tensors
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive and their peak, over the ops run inside the mode. Only
-    storages made by those ops count (weights and other earlier tensors do not); one is freed
-    when its last tensor goes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._free, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-
-class FakeWorld:
-    """Networks built on the meta device, then given fake CPU tensors (FakeTensorMode): ops
-    run on shapes only, and CPU autocast and kernel choices apply as they would to real ones."""
-
-    def __init__(self) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        self.mode = FakeTensorMode()
-        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _fake(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "meta":
-            conv = self.mode.fake_tensor_converter
-            return conv.from_meta_and_device(self.mode, t, torch.device("cpu"))
-        return self.mode.from_tensor(t)  # a real CPU tensor (e.g. a constant made at init)
-
-    def module(self, module: nn.Module) -> nn.Module:
-        """`module` (built under `torch.device("meta")`) with fake parameters and buffers, in
-        place; a tensor shared by several modules stays one tensor."""
-        for m in module.modules():
-            for name, p in list(m._parameters.items()):
-                if p is not None:
-                    m._parameters[name] = self._swap(p, lambda t: nn.Parameter(
-                        self._fake(t.data), t.requires_grad))
-            for name, b in list(m._buffers.items()):
-                if b is not None:
-                    m._buffers[name] = self._swap(b, self._fake)
-        return module
-
-    def _swap(self, t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
-        if id(t) not in self._memo:  # the original is kept, so that its id is not reused
-            self._memo[id(t)] = (t, make(t))
-        return self._memo[id(t)][1]
-
-
-def conv_backward_flops(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int],
-                        bias: Any, stride: Any, padding: Any, dilation: Any, transposed: bool,
-                        output_padding: Any, groups: int, output_mask: list[bool],
-                        out_shape: Any = None) -> int:
-    """FLOPs of aten.convolution_backward: each of the input and the weight gradient costs as
-    many multiply-adds as the forward. (torch's own formula counts the weight gradient of a
-    grouped convolution as if it were dense, `groups` times too many: for the decoder's
-    depthwise convolutions that is thousands of times.)"""
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
-    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
-def cpu_attention_flops(query: list[int], key: list[int], value: list[int], *args: Any,
-                        out_shape: Any = None, **kwargs: Any) -> int:
-    """FLOPs of CPU flash attention, which torch's counter does not know (it counts the CUDA
-    kernels only): the same as any scaled-dot-product attention."""
-    return sdpa_flop_count(query, key, value)
-
-
-def cpu_attention_backward_flops(grad_out: list[int], query: list[int], key: list[int],
-                                 value: list[int], *args: Any, out_shape: Any = None,
-                                 **kwargs: Any) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter with the formulas above added (convolution backward, CPU
-    attention), so that fake CPU tensors count what the CUDA kernels would."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten.convolution_backward: conv_backward_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
-    })
-
-
-Step = Callable[[int, Callable[[], Any]], None]  # step(batch, amp): one call of the work
-
-
-def _amp(precision: str) -> Callable[[], Any]:
-    if precision == "bf16":
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext
-
-
-@dataclass
-class Part:
-    """A piece of a rule's work, `step(batch, amp)`, run on fake tensors: `runs` times per image,
-    with `batch_factor` samples per call per image of the configured batch (CFG doubles it).
-    `amp()` is the autocast the step puts around its forward: bf16 for precision "bf16"."""
-
-    name: str
-    world: FakeWorld
-    step: Step
-    precision: str  # bf16 | fp32
-    runs: float = 1.0
-    batch_factor: int = 1
-    flops: dict[str, float] = field(default_factory=dict)  # one call at batch 1, by class
-    _peaks: dict[int, float] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        counter = flop_counter()
-        live = LiveBytes()
-        with self.world.mode, counter, live:
-            self.step(1, _amp(self.precision))
-        self._peaks[1] = float(live.peak)
-        counts = counter.get_flop_counts().get("Global", {})
-        total = float(sum(counts.values()))
-        if self.precision == "bf16":
-            self.flops = {"bf16": total}
-        else:
-            conv = float(sum(v for op, v in counts.items()
-                             if any(c in str(op) for c in CONV_OPS)))
-            self.flops = {"tf32": conv, "fp32": total - conv}
-
-    def peak_live(self, batch: int) -> float:
-        """Peak bytes of the tensors the step makes (activations, gradients, temporaries; not
-        the weights) at `batch` images, i.e. `batch * batch_factor` samples per call."""
-        n = batch * self.batch_factor
-        if n not in self._peaks:
-            live = LiveBytes()
-            with self.world.mode, live:
-                self.step(n, _amp(self.precision))
-            self._peaks[n] = float(live.peak)
-        return self._peaks[n]
-
-    def act_per_image(self, batch: int) -> float:
-        """Activation bytes per image: the growth of the peak from 1 image to `batch` (to 2
-        when `batch` is 1)."""
-        b = max(2, batch)
-        return max(0.0, (self.peak_live(b) - self.peak_live(1)) / (b - 1))
-
-
-def _runs(part: Part, runs: float) -> Part:
-    """The same measured part, run `runs` times per image."""
-    other = copy.copy(part)
-    other.runs = runs
-    return other
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())  # parameters() lists a shared one once
-
-
-# ---------------------------------------------------------------- the rules' work
-
-@dataclass
-class RuleWork:
-    """What a rule does to one image and what it holds in GPU memory besides activations."""
-
-    parts: list[Part]
-    weights: int  # parameters resident on the GPU (fp32)
-    trainable: int = 0  # parameters with AdamW state and, under DDP, gradient buckets
-    ema: int = 0  # parameters with an fp32 EMA copy
-
-    def flops(self) -> dict[str, float]:
-        """FLOPs per image by precision class."""
-        out: dict[str, float] = {}
-        for p in self.parts:
-            for k, v in p.flops.items():
-                out[k] = out.get(k, 0.0) + v * p.runs
-        return out
-
-    def peak_live(self, batch: int) -> float:
-        return max(p.peak_live(batch) for p in self.parts)
-
-    def act_per_image(self, batch: int) -> float:
-        return max(p.act_per_image(batch) for p in self.parts)
-
-
-def _plan_config(cfg: dict) -> dict:
-    """The config with every weight source replaced by random weights: nothing is downloaded
-    or read, and the shapes are the configured ones."""
-    cfg = copy.deepcopy(cfg)
-    ae = cfg["autoencoder"]
-    ae["teacher"]["weights"] = "random"
-    ae["lpips"]["weights"] = "random"
-    ae.pop("pretrained", None)
-    return cfg
-
-
-def _inception() -> nn.Module:
-    """Inception-v3 as torchvision builds it: the same convolutions as torch-fidelity's
-    TF-compatible FID network (whose weights are not needed to count its FLOPs)."""
-    import torchvision
-
-    return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-
-
-def _guided_fraction(steps: int, alpha: float, cfg_scale: float,
-                     interval: list[float]) -> float:
-    """Share of the sampler's steps that run the conditional and the null class (CFG)."""
-    from dinosae.rfm import time_grid
-
-    if cfg_scale == 1.0:
-        return 0.0
-    lo, hi = interval
-    grid = time_grid(steps, alpha).tolist()[:-1]
-    return sum(lo <= t <= hi for t in grid) / max(1, len(grid))
-
-
-@dataclass
-class Measured:
-    """The rules' work and the sizes the disk estimates need."""
-
-    rules: dict[str, RuleWork]
-    grid: tuple[int, int]
-    channels: int
-    n_stem: int
-    n_dec: int
-    n_disc: int
-    n_dit: int
-
-    @property
-    def tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def measure_work(cfg: dict, num_classes: int) -> Measured:
-    """Each computing rule's RuleWork at the configured sizes (see the module doc); measured
-    once per model configuration and process."""
-    key = json.dumps({s: cfg.get(s) for s in SECTIONS}, sort_keys=True)
-    return _measure_work(key, num_classes)
-
-
-@lru_cache(maxsize=4)
-def _measure_work(key: str, num_classes: int) -> Measured:
-    cfg = _plan_config(json.loads(key))
-    nets = _AENets.build(cfg)
-    work = _ae_stage_work(nets)
-    inference, dec = _inference_work(nets)
-    work.update(inference)
-    dit_work, n_dit = _dit_work(nets, num_classes, dec)
-    work.update(dit_work)
-    return Measured(work, tuple(nets.ae.grid), nets.channels, nets.n_stem, nets.n_dec,
-                    nets.n_disc, n_dit)
-
-
-@dataclass
-class _AENets:
-    """The autoencoder rules' networks as they build them, on fake tensors, and their sizes."""
-
-    cfg: dict
-    world: FakeWorld
-    ae: nn.Module
-    lpips: nn.Module
-    disc: nn.Module
-
-    @classmethod
-    def build(cls, cfg: dict) -> _AENets:
-        from dinosae.models.autoencoder import build_autoencoder
-        from dinosae.models.discriminator import build_discriminator
-        from dinosae.models.perceptual import build_lpips
-
-        acfg, world = cfg["autoencoder"], FakeWorld()
-        with torch.device("meta"):
-            ae = build_autoencoder(cfg)
-            lpips = build_lpips(acfg["lpips"]["net"], "random")
-            disc = build_discriminator({**acfg["discriminator"], "weights": "random"},
-                                       ae.channels)
-        return cls(cfg, world, world.module(ae), world.module(lpips), world.module(disc))
-
-    def __post_init__(self) -> None:
-        self.size = self.cfg["data"]["image_size"]
-        self.tokens, self.channels = self.ae.grid[0] * self.ae.grid[1], self.ae.channels
-        self.vit, self.stem, self.decoder = (self.ae.encoder.vit, self.ae.encoder.stem,
-                                             self.ae.decoder)
-        self.n_vit, self.n_stem, self.n_dec = (n_params(self.vit), n_params(self.stem),
-                                               n_params(self.decoder))
-        # n_disc: the discriminator's trained heads; n_disc_frozen: its own frozen backbone
-        self.n_lpips, self.n_disc = n_params(self.lpips), n_params(self.disc.heads)
-        self.n_disc_frozen = n_params(self.disc) - self.n_disc
-        self.n_ae = self.n_vit + self.n_stem + self.n_dec
-
-    def for_inference(self) -> None:
-        """The AE as the inference rules load it: eval, frozen, no activation checkpointing."""
-        self.ae.set_grad_checkpointing(False)
-        self.ae.eval().requires_grad_(False)
-
-
-def _ae_stage_work(n: _AENets) -> dict[str, RuleWork]:
-    """The four AE stages (dinosae.train.ae: generator_step, then discriminator_step)."""
-    from dinosae.models.discriminator import (
-        adaptive_weight,
-        d_hinge_loss,
-        disc_logits,
-        g_hinge_loss,
-        quantize,
-    )
-    from dinosae.train.ae import alignment_loss
-
-    tcfg = n.cfg["ae_train"]
-    ae, lpips, disc, stem, decoder = n.ae, n.lpips, n.disc, n.stem, n.decoder
-    dcfg, w = n.cfg["autoencoder"]["discriminator"], tcfg["loss"]
-    rae = dcfg.get("backbone", "teacher") == "dino_vits8"
-
-    def logits(images: torch.Tensor) -> torch.Tensor:
-        return disc_logits(disc, images, dcfg, n.vit)
-    T, C, size = n.tokens, n.channels, n.size
-    checkpointing = bool(tcfg.get("activation_checkpointing", False))
-
-    def ae_step(b: int, amp: Callable[[], Any], stage: int) -> None:
-        ae.set_grad_checkpointing(checkpointing)
-        ae.train()
-        stem.requires_grad_(stage <= 2)
-        decoder.requires_grad_(True)
-        for p in (*stem.parameters(), *decoder.parameters(), *disc.heads.parameters()):
-            p.grad = None
-        x = torch.rand(b, 3, size, size)
-        noise = torch.rand(b)[:, None, None] * torch.randn(b, T, C) if stage == 4 else None
-        with amp():
-            z, rec = ae(x, noise)
-            rec_loss = (w["l1"] * (rec.float() - x).abs().mean()
-                        + w["lpips"] * lpips(rec.float(), x).mean())
-            loss = rec_loss
-            if stage <= 2:
-                loss = loss + w["align"] * alignment_loss(z, ae.teacher_tokens(x))
-            if stage >= 2:
-                disc.requires_grad_(False)
-                g_gan = g_hinge_loss(logits(rec))
-                lam = adaptive_weight(rec_loss, g_gan, decoder.last_layer, w["adaptive_max"])
-                loss = loss + w["adv"] * lam * g_gan
-        loss.backward()
-        del loss, z
-        for p in (*stem.parameters(), *decoder.parameters()):
-            p.grad = None  # opt.zero_grad(set_to_none=True) before the D step
-        if stage >= 2:
-            disc.heads.requires_grad_(True)
-            fake = quantize(rec.detach()) if rae else rec.detach()
-            with amp():
-                out = logits(torch.cat([x, fake]))
-                d_loss = d_hinge_loss(out[:b], out[b:])
-            d_loss.backward()
-            disc.requires_grad_(False)
-        n.for_inference()
-
-    work = {}
-    for stage in (1, 2, 3, 4):
-        step = functools.partial(ae_step, stage=stage)
-        trainable = n.n_dec + (n.n_stem if stage <= 2 else 0) + (n.n_disc if stage >= 2 else 0)
-        work[f"ae_stage{stage}"] = RuleWork(
-            [Part("step", n.world, step, "bf16")],
-            weights=n.n_ae + n.n_lpips + (n.n_disc + n.n_disc_frozen if stage >= 2 else 0),
-            trainable=trainable, ema=n.n_stem + n.n_dec)
-    return work
-
-
-def _inference_work(n: _AENets) -> tuple[dict[str, RuleWork], Part]:
-    """encode_part, eval_recon, fid_reference and fid, fp32 (the code runs them without
-    autocast); and the decode part, which `sample` shares."""
-    ae, size, world = n.ae, n.size, n.world
-
-    def encode(b: int, amp: Callable[[], Any]) -> None:
-        with torch.no_grad():
-            ae.encode(torch.rand(b, 3, size, size))
-
-    def decode(b: int, amp: Callable[[], Any]) -> None:
-        with torch.no_grad():
-            ae.decode(torch.randn(b, n.tokens, n.channels))
-
-    def perceptual(b: int, amp: Callable[[], Any]) -> None:
-        with torch.no_grad():
-            n.lpips(torch.rand(b, 3, size, size), torch.rand(b, 3, size, size))
-
-    if n.cfg["eval"]["extractor"] == "inception":
-        with torch.device("meta"):
-            inception = world.module(_inception().eval())
-        n_ext, ext_own = n_params(inception), True
-
-        def extract(b: int, amp: Callable[[], Any]) -> None:
-            with torch.no_grad():  # torch-fidelity resizes every image to 299 px
-                inception(torch.rand(b, 3, 299, 299))
-    else:  # the teacher's pooled features (dinosae.evaluate.TeacherFeatures)
-        n_ext, ext_own = n.n_vit, False
-
-        def extract(b: int, amp: Callable[[], Any]) -> None:
-            with torch.no_grad():
-                n.vit.forward_head(n.vit.forward_features(torch.rand(b, 3, size, size)),
-                                   pre_logits=True)
-
-    n.for_inference()
-    flip = 2.0 if n.cfg["latents"].get("flip", False) else 1.0
-    enc = Part("encode", world, encode, "fp32", runs=flip)
-    dec = Part("decode", world, decode, "fp32")
-    ext = Part("extract", world, extract, "fp32")
-    work = {
-        "encode_part": RuleWork([enc], weights=n.n_ae),
-        "eval_recon": RuleWork(
-            [_runs(enc, 1.0), dec, Part("lpips", world, perceptual, "fp32"),
-             _runs(ext, 2.0)],  # features of the real and the reconstructed images
-            weights=n.n_ae + n.n_lpips + (n_ext if ext_own else 0)),
-        "fid_reference": RuleWork([ext], weights=n_ext),
-        "fid": RuleWork([ext], weights=n_ext),
-    }
-    return work, dec
-
-
-def _dit_work(n: _AENets, num_classes: int, dec: Part) -> tuple[dict[str, RuleWork], int]:
-    """train_dit (dinosae.train.dit.train_step) and sample (the sampler's forwards, then the
-    decode); and the DiT's parameter count."""
-    from dinosae import rfm, sphere
-    from dinosae.models.dit import build_dit, switches_of
-
-    dcfg, sc = n.cfg["dit"], n.cfg["sample"]
-    T, C = n.tokens, n.channels
-    r, alpha = math.sqrt(C), rfm.alpha_for(T, C)
-    path = dcfg["path"]
-    with torch.device("meta"):
-        dit = build_dit(dcfg["model"], T, C, num_classes, n.ae.grid, dcfg["head"],
-                        **switches_of(dcfg))
-    dit = n.world.module(dit)
-    n_dit = n_params(dit)
-
-    def dit_step(b: int, amp: Callable[[], Any]) -> None:
-        dit.train().requires_grad_(True)
-        for p in dit.parameters():
-            p.grad = None
-        z0 = sphere.project(torch.randn(b, T, C), r)
-        z1 = rfm.noise((b, T, C), r, path)
-        t = rfm.sample_time(b, alpha)
-        y = torch.randint(0, num_classes + 1, (b,))
-        with amp():
-            out = dit(rfm.interpolate(z0, z1, t, r, path), t, y)
-        loss, _ = rfm.flow_loss(out, z0, z1, t, r, path, dcfg["lambda_rad"])
-        loss.backward()
-        dit.eval().requires_grad_(False)
-
-    def dit_forward(b: int, amp: Callable[[], Any]) -> None:
-        with torch.no_grad(), amp():
-            dit(torch.randn(b, T, C), torch.rand(b), torch.randint(0, num_classes + 1, (b,)))
-
-    guided = _guided_fraction(sc["steps"], alpha, sc["cfg_scale"], sc["guidance_interval"])
-    work = {"train_dit": RuleWork([Part("step", n.world, dit_step, "bf16")],
-                                  weights=n_dit, trainable=n_dit, ema=n_dit)}
-    dit.eval().requires_grad_(False)
-    work["sample"] = RuleWork(
-        [Part("dit", n.world, dit_forward, "bf16", runs=sc["steps"] * (1.0 + guided),
-              batch_factor=2 if guided else 1), dec],
-        weights=n_dit + n.n_ae)
-    return work, n_dit
 
 
 # ---------------------------------------------------------------- data and disk
@@ -610,13 +123,6 @@ def image_bytes(cfg: dict, photos: int = 4) -> float:
     return sum(sizes) / len(sizes)
 
 
-def cache_bytes(count: int, tokens: int, channels: int, flip: bool) -> int:
-    """The latent cache (dinosae.latents), uncompressed: tokens float16 [N, T, C] and norms
-    float32 [N, T] (each twice with flips), labels int64 [N]."""
-    copies = 2 if flip else 1
-    return count * (copies * (tokens * channels * 2 + tokens * 4) + 8)
-
-
 def checkpoint_bytes(m: Measured) -> dict[str, float]:
     """Checkpoints in fp32. An AE stage's checkpoint.pt: stem + decoder, weights and EMA, and
     from stage 2 the discriminator (the frozen teacher is referenced, not stored); its last.pt
@@ -642,6 +148,7 @@ class Load:
     batch: int
     ddp: bool = False
     jobs: int = 1
+    micro: int | None = None  # configured micro-batch per GPU (training: accumulation)
 
 
 def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
@@ -652,18 +159,20 @@ def rule_loads(cfg: dict, data: Dataset) -> dict[str, Load]:
         return Load(n, math.ceil(n / b), b)
 
     loads = {f"ae_stage{k}": Load(s["steps"] * s["batch_size"], s["steps"], s["batch_size"],
-                                  ddp=True)
+                                  ddp=True, micro=tc.get("micro_batch"))
              for k, s in enumerate(tc["stages"], start=1)}
     loads["eval_recon"] = batches(min(ev["recon_samples"], data.val), ev["batch_size"])
     n = count[lc["split"]]
     loads["encode_part"] = Load(n, math.ceil(n / lc["batch_size"]), lc["batch_size"],
                                 jobs=int(lc["parts"]))
     loads["train_dit"] = Load(dc["steps"] * dc["batch_size"], dc["steps"], dc["batch_size"],
-                              ddp=True)
+                              ddp=True, micro=dc.get("micro_batch"))
     loads["sample"] = batches(sc["num_samples"], sc["batch_size"])
     loads["sample"].jobs = int(sc.get("parts", 1))  # sample.parts: one-GPU jobs (sample_part)
-    loads["fid_reference"] = batches(0 if ev.get("adm_reference") else count[ev["reference"]],
-                                     ev["batch_size"])
+    # ADM's reference batch: its 10k images (arr_0) through the extractor; else the whole
+    # split eval.reference names, streamed (the field's: ImageNet-train, 1.28M images)
+    loads["fid_reference"] = batches(ADM_REFERENCE_IMAGES if ev.get("adm_reference")
+                                     else count[ev["reference"]], ev["batch_size"])
     loads["fid"] = batches(sc["num_samples"], ev["batch_size"])
     return loads
 
@@ -681,9 +190,11 @@ class RulePlan:
     images: int
     steps: int
     batch: int  # per GPU
+    micro: int  # per GPU and forward/backward: the memory column's batch
+    accum: int  # micro-batches per step (gradient accumulation; 1: none)
     flops_per_image: float
     flops_per_step: float  # per GPU
-    act_bytes: float  # activations per image, at the per-GPU batch
+    act_bytes: float  # activations per image, at the micro-batch
     state_bytes: float  # weights, AdamW, EMA, DDP buckets
     peak_bytes: float
     fits: bool
@@ -697,6 +208,7 @@ def rule_plan(rule: str, work: RuleWork, load: Load, gpus: int, gpu: dict, mfu: 
     """One rule's row with `gpus` GPUs (a DDP job uses them all, other jobs one each)."""
     per_job = gpus if load.ddp else 1
     per_gpu = max(1, math.ceil(load.batch / per_job))
+    micro = min(per_gpu, load.micro or per_gpu)  # one micro-batch's step holds the memory
     flops = sum(work.flops().values())
     gpu_h = load.images * seconds_per_image(work, gpu, mfu) / 3600
     job_h = gpu_h / per_job / load.jobs
@@ -704,9 +216,10 @@ def rule_plan(rule: str, work: RuleWork, load: Load, gpus: int, gpu: dict, mfu: 
     state = 4 * work.weights + 8 * work.trainable + 4 * work.ema
     if per_job > 1:
         state += 4 * work.trainable  # DDP's gradient buckets
-    act = work.act_per_image(per_gpu) if memory else math.nan
-    peak = state + work.peak_live(per_gpu) if memory else math.nan
-    return RulePlan(rule, per_job, load.jobs, load.images, load.steps, per_gpu, flops,
+    act = work.act_per_image(micro) if memory else math.nan
+    peak = state + work.peak_live(micro) if memory else math.nan
+    return RulePlan(rule, per_job, load.jobs, load.images, load.steps, per_gpu, micro,
+                    math.ceil(per_gpu / micro), flops,
                     flops * per_gpu, act, state, peak,
                     not peak > FIT_FRACTION * gpu["memory_gb"] * 1e9, gpu_h, job_h, wall_h)
 
@@ -737,13 +250,17 @@ def _check_args(gpu: str, gpus: int, mfu: float) -> dict:
 
 def job_hours(cfg: dict, gpu: str, gpus: dict[str, int], mfu: float = DEFAULT_MFU
               ) -> dict[str, float]:
-    """Each rule's wall hours per job when a job of rule r gets gpus[r] GPUs (FLOPs only)."""
+    """Each rule's wall hours per job when a job of rule r gets gpus[r] GPUs (FLOPs only),
+    keyed by the Snakemake rule whose jobs they are (`sample_part` when sample.parts > 1)."""
     spec = _check_args(gpu, max(gpus.values()), mfu)
     data = dataset_counts(cfg)
     m = measure_work(cfg, data.classes)
-    return {rule: rule_plan(rule, m.rules[rule], load, gpus.get(rule, 1), spec, mfu,
-                            memory=False).job_hours
-            for rule, load in rule_loads(cfg, data).items()}
+    out = {}
+    for rule, load in rule_loads(cfg, data).items():
+        job = "sample_part" if rule == "sample" and load.jobs > 1 else rule
+        out[job] = rule_plan(rule, m.rules[rule], load, gpus.get(job, 1), spec, mfu,
+                             memory=False).job_hours
+    return out
 
 
 def proxy_note(cfg: dict, m: Measured, spec: dict, mfu: float) -> str:
@@ -839,13 +356,13 @@ def format_plan(plan: Plan) -> str:
         "",
     ]
     cols = ["rule", "GPUs", "jobs", "images", "steps", "FLOP/img", "FLOP/step", "act/img",
-            "batch/GPU", "state", "peak mem", "GPU-h", "wall"]
+            "batch/GPU", "micro x acc", "state", "peak mem", "GPU-h", "wall"]
     rows = [[r.rule, str(r.gpus), str(r.jobs), _si(r.images), _si(r.steps),
              _si(r.flops_per_image), _si(r.flops_per_step), _si(r.act_bytes, "B"),
-             str(r.batch), _si(r.state_bytes, "B"),
+             str(r.batch), f"{r.micro} x {r.accum}", _si(r.state_bytes, "B"),
              _si(r.peak_bytes, "B") + ("" if r.fits else " !"),
              _num(r.gpu_hours), _hours(r.wall_hours)] for r in plan.rules]
-    total = ["total", *[""] * 10, _num(sum(r.gpu_hours for r in plan.rules)),
+    total = ["total", *[""] * 11, _num(sum(r.gpu_hours for r in plan.rules)),
              _hours(sum(r.wall_hours for r in plan.rules))]
     widths = [max(len(c), *(len(row[i]) for row in [*rows, total])) for i, c in enumerate(cols)]
 
@@ -858,13 +375,15 @@ def format_plan(plan: Plan) -> str:
     misfits = [r.rule for r in plan.rules if not r.fits]
     if misfits:
         foot.append(f"! peak memory above {FIT_FRACTION:.0%} of {g['memory_gb']:g} GB: "
-                    f"{', '.join(misfits)}: more GPUs, a smaller batch or activation "
-                    "checkpointing")
+                    f"{', '.join(misfits)}: a micro-batch (plan --gpu chooses one), more GPUs "
+                    "or activation checkpointing")
     foot += [
         "disk: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in plan.disk.items()),
         "FLOP/img: torch.utils.flop_counter on the configured networks (training: forward + "
         "backward + recomputation); FLOP/step: per GPU; act/img: activation memory per image; "
-        "state: weights, AdamW, EMA, DDP buckets; peak mem: per GPU at batch/GPU; GPU-h at the "
+        "micro x acc: the micro-batch per GPU (ae_train/dit.micro_batch) and the micro-batches per "
+        "step (gradient accumulation); state: weights, AdamW, EMA, DDP buckets; peak mem: per "
+        "GPU, one micro-batch's step; GPU-h at the "
         "MFU; wall: "
         "training rules data-parallel over the GPUs, encode parts side by side, the rest on "
         "one GPU each, one rule after another",
@@ -882,7 +401,8 @@ def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
                           "whole config file (--configfile)")
     p = make_plan(cfg, gpu, gpus, DEFAULT_MFU if mfu is None else mfu, train_images, val_images)
     print(format_plan(p))
-    print(_micro_batches(cfg, p))
+    print(format_fits(micro_batch_fits(cfg, p), p.gpu["name"],
+                      FIT_FRACTION * p.gpu["memory_gb"]))
     if max_runtime:  # jobs per wall-time chain (dinosae.chains)
         from dinosae.chains import format_chains
 
@@ -890,18 +410,18 @@ def plan(cfg: dict, gpu: str = "h100", gpus: int = 8, mfu: float | None = None,
     return p
 
 
-def _micro_batches(cfg: dict, p: Plan) -> str:
-    """Each training rule's largest micro-batch on the plan's GPU (dinosae.microbatch)."""
-    from dinosae.microbatch import TRAINING_RULES, format_fits, largest_fitting
-
+def micro_batch_fits(cfg: dict, p: Plan) -> list[Fit]:
+    """Each rule's largest batch per GPU per forward/backward that fits the plan's GPU
+    (dinosae.microbatch): the training rules' micro-batch, the others' batch."""
     m = measure_work(cfg, p.data.classes)  # measured once (cached)
     budget = FIT_FRACTION * p.gpu["memory_gb"] * 1e9
     fits = []
     for row in p.rules:
-        if row.rule in TRAINING_RULES:
-            work = m.rules[row.rule]
-            micro = largest_fitting(lambda b, w=work, r=row: r.state_bytes + w.peak_live(b),
-                                    row.batch, budget)
-            peak = row.state_bytes + work.peak_live(micro) if micro else math.nan
-            fits.append((row.rule, row.batch, micro, peak))
-    return format_fits(fits, p.gpu["name"])
+        if row.rule not in CONFIG_KEY or not row.images:
+            continue
+        work = m.rules[row.rule]
+        micro = largest_fitting(lambda b, w=work, r=row: r.state_bytes + w.peak_live(b),
+                                row.batch, budget)
+        peak = row.state_bytes + work.peak_live(micro) if micro else math.nan
+        fits.append(Fit(row.rule, row.batch, micro, peak, row.micro))
+    return fits

@@ -3,6 +3,7 @@ count on real tensors, the plan's arithmetic on the tiny config, and the paper p
 (workflow/profiles/imagenet256) against the paper-size plan."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAPER = ROOT / "workflow/configs/imagenet256.yaml"
 PAPER_PROFILE = ROOT / "workflow/profiles/imagenet256/config.yaml"
+A100_80_PROFILE = ROOT / "workflow/profiles/imagenet256_a100-80/config.yaml"
 GPUS = yaml.safe_load((ROOT / "dinosae/gpus.yaml").read_text())
 RUNTIME_MARGIN = 1.2  # the profile's runtime over the plan's wall time
 
@@ -193,6 +195,49 @@ def test_cache_size_follows_dtype_and_flip(tiny, monkeypatch):
     assert p.disk["latent cache"] == p.data.train * (2 * (T * C + T * 2 + T * 4) + 8)
 
 
+def test_memory_column_follows_the_micro_batch(tiny):
+    cfg, m = tiny
+    spec, work = GPUS["h200"], m.rules["train_dit"]
+    big = {**cfg, "dit": {**cfg["dit"], "batch_size": 64, "micro_batch": 8},
+           "ae_train": {**cfg["ae_train"], "micro_batch": 1}}
+    data = P.dataset_counts(cfg)
+    loads = P.rule_loads(big, data)
+    assert (loads["train_dit"].micro, loads["ae_stage3"].micro) == (8, 1)
+    dit = P.rule_plan("train_dit", work, loads["train_dit"], 1, spec, 0.05)
+    ae = P.rule_plan("ae_stage2", m.rules["ae_stage2"], loads["ae_stage2"], 1, spec, 0.05)
+    assert (dit.batch, dit.micro, dit.accum) == (64, 8, 8)
+    assert (ae.batch, ae.micro, ae.accum) == (4, 1, 4)
+    # one micro-batch's step holds the memory: the peak of a plain step of batch 8, not 64
+    plain = P.rule_loads({**cfg, "dit": {**cfg["dit"], "batch_size": 8, "micro_batch": None}},
+                         data)["train_dit"]
+    eight = P.rule_plan("train_dit", work, plain, 1, spec, 0.05)
+    assert (eight.batch, eight.accum) == (8, 1)
+    assert dit.peak_bytes == eight.peak_bytes and dit.act_bytes == eight.act_bytes
+    assert dit.peak_bytes < dit.state_bytes + work.peak_live(64)
+    assert dit.flops_per_step == 64 * dit.flops_per_image  # the step still does 64 images
+    p = P.make_plan(cfg, "h200", gpus=1)  # measured already: its table with these rows
+    text = P.format_plan(dataclasses.replace(p, rules=[ae, dit]))
+    line = next(x for x in text.splitlines() if x.startswith("train_dit "))
+    assert " 64 " in line and " 8 x 8 " in line and "micro x acc" in text
+    assert P._si(dit.peak_bytes, "B") in line
+
+
+def test_fid_reference_price_scales_with_the_reference_split(tiny):
+    cfg, m = tiny
+    cfg = {**cfg, "eval": {**cfg["eval"], "reference": "train"}}
+    spec, work = GPUS["h100"], m.rules["fid_reference"]
+    per_image = sum(f / (spec[k] * 1e12 * 0.05) for k, f in work.flops().items())
+    for n in (1_281_167, 2 * 1_281_167):  # the whole train split is streamed
+        load = P.rule_loads(cfg, P.Dataset(n, 50_000, 1000, "test"))["fid_reference"]
+        row = P.rule_plan("fid_reference", work, load, 8, spec, 0.05, memory=False)
+        assert row.images == n
+        assert row.gpu_hours == pytest.approx(n * per_image / 3600, rel=1e-9)
+    # ADM's reference batch instead: its 10k images (arr_0), whatever the split's size
+    adm = {**cfg, "eval": {**cfg["eval"], "adm_reference": "VIRTUAL_imagenet256_labeled.npz"}}
+    assert P.rule_loads(adm, P.Dataset(10**6, 50_000, 1000, "test"))["fid_reference"].images \
+        == 10_000
+
+
 def test_cli_prints_the_table(tmp_path, capsys, tiny):
     cfg, _ = tiny
     path = tmp_path / "tiny.yaml"
@@ -254,8 +299,8 @@ def test_paper_dit_epoch_time_lands_within_2x_of_the_papers_figure(paper):
     assert 10 < minutes < 40, minutes
 
 
-def profile_resources() -> dict[str, dict]:
-    prof = yaml.safe_load(PAPER_PROFILE.read_text())
+def profile_resources(path=PAPER_PROFILE) -> dict[str, dict]:
+    prof = yaml.safe_load(path.read_text())
     return {rule: {**prof["default-resources"], **res}
             for rule, res in prof["set-resources"].items()}
 
@@ -281,6 +326,33 @@ def test_paper_profile_fits_every_rule_in_gpu_and_host_memory(paper):
         # every rank can stage its GPU state (weights, AdamW, EMA) in host memory
         assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
     assert not math.isnan(sum(r.peak_bytes for r in p.rules))
+
+
+def test_a100_80_profile_runtimes_cover_the_plan_and_its_micro_batches_fit(paper):
+    cfg, _ = paper
+    res = profile_resources(A100_80_PROFILE)
+    gpus = {rule: int(r.get("gpu", 0)) for rule, r in res.items()}
+    for rule, h in P.job_hours(cfg, "a100-80", gpus).items():
+        assert gpus[rule] >= 1 and res[rule]["runtime"] >= RUNTIME_MARGIN * h * 60, (rule, h)
+    p = P.make_plan(cfg, "a100-80", gpus=8)  # the per-GPU batches traced by the paper plan
+    m = P.measure_work(cfg, 1000)
+    budget = P.FIT_FRACTION * GPUS["a100-80"]["memory_gb"] * 1e9
+    for r in p.rules:
+        micro = res[r.rule].get("micro_batch", r.batch)
+        assert r.gpus == res[r.rule]["gpu"] and 1 <= micro <= r.batch, r.rule
+        assert r.state_bytes + m.rules[r.rule].peak_live(micro) <= budget, r.rule
+        assert res[r.rule]["mem_mb"] * 1e6 >= r.gpus * r.state_bytes, r.rule
+
+
+def test_a100_80_profile_micro_batches_are_what_plan_gpu_chooses(paper):
+    # cheap after the paper fixture: the search traces the DiT at 2 sizes and sample at 1
+    cfg, _ = paper
+    res = profile_resources(A100_80_PROFILE)
+    fits = P.micro_batch_fits(cfg, P.make_plan(cfg, "a100-80", gpus=8))
+    assert {f.rule for f in fits} <= set(res)
+    for f in fits:
+        assert res[f.rule].get("micro_batch", f.batch) == f.micro, f.rule
+    assert any(f.micro < f.batch for f in fits)  # the DiT needs accumulation on 80 GB
 
 
 def test_gfid_proxy_cost_is_sample_and_fid_work_on_its_samples():

@@ -24,8 +24,9 @@ for k in (1, 2, 3, 4):
                 f"--init {shlex.quote(str(input.init))}" if input.init else ""
             ),
             out=run_folder,
+            micro=micro_batch("ae_train.micro_batch"),
         shell:
-            "{params.launch} ae-train --cfg {params.cfg} --stage {params.stage:q} --shards {params.shards:q}"
+            "{params.launch} ae-train --cfg {params.cfg} {params.micro} --stage {params.stage:q} --shards {params.shards:q}"
             " {params.init} --out {params.out:q} > {log:q} 2>&1"
 
 
@@ -42,8 +43,9 @@ rule eval_recon:
     params:
         cfg=cfg("seed", "device", "autoencoder", "eval"),
         shards=shard_folder,
+        micro=micro_batch("eval.batch_size"),
     shell:
-        "dinosae eval-recon --cfg {params.cfg} --checkpoint {input.ae:q} --shards {params.shards:q}"
+        "dinosae eval-recon --cfg {params.cfg} {params.micro} --checkpoint {input.ae:q} --shards {params.shards:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 

@@ -108,6 +108,20 @@ def shard_folder(wildcards, input):
     return os.path.dirname(str(input.shards))
 
 
+def micro_batch(key):
+    """`--set KEY=N` when the workflow profile gives the rule a `micro_batch` resource (the
+    largest that fits its GPU: `dinosae plan --gpu`), else nothing. KEY is the rule's batch per
+    GPU and forward/backward (dinosae.microbatch.CONFIG_KEY): a training rule's micro-batch
+    (gradient accumulation makes up its batch), another rule's batch. A param that reads
+    resources is not a rerun trigger: a finished rule does not rerun for it."""
+
+    def flag(wildcards, resources):
+        n = resources.get("micro_batch")
+        return f"--set {key}={int(n)}" if n else ""
+
+    return flag
+
+
 def reference_shards(wildcards, input):
     """--shards for fid-reference: the split's shard folder (none with ADM's reference)."""
     if not input.shards:

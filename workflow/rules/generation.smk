@@ -25,8 +25,9 @@ rule train_dit:
         reference=lambda w, input: (
             f"--reference {shlex.quote(str(input.reference))}" if GFID_PROXY else ""
         ),
+        micro=micro_batch("dit.micro_batch"),
     shell:
-        "{params.launch} train-dit --cfg {params.cfg} --cache {params.cache:q} --ae {input.ae:q}"
+        "{params.launch} train-dit --cfg {params.cfg} {params.micro} --cache {params.cache:q} --ae {input.ae:q}"
         " {params.reference} --out {params.out:q} > {log:q} 2>&1"
 
 
@@ -50,8 +51,9 @@ rule sample:
     params:
         cfg=cfg("seed", "device", "sample"),
         cache="" if PRETRAINED_DIT else f"--cache {shlex.quote(CACHE)}",
+        micro=micro_batch("sample.batch_size"),
     shell:
-        "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
+        "dinosae sample --cfg {params.cfg} {params.micro} --dit {input.dit:q} --ae {input.ae:q}"
         " {params.cache} --out {output:q} > {log:q} 2>&1"
 
 
@@ -74,8 +76,9 @@ if SAMPLE_PARTS > 1:
             cfg=rules.sample.params.cfg,
             cache=rules.sample.params.cache,
             parts=SAMPLE_PARTS,
+            micro=rules.sample.params.micro,
         shell:
-            "dinosae sample --cfg {params.cfg} --dit {input.dit:q} --ae {input.ae:q}"
+            "dinosae sample --cfg {params.cfg} {params.micro} --dit {input.dit:q} --ae {input.ae:q}"
             " {params.cache} --part {wildcards.i}/{params.parts} --out {output:q} > {log:q} 2>&1"
 
     rule sample_gather:
