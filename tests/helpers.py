@@ -140,6 +140,54 @@ def save_dit_checkpoint(path: Path, cfg: dict, dit, grid: list[int], num_classes
         "ae": str(ae_path), "cache": "cache.zarr"})
 
 
+def write_generator(folder: Path, cfg: dict, num_classes: int, mean_norm: float,
+                    perturb: tuple[int, float] | None = None) -> tuple[Path, Path, list[int], int]:
+    """A tiny autoencoder (a stage-4 checkpoint, model = EMA, built from `cfg` after
+    `torch.manual_seed(0)`) and a DiT for its tokens (`save_dit_checkpoint`), for tests that
+    sample without training. `perturb` = (seed, scale) adds scale * N(0, 1) to every DiT weight
+    (a fresh DiT's adaLN-zero output is exactly zero: labels, guidance and intervals would never
+    reach the samples). Returns (dit path, ae path, grid, channels)."""
+    import torch
+
+    from dinosae.checkpoint import save_checkpoint
+    from dinosae.models.autoencoder import ae_config, build_autoencoder
+    from dinosae.models.dit import build_dit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg)
+    sd = ae.state_dict()
+    ae_path = folder / "ae.pt"
+    save_checkpoint(ae_path, {"kind": "dinosae-ae", "stage": 4, "step": 0,
+                              "config": ae_config(cfg), "model": sd, "ema": sd})
+    grid, C = list(ae.grid), ae.channels
+    dit = build_dit(cfg["dit"]["model"], grid[0] * grid[1], C, num_classes, grid,
+                    cfg["dit"]["head"])
+    if perturb is not None:
+        g = torch.Generator().manual_seed(perturb[0])
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.add_(perturb[1] * torch.randn(p.shape, generator=g))
+    dit_path = folder / "dit.pt"
+    save_dit_checkpoint(dit_path, cfg, dit, grid, num_classes, mean_norm, ae_path, step=0)
+    return dit_path, ae_path, grid, C
+
+
+def stub_latent_cache(monkeypatch, num_classes: int, mean_norm: float, grid: list[int],
+                      channels: int) -> None:
+    """The sampler reads only a cache's attributes (num_classes, classes, mean_norm) through
+    dinosae.latents.open_cache: a stand-in module with that interface (the real cache is
+    exercised by the pipeline's integration tests)."""
+    import sys
+    import types
+
+    attrs = {"num_classes": num_classes, "classes": [f"n{i:08d}" for i in range(num_classes)],
+             "mean_norm": mean_norm, "grid": grid, "channels": channels, "complete": True}
+    latents = types.ModuleType("dinosae.latents")
+    latents.open_cache = lambda path, **expect: types.SimpleNamespace(attrs=attrs)
+    monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
+
+
 def write_shards(folder: Path, images, labels, counts, classes=None, split: str = "train") -> None:
     """A shard folder in the data contract's format, written by hand with plain tarfile (PNG
     members, lossless): tar k holds the next counts[k] images; manifest.json last."""

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, run_snakemake, skip_or_fail, tiny_config, workflow_copy
-from test_slurm import our_jobs, slurm_node_state
+from helpers import ROOT, run_snakemake, tiny_config, workflow_copy
+from test_slurm import our_jobs, require_slurm
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
@@ -68,11 +68,7 @@ def tensors(ck: dict, prefix: str = "") -> dict:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_a_rule_longer_than_the_limit_runs_as_a_chain_of_slurm_jobs(tmp_path: Path):
-    state = slurm_node_state()
-    if state is None:
-        skip_or_fail("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
-    if not state.startswith(("idle", "mix", "alloc")):
-        skip_or_fail(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
+    require_slurm()
     import torch
 
     from dinosae.checkpoint import load_checkpoint

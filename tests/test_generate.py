@@ -4,22 +4,19 @@ as an uninterrupted run, optional ADM npz export."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import save_dit_checkpoint, tiny_config
+from helpers import stub_latent_cache, tiny_config, write_generator
 from PIL import Image
 
 from dinosae import generate, rfm, sphere
-from dinosae.checkpoint import save_checkpoint
 from dinosae.errors import ConfigError
-from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
-from dinosae.models.dit import build_dit, load_dit
+from dinosae.models.autoencoder import DinoSAE
+from dinosae.models.dit import load_dit
 
 NUM_CLASSES = 3
 MEAN_NORM = 7.5
@@ -30,26 +27,9 @@ def setup(tmp_path, monkeypatch):
     """Tiny AE and DiT checkpoints written per the contracts, and a latent cache."""
     cfg = tiny_config(tmp_path)
     cfg["sample"].update(num_samples=12, batch_size=5, steps=3, cfg_scale=1.5, s_vae=None)
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg)
-    sd = ae.state_dict()
-    ae_path = tmp_path / "ae.pt"
-    save_checkpoint(ae_path, {"kind": "dinosae-ae", "stage": 4, "step": 0,
-                              "config": ae_config(cfg), "model": sd, "ema": sd})
-    grid, C = list(ae.grid), ae.channels
-    T = grid[0] * grid[1]
-    dit = build_dit(cfg["dit"]["model"], T, C, NUM_CLASSES, grid, cfg["dit"]["head"])
-    dit_path = tmp_path / "dit.pt"
-    save_dit_checkpoint(dit_path, cfg, dit, grid, NUM_CLASSES, MEAN_NORM, ae_path, step=0)
-    # The sampler reads only the cache's attributes (num_classes, classes, mean_norm) through
-    # dinosae.latents.open_cache: a stand-in with that interface (the real cache is exercised by
-    # the pipeline's integration test).
+    dit_path, ae_path, grid, C = write_generator(tmp_path, cfg, NUM_CLASSES, MEAN_NORM)
+    stub_latent_cache(monkeypatch, NUM_CLASSES, MEAN_NORM, grid, C)
     cache_path = tmp_path / "cache.zarr"
-    attrs = {"num_classes": NUM_CLASSES, "classes": [f"n{i:08d}" for i in range(NUM_CLASSES)],
-             "mean_norm": MEAN_NORM, "grid": grid, "channels": C, "complete": True}
-    latents = types.ModuleType("dinosae.latents")
-    latents.open_cache = lambda path, **expect: types.SimpleNamespace(attrs=attrs)
-    monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
     return cfg, str(dit_path), str(ae_path), str(cache_path)
 
 

@@ -14,22 +14,20 @@ under test:
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import h5py
 import numpy as np
 import pytest
 import torch
 from evalhelpers import images, make_teacher, write_shards
-from helpers import save_dit_checkpoint, tiny_config
+from helpers import stub_latent_cache, tiny_config, write_generator
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dinosae import evaluate, generate, rfm
 from dinosae.checkpoint import save_checkpoint
 from dinosae.files import read_kv
 from dinosae.models.autoencoder import DinoSAE, ae_config, build_autoencoder
-from dinosae.models.dit import build_dit, load_dit
+from dinosae.models.dit import load_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -159,26 +157,9 @@ def busy_generator(tmp_path, monkeypatch):
     the contracts; the cache stand-in gives classes and mean norm (as in test_generate)."""
     cfg = tiny_config(tmp_path)
     cfg["device"] = "cpu"
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg)
-    sd = ae.state_dict()
-    ae_path = tmp_path / "ae.pt"
-    save_checkpoint(ae_path, {"kind": "dinosae-ae", "stage": 4, "step": 0,
-                              "config": ae_config(cfg), "model": sd, "ema": sd})
-    grid, C = list(ae.grid), ae.channels
-    T = grid[0] * grid[1]
-    dit = build_dit(cfg["dit"]["model"], T, C, NUM_CLASSES, grid, cfg["dit"]["head"])
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    dit_path = tmp_path / "dit.pt"
-    save_dit_checkpoint(dit_path, cfg, dit, grid, NUM_CLASSES, MEAN_NORM, ae_path, step=0)
-    attrs = {"num_classes": NUM_CLASSES, "classes": [f"n{i:08d}" for i in range(NUM_CLASSES)],
-             "mean_norm": MEAN_NORM, "grid": grid, "channels": C, "complete": True}
-    latents = types.ModuleType("dinosae.latents")
-    latents.open_cache = lambda path, **_: types.SimpleNamespace(attrs=attrs)
-    monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
+    dit_path, ae_path, grid, C = write_generator(tmp_path, cfg, NUM_CLASSES, MEAN_NORM,
+                                                 perturb=(5, 0.2))
+    stub_latent_cache(monkeypatch, NUM_CLASSES, MEAN_NORM, grid, C)
     return cfg, str(dit_path), str(ae_path), str(tmp_path / "cache.zarr")
 
 

@@ -18,14 +18,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import save_dit_checkpoint, skip_or_fail, tiny_config, workflow_copy
+from helpers import tiny_config, workflow_copy, write_generator
 
 from dinosae import generate, rfm
-from dinosae.checkpoint import save_checkpoint
 from dinosae.cli import main
 from dinosae.errors import ConfigError
-from dinosae.models.autoencoder import ae_config, build_autoencoder
-from dinosae.models.dit import build_dit, load_dit
+from dinosae.models.dit import load_dit
 
 NUM_CLASSES = 3
 S_VAE = 7.5
@@ -34,22 +32,8 @@ S_VAE = 7.5
 def make_checkpoints(folder: Path, cfg: dict, dit_seed: int = 1) -> tuple[str, str]:
     """A tiny AE (stage 4) and a DiT whose weights are all non-zero (random, not the zero
     adaLN init), so that every sample depends on its label as well as its noise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg)
-    sd = ae.state_dict()
-    ae_path = folder / "ae.pt"
-    save_checkpoint(ae_path, {"kind": "dinosae-ae", "stage": 4, "step": 0,
-                              "config": ae_config(cfg), "model": sd, "ema": sd})
-    grid, C = list(ae.grid), ae.channels
-    dit = build_dit(cfg["dit"]["model"], grid[0] * grid[1], C, NUM_CLASSES, grid,
-                    cfg["dit"]["head"])
-    g = torch.Generator().manual_seed(dit_seed)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    dit_path = folder / "dit.pt"
-    save_dit_checkpoint(dit_path, cfg, dit, grid, NUM_CLASSES, S_VAE, ae_path, step=0)
+    dit_path, ae_path, _, _ = write_generator(folder, cfg, NUM_CLASSES, S_VAE,
+                                              perturb=(dit_seed, 0.05))
     return str(dit_path), str(ae_path)
 
 
@@ -301,13 +285,9 @@ def test_plan_prices_a_sample_part():
 def test_two_parts_through_slurm_equal_one_job(tmp_path: Path, monkeypatch):
     """sample_part x 2 and sample_gather submitted to the local Slurm (the DiT and AE are made
     here, upstream rules are not allowed to run) give the samples.h5 of one job."""
-    from test_slurm import PROFILE, SNAKEMAKE, our_jobs, slurm_node_state
+    from test_slurm import PROFILE, SNAKEMAKE, our_jobs, require_slurm
 
-    state = slurm_node_state()
-    if state is None:
-        skip_or_fail("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
-    if not state.startswith(("idle", "mix", "alloc")):
-        skip_or_fail(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
+    require_slurm()
     cfg = sample_config(tmp_path, n=6, batch=2)
     cfg["sample"].update(parts=2, export_npz=False)
     cfg["device"] = "auto"

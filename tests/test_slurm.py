@@ -122,6 +122,15 @@ def slurm_node_state() -> str | None:
     return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else None
 
 
+def require_slurm() -> None:
+    """Skip (fail under CI=true) unless a Slurm controller answers and its node takes jobs."""
+    state = slurm_node_state()
+    if state is None:
+        skip_or_fail("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
+    if not state.startswith(("idle", "mix", "alloc")):
+        skip_or_fail(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
+
+
 def our_jobs(work: Path) -> list[str]:
     """slurmctld's one-line records of the jobs submitted from `work`."""
     q = subprocess.run(["scontrol", "--oneliner", "show", "job"], capture_output=True,
@@ -133,11 +142,7 @@ def our_jobs(work: Path) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_pipeline_through_real_slurm(tmp_path: Path):
-    state = slurm_node_state()
-    if state is None:
-        skip_or_fail("no Slurm answers (`sinfo`); start one with scripts/slurm-local.sh start")
-    if not state.startswith(("idle", "mix", "alloc")):
-        skip_or_fail(f"the Slurm node is {state!r}, not idle; see /var/log/slurm/")
+    require_slurm()
     work = workdir(tmp_path)
     target = "results/latents/train.report.json"  # data, ae_stage1..4, encode_init/part/encode
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
