@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["AE stage-1 step", "AE stage-2 step", "encode_unit fp32", "encode_unit bf16",
         "DiT-tiny train step", "sampling"]
 
 
+@pytest.mark.integration  # 75 s on 2 cores: every row of the GPU table at tiny size
 def test_gpu_check_cpu_smoke() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, str(ROOT / "bench/gpu_check.py"), "--cpu-smoke"],
