@@ -188,6 +188,23 @@ def stub_latent_cache(monkeypatch, num_classes: int, mean_norm: float, grid: lis
     monkeypatch.setitem(sys.modules, "dinosae.latents", latents)
 
 
+def kill_sampler_at(monkeypatch, n: int) -> list[int]:
+    """rfm.sample raises RuntimeError("killed") on its n-th call (a job killed mid-sampling);
+    returns the list of batch sizes it was called with."""
+    from dinosae import rfm
+
+    calls, real = [], rfm.sample
+
+    def dying(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == n:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rfm, "sample", dying)
+    return calls
+
+
 def write_shards(folder: Path, images, labels, counts, classes=None, split: str = "train") -> None:
     """A shard folder in the data contract's format, written by hand with plain tarfile (PNG
     members, lossless): tar k holds the next counts[k] images; manifest.json last."""

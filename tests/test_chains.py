@@ -63,13 +63,18 @@ def test_lead_and_jobs_per_chain():
     assert "train_dit" in text and " 2 job(s) of 2880 min" in text and "sample" not in text
 
 
-def test_a_chain_of_sigterm_stopped_jobs_ends_as_an_uninterrupted_run(tmp_path):
+def dit_run_and_reference(tmp_path, steps: int, log_every: int) -> tuple[dict, dict]:
+    """A tiny DiT run's config and the checkpoint of its uninterrupted run (in tmp_path/ref)."""
     cfg = tiny_config(tmp_path)
     cfg["device"] = "cpu"
-    cfg["dit"].update(steps=7, batch_size=8, ckpt_every=100, log_every=2, image_every=100,
-                      warmup_steps=2)
+    cfg["dit"].update(steps=steps, batch_size=8, ckpt_every=100, log_every=log_every,
+                      image_every=100, warmup_steps=2)
     cfg = {k: cfg[k] for k in ("seed", "device", "dit", "sample")}
-    ref = load_checkpoint(TD.train_dit(cfg, FakeCache(), None, tmp_path / "ref"))
+    return cfg, load_checkpoint(TD.train_dit(cfg, FakeCache(), None, tmp_path / "ref"))
+
+
+def test_a_chain_of_sigterm_stopped_jobs_ends_as_an_uninterrupted_run(tmp_path):
+    cfg, ref = dit_run_and_reference(tmp_path, steps=7, log_every=2)
 
     def term_at(n):
         def hook(served):
@@ -166,12 +171,7 @@ def test_a_chain_stopped_by_the_job_end_ends_as_an_uninterrupted_run(tmp_path, m
     """A job whose end is already nearer than the lead does one step, writes last.pt and exits
     "continue": the guard that every job makes progress. Four such jobs and a last one end with
     the uninterrupted run's checkpoint."""
-    cfg = tiny_config(tmp_path)
-    cfg["device"] = "cpu"
-    cfg["dit"].update(steps=5, batch_size=8, ckpt_every=100, log_every=1, image_every=100,
-                      warmup_steps=2)
-    cfg = {k: cfg[k] for k in ("seed", "device", "dit", "sample")}
-    ref = load_checkpoint(TD.train_dit(cfg, FakeCache(), None, tmp_path / "ref"))
+    cfg, ref = dit_run_and_reference(tmp_path, steps=5, log_every=1)
     import time
 
     out, steps = tmp_path / "chain", []

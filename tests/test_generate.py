@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import stub_latent_cache, tiny_config, write_generator
+from helpers import kill_sampler_at, stub_latent_cache, tiny_config, write_generator
 from PIL import Image
 
 from dinosae import generate, rfm, sphere
@@ -82,16 +82,8 @@ def test_killed_job_resumes_to_identical_output(setup, tmp_path, monkeypatch):
     cfg, dit, ae, cache = setup
     run(cfg, dit, ae, cache, tmp_path / "full.h5")
 
-    calls = []
     real_sample = rfm.sample
-
-    def dying_sample(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(rfm, "sample", dying_sample)
+    calls = kill_sampler_at(monkeypatch, 3)
     out = tmp_path / "resumed.h5"
     with pytest.raises(RuntimeError, match="killed"):
         run(cfg, dit, ae, cache, out)

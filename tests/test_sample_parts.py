@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, workflow_copy, write_generator
+from helpers import kill_sampler_at, tiny_config, workflow_copy, write_generator
 
 from dinosae import generate, rfm
 from dinosae.cli import main
@@ -206,16 +206,8 @@ def test_killed_part_resumes_and_leaves_the_others(run, tmp_path, monkeypatch):
     shutil.copytree(parts[0].parent, work)
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in work.iterdir()}
     (work / "1.h5").unlink()
-    calls = []
     real = rfm.sample
-
-    def dying(*a, **k):
-        calls.append(len(a[1]))
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(rfm, "sample", dying)
+    calls = kill_sampler_at(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         generate.sample_to_h5(cfg, dit, ae, None, str(work / "1.h5"), part=(1, 3))
     calls.clear()
