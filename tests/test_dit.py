@@ -492,3 +492,44 @@ def test_sample_grid_decoded_at_s_vae(tmp_path, monkeypatch):
     assert (tmp_path / "g" / "samples_000004.png").is_file()
     # s_vae null -> the cache's mean_norm (3.0)
     torch.testing.assert_close(seen[0], torch.full_like(seen[0], 3.0))
+
+
+def test_a_dit_rebuilt_from_a_checkpoint_skips_the_init_and_computes_as_the_original():
+    """dit_from_checkpoint builds the network on the meta device and takes the file's tensors
+    (no random initialisation thrown away): every tensor is real afterwards, the RoPE table
+    derived at build time included, and the outputs are the saved network's."""
+    config = {"dit": {"model": "S", "head": {"depth": 1, "width": 64}}, "tokens": 16,
+              "channels": 8, "num_classes": 4, "grid": [4, 4]}
+    torch.manual_seed(0)
+    dit = D.dit_from_config(config)
+    with torch.no_grad():  # away from the init (adaLN-zero would make the output 0)
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ck = {"config": config, "ema": {k: v.clone() for k, v in dit.state_dict().items()}}
+    loaded = D.dit_from_checkpoint(ck, "ck")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert torch.equal(loaded.rope, dit.rope) and torch.equal(loaded.head_rope, dit.head_rope)
+    x, t, y = torch.randn(2, 16, 8), torch.rand(2), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), dit(x, t, y))
+
+
+def test_loading_into_a_meta_network_refuses_a_derived_buffer_left_on_meta():
+    from dinosae.models.keymap import load_weights
+
+    class Derived(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(3.0), persistent=False)
+
+    state = {k: torch.ones_like(v, device="cpu") for k, v in Derived().state_dict().items()}
+    with torch.device("meta"):
+        m = Derived()
+    with pytest.raises(RuntimeError, match=r"\['table'\] stayed on the meta device"):
+        load_weights(m, state, "m")
+    with torch.device("meta"):
+        m = torch.nn.Linear(2, 2)
+    load_weights(m, {"weight": torch.ones(2, 2, dtype=torch.float64), "bias": torch.zeros(2)}, "m")
+    assert m.weight.dtype == torch.float32 and m.weight.requires_grad  # the network's dtype
+    assert torch.equal(m.weight, torch.ones(2, 2))

@@ -433,3 +433,25 @@ def test_linear_stem_starts_as_the_teacher(cfg):
     ae = build_autoencoder(cfg)
     x = _images(2, 32)
     torch.testing.assert_close(ae.encode(x), ae.teacher_tokens(x))
+
+
+def test_an_autoencoder_rebuilt_from_a_lean_checkpoint_computes_as_the_saved_one(cfg):
+    """DinoSAE.from_checkpoint builds the stem and decoder on the meta device and takes the
+    file's tensors; the teacher is rebuilt from its source and checked: the network encodes and
+    decodes exactly as the one saved."""
+    from dinosae.checkpoint import tensors_fingerprint
+    from dinosae.models.autoencoder import ae_config
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg).eval()
+    with torch.no_grad():  # away from the init
+        for p in [*ae.encoder.stem.parameters(), *ae.decoder.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    ck = {"config": ae_config(cfg), "ema": {k: v.clone() for k, v in ae.trainable_state().items()},
+          "teacher": {"weights": "random", "sha256": tensors_fingerprint(ae.teacher)}}
+    loaded = DinoSAE.from_checkpoint(ck, "ck").eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.rand(2, 3, cfg["data"]["image_size"], cfg["data"]["image_size"])
+    with torch.no_grad():
+        z = ae.encode(x)
+        assert torch.equal(loaded.encode(x), z) and torch.equal(loaded.decode(z), ae.decode(z))

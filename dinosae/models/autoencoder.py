@@ -14,6 +14,7 @@ radius: the sampler, the DiT's grids, the API).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,10 +77,9 @@ class AutoencoderArgs:
 
 def _load(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """load_state_dict with every missing, unexpected or misshapen key in one message."""
-    from dinosae.models.keymap import check, mismatches
+    from dinosae.models.keymap import load_weights
 
-    check(f"{what} does not fit the configured network", mismatches(module.state_dict(), state))
-    module.load_state_dict(state)
+    load_weights(module, state, f"{what} does not fit the configured network")
 
 
 class DinoSAE(nn.Module):
@@ -159,7 +159,8 @@ class DinoSAE(nn.Module):
                                   f"or malformed {type(e).__name__}: {str(e)[:100]})") from None
         state = ck[weights]
         whole = any(k.startswith(TEACHER_PREFIX) for k in state)
-        ae = build_autoencoder(args.to_dict(), load_teacher_weights=not whole)
+        ae = build_autoencoder(args.to_dict(), load_teacher_weights=not whole,
+                               init_trainable=False)
         if whole:
             _load(ae, state, f"{where} ({weights})")
             return ae
@@ -199,26 +200,32 @@ class DinoSAE(nn.Module):
         return z, self.decode(z + (noise.float() * rms).to(z.dtype))
 
 
-def build_autoencoder(cfg: dict, load_teacher_weights: bool = True) -> DinoSAE:
+def build_autoencoder(cfg: dict, load_teacher_weights: bool = True,
+                      init_trainable: bool = True) -> DinoSAE:
     """DinoSAE from cfg["autoencoder"] and cfg["data"]["image_size"].
 
-    load_teacher_weights=False leaves the teacher random (for loading a checkpoint into it)."""
+    load_teacher_weights=False leaves the teacher random (for loading a checkpoint into it).
+    init_trainable=False builds the stem and decoder on the meta device, shapes without values,
+    for a checkpoint's weights to be loaded into (`_load` assigns them): their random
+    initialisation would be thrown away, and costs seconds at paper size."""
     acfg, image_size = cfg["autoencoder"], cfg["data"]["image_size"]
     vit = create_teacher(acfg["teacher"], image_size, load_weights=load_teacher_weights)
     patch = vit.patch_embed.patch_size[0]
     if patch != 16 or image_size % 16:
         raise ValueError(f"the stem makes 16x16-pixel tokens: teacher patch size must be 16 "
                          f"(got {patch}) and data.image_size a multiple of 16 (got {image_size})")
-    if acfg.get("stem", "cnn") == "linear":
-        stem = LinearStem(vit.embed_dim)
-        stem.proj.load_state_dict(vit.patch_embed.proj.state_dict())  # start as the teacher's
-    else:
-        stem = CNNStem(acfg["stem_widths"], vit.embed_dim)
-    grid = (image_size // 16, image_size // 16)
-    d = acfg["decoder"]
-    decoder = Decoder(vit.embed_dim, grid, d["widths"], d["depths"], d["blocks"],
-                      norm=d.get("norm", "channel"), attn_scales=d.get("attn_scales", (5,)),
-                      evit_norm=d.get("evit_norm", True), upsample=d.get("upsample", "interpolate"))
+    with contextlib.nullcontext() if init_trainable else torch.device("meta"):
+        if acfg.get("stem", "cnn") == "linear":
+            stem = LinearStem(vit.embed_dim)
+            stem.proj.load_state_dict(vit.patch_embed.proj.state_dict())  # start as the teacher's
+        else:
+            stem = CNNStem(acfg["stem_widths"], vit.embed_dim)
+        grid = (image_size // 16, image_size // 16)
+        d = acfg["decoder"]
+        decoder = Decoder(vit.embed_dim, grid, d["widths"], d["depths"], d["blocks"],
+                          norm=d.get("norm", "channel"), attn_scales=d.get("attn_scales", (5,)),
+                          evit_norm=d.get("evit_norm", True),
+                          upsample=d.get("upsample", "interpolate"))
     return DinoSAE(Encoder(stem, vit), decoder)
 
 

@@ -264,7 +264,8 @@ class _GridModel(nn.Module):
         self.grid = (int(grid[0]), int(grid[1]))
 
     def _rope(self, name: str, head_dim: int) -> None:
-        rope = torch.stack(rope_tables(self.grid, head_dim), dim=-1)  # (T, head_dim/2, 2)
+        with torch.device("cpu"):  # real even in a network built on the meta device to be loaded
+            rope = torch.stack(rope_tables(self.grid, head_dim), dim=-1)  # (T, head_dim/2, 2)
         self.register_buffer(name, rope, persistent=False)  # derived from the grid
 
 
@@ -431,17 +432,17 @@ def dit_from_config(config: Mapping[str, Any]) -> nn.Module:
 def dit_from_checkpoint(ck: dict, where: str, weights: str = "ema") -> nn.Module:
     """The network of a DiT checkpoint (or export: {"config", "ema"}) with its `weights` loaded,
     every missing, unexpected or misshapen key named: the one place a DiT is rebuilt."""
-    from dinosae.models.keymap import check, mismatches
+    from dinosae.models.keymap import load_weights
 
     try:
-        model = dit_from_config(ck["config"])
+        with torch.device("meta"):  # shapes only: the weights come from the checkpoint
+            model = dit_from_config(ck["config"])
     except (KeyError, TypeError, AttributeError) as e:
         from dinosae.errors import CheckpointError
 
         raise CheckpointError(f"{where}: its config cannot rebuild a DiT (missing or malformed "
                               f"{type(e).__name__}: {str(e)[:100]})") from None
-    check(f"{where} does not fit its own config", mismatches(model.state_dict(), ck[weights]))
-    model.load_state_dict(ck[weights])
+    load_weights(model, ck[weights], f"{where} does not fit its own config")
     return model
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -85,6 +86,26 @@ def check(what: str, problems: list[str], hints: Iterable[str] = ()) -> None:
     raise WeightsMismatchError(f"{what}: {n} mismatch{'es' if n > 1 else ''}: "
                                + "; ".join(problems)
                                + (f". Hint: {' '.join(hints)}" if hints else ""))
+
+
+def load_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """`state` into `module` after `check`ing it (`what`: the error's first words; every
+    missing, unexpected, misshapen, non-float or non-finite tensor named). A module built on the
+    meta device, as a network whose random initialisation a checkpoint would overwrite is
+    (seconds per job at paper size), takes the tensors themselves, cast to its dtypes; what it
+    holds outside its state dict (buffers derived at build time) must already be real."""
+    expected = module.state_dict()
+    check(what, mismatches(expected, state))
+    tensors = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+    if not any(t.is_meta for _, t in tensors):
+        module.load_state_dict(state)
+        return
+    module.load_state_dict({k: v.to(dtype=expected[k].dtype) for k, v in state.items()},
+                           assign=True)
+    left = [n for n, t in itertools.chain(module.named_parameters(), module.named_buffers())
+            if t.is_meta]
+    if left:  # a derived buffer made on the meta device: the network's code, not the file
+        raise RuntimeError(f"{what}: {left[:3]} stayed on the meta device after loading")
 
 
 def is_meta_dinov3(sd: Mapping[str, Any]) -> bool:
