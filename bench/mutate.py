@@ -269,7 +269,7 @@ def make_copy(root: Path, dest: Path) -> Path:
     return repo
 
 
-PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-m", "not integration")
+PYTEST_ARGS = ("-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "not integration")
 # imported once by the parent in --fork mode, so that each mutant's process starts with them
 PRELOAD = ("numpy", "scipy.stats", "torch", "timm", "lpips", "h5py", "PIL.Image", "yaml",
            "torch_fidelity", "skimage.metrics", "webdataset", "zarr", "pytest")
