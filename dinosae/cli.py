@@ -123,7 +123,8 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, dict]]]] = {
     ),
     "encode-gather": (
         "dinosae.latents", "encode_gather", "validate every region, then mark the cache complete",
-        [("--cache", dict(required=True)), ("--out", dict(required=True, help="report json"))],
+        [("--cache", dict(required=True)), ("--out", dict(required=True, help="report json")),
+         FORCE],
     ),
     "export-latents": (
         "dinosae.export", "export_latents",

@@ -451,6 +451,16 @@ def kv_ours(*keys: str) -> FileRecogniser:
     return ours
 
 
+def json_ours(*keys: str) -> FileRecogniser:
+    """A small JSON object holding every one of `keys` (a report dinosae writes)."""
+    def ours(path: Path) -> bool:
+        if os.path.getsize(path) > 1 << 20:
+            return False
+        doc = json.loads(path.read_text())
+        return isinstance(doc, dict) and set(keys) <= set(doc)
+    return ours
+
+
 def html_ours(path: Path) -> bool:
     """An HTML page that dinosae wrote (it starts with HTML_MARK)."""
     with open(path, "rb") as f:

@@ -667,6 +667,8 @@ def _file_writers(world, work: Path) -> dict[str, tuple[list[str], dict | None, 
                        sections(world, "dit"), "imported.pt"),
         "export-latents": (["export-latents", "--cache", str(work / "cache.zarr")], {},
                            "latents.h5"),
+        "encode-gather": (["encode-gather", "--cache", str(work / "cache.zarr")], {},
+                          "train.report.json"),
         "generate": (["generate", "--model", str(work / "exports" / "dit"), "--classes", "0",
                       "--seeds", "0", "--steps", "2", "--device", "cpu"], None, "grid.png"),
         "eval-recon": (["eval-recon", "--checkpoint", str(work / "ae.pt"), "--shards",
@@ -689,9 +691,9 @@ def _out_args(args: list[str], out: Path) -> list[str]:
     return [*args, str(out)] if args[-1] in ("--loss", "--out") else [*args, "--out", str(out)]
 
 
-FILE_WRITERS = ["sample", "import-ae", "import-dit", "export-latents", "generate", "eval-recon",
-                "fid-reference", "fid", "metrics-table", "config-page", "stage-figures",
-                "sample-grids"]
+FILE_WRITERS = ["sample", "import-ae", "import-dit", "export-latents", "encode-gather",
+                "generate", "eval-recon", "fid-reference", "fid", "metrics-table", "config-page",
+                "stage-figures", "sample-grids"]
 
 
 @pytest.mark.parametrize("command", FILE_WRITERS)
@@ -710,6 +712,7 @@ def test_10_a_foreign_file_at_out_is_refused_not_replaced(world, work, capsys, c
     ("import-ae", ["--source", "{exports}/ae", "--out", "{exports}/ae/model.safetensors"],
      "is this command's input"),
     ("export-latents", ["--cache", "{cache}", "--out", "{cache}/x.h5"], "is this command's input"),
+    ("encode-gather", ["--cache", "{cache}", "--out", "{cache}/r.json"], "is this command's input"),
     ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{dit}"], "give a .h5 file name"),
     ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/x.png"], "give a .h5"),
     ("sample", ["--dit", "{dit}", "--ae", "{ae}", "--out", "{work}/dit.h5"], "dit.png"),
@@ -725,7 +728,8 @@ def test_10_never_an_input_or_a_file_beside_it_even_with_force(world, work, caps
     (work / "dit.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")  # beside dit.h5
     cfg = {"sample": sections(world, "seed", "device", "sample"), "import-dit": sections(
         world, "dit"), "import-ae": sections(world, "data", "autoencoder"), "eval-recon": sections(
-        world, "device", "eval", "autoencoder"), "export-latents": {}}.get(command)
+        world, "device", "eval", "autoencoder"), "export-latents": {},
+        "encode-gather": {}}.get(command)
     paths = {"dit": work / "dit.pt", "ae": work / "ae.pt", "cache": work / "cache.zarr",
              "exports": work / "exports", "work": work, "shards": work / "shards"}
     argv = [command, *(a.format(**paths) for a in args)]
@@ -766,7 +770,12 @@ def test_10_own_files_are_replaced_force_replaces_a_foreign_one_and_a_link_not_i
                   str(work / "trained.pt"), cfg=cfg)
     one_line(rc, err, "trained.pt", "was not written by `dinosae import-ae`")
     assert tree(work) == before
-    # the report writers recognise their own PNG and HTML
+    # the report writers recognise their own PNG, HTML and JSON
+    args, _, _ = _file_writers(world, work)["encode-gather"]
+    for _ in range(2):
+        rc, err = cli(capsys, *args, "--out", str(work / "r.json"), cfg={})
+        assert rc == 0, err
+    assert json.loads((work / "r.json").read_text())["complete"] is True
     args, _, _ = _file_writers(world, work)["metrics-table"]
     for _ in range(2):
         assert cli(capsys, *args, "--out", str(work / "t.html"))[0] == 0

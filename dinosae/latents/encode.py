@@ -48,10 +48,11 @@ from dinosae.latents.store import (
     store_dtype,
     update_attrs,
 )
-from dinosae.outputs import output_lock, replace_dir, writing
+from dinosae.outputs import claim_file, json_ours, output_lock, replace_dir, writing
 from dinosae.progress import Progress
 
 log = logging.getLogger(__name__)
+REPORT_OURS = json_ours("cache", "identity", "complete", "count")  # encode-gather's report
 
 
 # ---------------------------------------------------------------- encoder and images
@@ -337,11 +338,13 @@ def _write_unit(arrays: dict, u: int, unit_rows: int, data: dict) -> None:
         arrays[name][a:a + len(values)] = values
     arrays["written"][u] = 1
 
-def encode_gather(cfg: dict, cache: str | Path, out: str | Path) -> dict:
+def encode_gather(cfg: dict, cache: str | Path, out: str | Path, force: bool = False) -> dict:
     """Validate every region; only then set `complete: true` and `mean_norm`; write a JSON report
-    to `out`. A failure raises CacheError naming the first bad region and leaves complete
+    to `out` (the one-file output rule: a file there that is not such a report is refused unless
+    `force`). A failure raises CacheError naming the first bad region and leaves complete
     false. Config: latents.root (optional): then the complete cache is published there by its
     identity (shared.publish) and `cache` becomes a link to it."""
+    claim_file({out: REPORT_OURS}, "encode-gather", force=force, inputs=[cache])
     root = (cfg.get("latents") or {}).get("root")
     if Path(cache).is_symlink():  # a shared cache another experiment built and validated
         group, attrs = open_group(cache, "r", "run `dinosae encode-init` first")
