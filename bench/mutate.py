@@ -170,8 +170,8 @@ MUTANTS = [
            'D_LOSS_FACTOR = {"teacher": 1.0, "dino_vits8": 1.0}',
            (AEL, "-k", "dino_discriminator_step"), "RAE's discriminator: hinge not halved"),
     Mutant("dino_fakes_unquantised", "dinosae/train/ae.py",
-           'fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()',
-           "fake = rec.detach()",
+           'return quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()',
+           "return rec.detach()",
            (AEL, "-k", "dino_discriminator_step"), "RAE's discriminator: fakes not 8-bit"),
     # ---- the metrics
     Mutant("teacher_unnormalised", "dinosae/evaluate.py",

@@ -359,7 +359,7 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
                                               device=device, rows=rows, total=total)
     backbone = _start_discriminator_step(st, d_lr)
     B = x.shape[0]
-    fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
+    fake = discriminator_fakes(rec, backbone)
     aug = _aug_rows(st, x, gen, rows, total, fakes_too=True)
     with autocast:
         logits = disc_logits(disc_train, torch.cat([x, fake]), st.args.discriminator,
@@ -372,6 +372,12 @@ def discriminator_step(st: Stage, disc_train: torch.nn.Module, x: torch.Tensor,
     if ok:
         d_loss.backward()
     return row, _update_discriminator(st, row, ok, tcfg)
+
+
+def discriminator_fakes(rec: torch.Tensor, backbone: str) -> torch.Tensor:
+    """The reconstructions the discriminator step sees as fakes, detached: with RAE's
+    dino_vits8 backbone quantised to 8-bit levels, as RAE's training does."""
+    return quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
 
 
 def _start_discriminator_step(st: Stage, d_lr: float) -> str:
@@ -507,7 +513,7 @@ def accumulated_discriminator_step(st: Stage, disc_train: torch.nn.Module, x: to
     """discriminator_step in micro-batches of `micro` real and `micro` reconstructed images."""
     backbone = _start_discriminator_step(st, d_lr)
     B, dcfg = x.shape[0], st.args.discriminator
-    fake = quantize(rec.detach()) if backbone == "dino_vits8" else rec.detach()
+    fake = discriminator_fakes(rec, backbone)
     images = torch.cat([x, fake])
     aug = _aug_rows(st, x, gen, rows, total, fakes_too=True)  # rows of `images`
     sums: dict[str, torch.Tensor] = {}
