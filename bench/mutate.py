@@ -16,7 +16,7 @@ itself is never modified. A baseline run of every named test on the unmutated co
 When the code a mutant names changes, update its `old`/`new` text; when a new test catches a
 class of bug, add a mutant for it. Keep each mutant's test selection small: one pytest process
 per mutant (a fork of this process, torch & co already imported): 1-6 s each on an
-idle 2-core machine; all 47 with -j 2 in about 90 s, baseline included.
+idle 2-core machine; all 49 with -j 2 in about 2 minutes, baseline included.
 """
 
 from __future__ import annotations
@@ -250,6 +250,17 @@ MUTANTS = [
            "order = np.random.default_rng([self.seed, self.epoch]).permutation(n)",
            "order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(n)",
            (WS, "-k", "image_loader"), "image loader: each rank its own permutation"),
+    # ---- what sampling costs and the gFID proxy's sampler
+    Mutant("plan_sampling_bf16", "dinosae/plan_measure.py",
+           'return "bf16" if precision == "bf16" else "fp32"',
+           'return "bf16"',
+           ("tests/test_plan.py", "-k", "forward_flops"),
+           "plan: the sampler priced at bf16 whatever sample.precision says"),
+    Mutant("proxy_sample_precision", "dinosae/train/proxy.py",
+           'self.sc = {**cfg["sample"], "precision": cfg["dit"].get("eval_precision", "bf16")}',
+           'self.sc = cfg["sample"]',
+           ("tests/test_logs.py", "-k", "gfid_proxy_equals"),
+           "gFID proxy: samples at sample.precision, not dit.eval_precision"),
 ]
 
 

@@ -7,10 +7,11 @@ those and the configured data and steps, GPU-hours and wall time on N GPUs of a 
 (one micro-batch's step when `micro_batch` is configured: gradient accumulation makes up the
 per-GPU batch) flagged when above FIT_FRACTION of the GPU, the largest micro-batch that fits
 the GPU (dinosae.microbatch), wall-time chains (dinosae.chains), and disk for shards, the
-latent cache and checkpoints. Precision follows the code: AE and DiT training and the DiT in
-sampling run under bf16 autocast (bf16 tensor-core peak); encoding, decoding and the
-evaluation networks run in fp32, where convolutions use TF32 tensor cores (cuDNN's default)
-and matmuls the fp32 CUDA cores (PyTorch leaves TF32 off for matmuls). Not counted: data
+latent cache and checkpoints. Precision follows the code: AE and DiT training run under bf16
+autocast (bf16 tensor-core peak), and so does the DiT in sampling with `sample.precision:
+bf16`; encoding, decoding, the evaluation networks and fp32 sampling run in fp32, where
+convolutions use TF32 tensor cores (cuDNN's default) and matmuls the fp32 CUDA cores (PyTorch
+leaves TF32 off for matmuls). The gFID proxy samples at `dit.eval_precision`. Not counted: data
 loading, optimizer steps, EMA updates, communication (the MFU absorbs them); stage 2's
 discriminator warm-up steps count as full steps.
 """
@@ -265,11 +266,13 @@ def job_hours(cfg: dict, gpu: str, gpus: dict[str, int], mfu: float = DEFAULT_MF
 
 def proxy_note(cfg: dict, m: Measured, spec: dict, mfu: float) -> str:
     """The gFID proxy's cost (dit.eval_every, dit.eval_samples; dinosae/train/proxy.py): per
-    evaluation, `sample`'s and `fid`'s work on eval_samples images, on rank 0's one GPU."""
+    evaluation, `sample`'s work at dit.eval_precision and `fid`'s on eval_samples images, on
+    rank 0's one GPU."""
     dc = cfg["dit"]
     n, every = int(dc.get("eval_samples", 1000)), int(dc.get("eval_every") or 0)
-    sec = n * sum(seconds_per_image(m.rules[r], spec, mfu) for r in ("sample", "fid"))
-    line = (f"gFID proxy: {n:,} samples cost {_hours(sec / 3600)} per evaluation on rank 0's "
+    sec = n * sum(seconds_per_image(m.rules[r], spec, mfu) for r in ("gfid_proxy", "fid"))
+    line = (f"gFID proxy: {n:,} samples ({dc.get('eval_precision', 'bf16')} sampling) cost "
+            f"{_hours(sec / 3600)} per evaluation on rank 0's "
             "GPU (the other ranks wait)")
     if not every:
         return line + " (off: dit.eval_every 0)"

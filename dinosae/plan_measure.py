@@ -471,9 +471,18 @@ def _inference_work(n: _AENets) -> tuple[dict[str, RuleWork], Part]:
     return work, dec
 
 
+def sampling_precision(precision: str | None) -> str:
+    """The precision class of the sampler's DiT forwards on a GPU (`sample.precision`,
+    `dit.eval_precision`): bf16 autocast for bf16; else fp32 (the paper config's samples, as
+    RAE recommends), whose matmuls run on the fp32 CUDA cores (dinosae.generate.sampling_bf16;
+    TF32 stays off for matmuls)."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
 def _dit_work(n: _AENets, num_classes: int, dec: Part) -> tuple[dict[str, RuleWork], int]:
-    """train_dit (dinosae.train.dit.train_step) and sample (the sampler's forwards, then the
-    decode); and the DiT's parameter count."""
+    """train_dit (dinosae.train.dit.train_step), sample (the sampler's forwards at
+    `sample.precision`, then the decode) and gfid_proxy (the same at `dit.eval_precision`: not a
+    rule, the DiT's gFID proxy); and the DiT's parameter count."""
     from dinosae import rfm, sphere
     from dinosae.models.dit import build_dit, switches_of
 
@@ -509,8 +518,14 @@ def _dit_work(n: _AENets, num_classes: int, dec: Part) -> tuple[dict[str, RuleWo
     work = {"train_dit": RuleWork([Part("step", n.world, dit_step, "bf16")],
                                   weights=n_dit, trainable=n_dit, ema=n_dit)}
     dit.eval().requires_grad_(False)
-    work["sample"] = RuleWork(
-        [Part("dit", n.world, dit_forward, "bf16", runs=sc["steps"] * (1.0 + guided),
-              batch_factor=2 if guided else 1), dec],
-        weights=n_dit + n.n_ae)
+
+    def sampler(precision: str) -> RuleWork:  # the sampler's forwards, then the decode
+        return RuleWork([Part("dit", n.world, dit_forward, precision,
+                              runs=sc["steps"] * (1.0 + guided), batch_factor=2 if guided else 1),
+                         dec], weights=n_dit + n.n_ae)
+
+    work["sample"] = sampler(sampling_precision(sc.get("precision")))
+    proxy = sampling_precision(dcfg.get("eval_precision", "bf16"))  # the gFID proxy's sampler
+    work["gfid_proxy"] = (work["sample"] if proxy == work["sample"].parts[0].precision
+                          else sampler(proxy))
     return work, n_dit

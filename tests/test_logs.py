@@ -207,7 +207,7 @@ def test_backends_come_from_the_config_else_the_environment(monkeypatch, caplog)
 
 # ---------------------------------------------------------------- the gFID proxy
 
-def test_gfid_proxy_equals_dinosae_fid_on_the_same_samples(tmp_path):
+def test_gfid_proxy_equals_dinosae_fid_on_the_same_samples(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     cfg["device"] = "cpu"
     cfg["dit"].update(steps=4, batch_size=8, ckpt_every=10, log_every=3, image_every=100,
@@ -248,6 +248,13 @@ def test_gfid_proxy_equals_dinosae_fid_on_the_same_samples(tmp_path):
     model, meta = load_dit(out / "checkpoint.pt")
     direct = GFIDProxy(cfg, DinoSAE.load(str(ae_path)), meta, ref, torch.device("cpu"))(model)
     assert direct["FD_teacher_proxy"] == pytest.approx(fid, abs=2e-6)  # gfid.txt: 6 decimals
+    # the proxy's sampler runs at dit.eval_precision, the samples' own setting left alone
+    seen, decoded = [], generate.decoded_samples
+    monkeypatch.setattr(generate, "decoded_samples",
+                        lambda *a, **k: seen.append(a[3]["precision"]) or decoded(*a, **k))
+    cfg["sample"]["precision"], cfg["dit"]["eval_precision"] = "fp32", "bf16"
+    GFIDProxy(cfg, DinoSAE.load(str(ae_path)), meta, ref, torch.device("cpu"))(model)
+    assert seen == ["bf16"] * 3 and cfg["sample"]["precision"] == "fp32"  # 7 samples, batch 3
 
 
 def test_gfid_proxy_needs_its_inputs(tmp_path):

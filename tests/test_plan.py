@@ -137,8 +137,13 @@ def test_forward_flops_equal_a_count_on_real_tensors(tiny):
     dit = build_dit(cfg["dit"]["model"], z.shape[1], z.shape[2], 10, m.grid, cfg["dit"]["head"])
     with torch.no_grad(), _Counting(dit.eval()) as count:
         dit(z, torch.rand(1), torch.tensor([3]))
+    # sampling is priced at its precision: sample.precision fp32 (convolutions TF32, the rest
+    # fp32 CUDA cores), the gFID proxy at dit.eval_precision bf16
+    assert (cfg["sample"]["precision"], cfg["dit"]["eval_precision"]) == ("fp32", "bf16")
     sample = m.rules["sample"].parts[0]
-    assert sample.flops == {"bf16": count.flops}
+    assert set(sample.flops) == {"tf32", "fp32"} and sum(sample.flops.values()) == count.flops
+    assert m.rules["gfid_proxy"].parts[0].flops == {"bf16": count.flops}
+    assert m.rules["gfid_proxy"].parts[1] is m.rules["sample"].parts[1]  # the same decode
     # cfg_scale 1.5 over the whole interval: the conditional and the null class at every step
     assert (sample.runs, sample.batch_factor) == (2 * cfg["sample"]["steps"], 2)
     # train_dit: forward + backward of the same network, about three forwards
@@ -285,7 +290,8 @@ def test_paper_networks_have_the_published_sizes_and_flops(paper):
     T, D, H = 256, 1152, 3072
     block = 2 * T * (3 * D * D + D * D + 2 * D * H + H * D) + 4 * T * T * D + 2 * D * 6 * D
     dit = 28 * block + 2 * 2 * T * 1024 * D
-    assert m.rules["sample"].parts[0].flops["bf16"] == pytest.approx(dit, rel=2e-3)
+    assert sum(m.rules["sample"].parts[0].flops.values()) == pytest.approx(dit, rel=2e-3)
+    assert m.rules["sample"].parts[0].flops["fp32"] > 0.99 * dit  # sample.precision: fp32
     assert 670e6 < m.n_dit < 690e6  # DiT-XL's 675 M
 
 
@@ -363,10 +369,11 @@ def test_gfid_proxy_cost_is_sample_and_fid_work_on_its_samples():
     def work(flops):  # a rule's work per image, as RuleWork.flops() gives it
         return SimpleNamespace(flops=lambda: {"bf16": flops})
 
-    m = SimpleNamespace(rules={"sample": work(3e15), "fid": work(1e15), "train_dit": work(1e20)})
+    m = SimpleNamespace(rules={"gfid_proxy": work(3e15), "fid": work(1e15), "sample": work(1e20),
+                               "train_dit": work(1e20)})
     cfg = {"dit": {"eval_samples": 100, "eval_every": 0, "steps": 10}}
     # 100 images x 4e15 FLOP at 1000 TFLOPS x MFU 0.5 = 800 s
     note = proxy_note(cfg, m, {"bf16": 1000.0}, 0.5)
-    assert "100 samples cost 13 min per evaluation" in note and "off" in note
+    assert "100 samples (bf16 sampling) cost 13 min per evaluation" in note and "off" in note
     cfg["dit"]["eval_every"] = 4  # steps 4, 8 and the last, 10
     assert "3 evaluations, 40 min" in proxy_note(cfg, m, {"bf16": 1000.0}, 0.5)

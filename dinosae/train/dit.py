@@ -269,7 +269,8 @@ def run_identity(cfg: dict, data: Any, world: int) -> dict:
             int(cfg.get("seed", 0)), "world_size": world,
             "dit": {k: v for k, v in cfg["dit"].items() if k not in
                     ("log_every", "image_every", "ckpt_every", "compile", "max_bad_steps",
-                     "eval_every", "eval_samples", *NOT_TRAJECTORY)}}
+                     "eval_every", "eval_samples", "eval_precision",
+                     *NOT_TRAJECTORY)}}
 
 
 def _train(cfg: dict, cache: Any, ae: str | None, out: Path, rank: int, world: int,

@@ -1,12 +1,13 @@
 """The gFID proxy of DiT training: every `dit.eval_every` steps, `dit.eval_samples`
 class-balanced samples from fixed seeds, drawn from the EMA network with the configured sampler
-(the `sample` section), decoded and scored by the FD of the configured extractor against the
-reference statistics of rule `fid_reference`.
+(the `sample` section, at `dit.eval_precision`), decoded and scored by the FD of the configured
+extractor against the reference statistics of rule `fid_reference`.
 
 Nothing here is new maths: the labels, seeds and images are `dinosae sample`'s
 (generate.balanced_labels, sample_seeds, decoded_samples), the score is `dinosae fid`'s
 (evaluate.FDScorer). So the proxy at step k equals `dinosae fid` on `dinosae sample`'s output
-for that step's EMA weights with sample.num_samples = dit.eval_samples. Rank 0 evaluates.
+for that step's EMA weights with sample.num_samples = dit.eval_samples and sample.precision =
+dit.eval_precision. Rank 0 evaluates.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ class GFIDProxy:
                               "statistics (--reference), the autoencoder (--ae) and the 'eval' "
                               "section")
         self.n = int(cfg["dit"].get("eval_samples", 1000))
-        self.sc, self.meta, self.ae, self.device = cfg["sample"], meta, autoencoder, device
+        # the sample section's sampler, at dit.eval_precision (bf16 by default: on a GPU fp32
+        # sampling costs about ten times as much, and a proxy is compared with proxies)
+        self.sc = {**cfg["sample"], "precision": cfg["dit"].get("eval_precision", "bf16")}
+        self.meta, self.ae, self.device = meta, autoencoder, device
         self.labels = balanced_labels(self.n, int(meta["num_classes"]))
         self.seeds = sample_seeds(self.n, int(cfg.get("seed", 0)))
         mean_norm = meta.get("mean_norm")
