@@ -1,6 +1,8 @@
 """A wall-time chain through the real local Slurm (dinosae/chains.py, train.loop.StopSources).
 
-The tiny workflow's `ae_stage1`, with enough steps for about a minute of work, is submitted by
+The tiny workflow's `ae_stage1`, with enough steps for about WORK_S of work on this machine (the
+step count from a short local run's sec_per_step: a fixed count ran as one job on a faster
+machine, and would need more jobs than allowed on a slower one), is submitted by
 `snakemake --profile` (tests/slurm-profile plus the site setting `max_runtime: 1` minute) to
 the single-node Slurm of scripts/slurm-local.sh. Each job reads its end time from squeue, stops
 itself ahead of it (the lead measured in the job; its floor lowered to 5 s by
@@ -32,9 +34,11 @@ from test_slurm import our_jobs, require_slurm
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 BIN = str(Path(sys.executable).parent)
-# ~0.4 s a step on idle cores: ~1 min of work, two 1-minute jobs (a job starts in ~15 s idle,
-# ~50 s on a machine at load 7, where the chain needs many more jobs: up to 18 are allowed)
-STEPS = 150
+# the chain's work in seconds: a 1-minute job does about 40 s of it on idle cores (it starts in
+# ~15 s), so two or three jobs; ~10 s on a machine at load 7 (~50 s to start), where the chain
+# needs many more jobs: up to 18 are allowed
+WORK_S = 80.0
+CAL_STEPS = 12  # the calibration run's steps (the first two, which build and warm up, not timed)
 TARGET = "results/ae/stage1/checkpoint.pt"
 
 
@@ -50,6 +54,27 @@ def chain_profile(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(prof))
     return folder
+
+
+def steps_for(work: Path, cal: Path, env: dict) -> int:
+    """The steps for WORK_S of ae_stage1 work here: a run of CAL_STEPS in `cal`, a copy of `work`
+    (its data made), timed by its metrics.csv (the median sec_per_step after the first two)."""
+    set_steps(cal, CAL_STEPS)
+    run_snakemake(cal, TARGET, env=env, timeout=300)
+    with open(cal / "results/ae/stage1/metrics.csv") as f:
+        took = sorted(float(row["sec_per_step"]) for row in csv.DictReader(f)
+                      if int(float(row["step"])) > 2)
+    step_s = took[len(took) // 2]
+    steps = int(min(max(WORK_S / step_s, 60), 2000))
+    print(f"calibration: {step_s:.3f} s a step here, {steps} steps")
+    return steps
+
+
+def set_steps(work: Path, steps: int) -> None:
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["ae_train"]["stages"][0]["steps"] = steps
+    cfg["ae_train"].update(log_every=1, image_every=steps, ckpt_every=50)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
 def tensors(ck: dict, prefix: str = "") -> dict:
@@ -75,12 +100,12 @@ def test_a_rule_longer_than_the_limit_runs_as_a_chain_of_slurm_jobs(tmp_path: Pa
 
     cfg = tiny_config()
     cfg["device"] = "cpu"
-    cfg["ae_train"]["stages"][0]["steps"] = STEPS
-    cfg["ae_train"].update(log_every=1, image_every=STEPS, ckpt_every=50)
     work = workflow_copy(tmp_path / "work", cfg)
     env = {"OMP_NUM_THREADS": "1", "DINOSAE_CHAIN_MIN_LEAD_S": "5",
            "DINOSAE_CHAIN_STARTUP_S": "20"}
     run_snakemake(work, "data/shards/train/manifest.json", env=env, timeout=300)
+    steps = steps_for(work, shutil.copytree(work, tmp_path / "cal", symlinks=True), env)
+    set_steps(work, steps)
     ref = shutil.copytree(work, tmp_path / "ref", symlinks=True)
 
     # the uninterrupted run, locally, alongside the chain
@@ -120,7 +145,7 @@ def test_a_rule_longer_than_the_limit_runs_as_a_chain_of_slurm_jobs(tmp_path: Pa
     for line, job in zip(stops, ids, strict=False):  # each job but the last, in order
         assert f" job {job}: ae stage 1: stopped by the job's time limit (" in line, (line, ids)
         at.append(int(re.search(r"after step (\d+);", line).group(1)))
-    assert at == sorted(set(at)) and 0 < at[0] and at[-1] < STEPS, at  # each made progress
+    assert at == sorted(set(at)) and 0 < at[0] and at[-1] < steps, at  # each made progress
     # (b) the chain's final checkpoint is the uninterrupted run's
     got = tensors(load_checkpoint(work / TARGET, map_location="cpu"))
     want = tensors(load_checkpoint(ref / TARGET, map_location="cpu"))
@@ -130,5 +155,5 @@ def test_a_rule_longer_than_the_limit_runs_as_a_chain_of_slurm_jobs(tmp_path: Pa
     assert not (work / "results/ae/stage1/last.pt").exists()
     # (c) each step logged once, in order
     with open(work / "results/ae/stage1/metrics.csv") as f:
-        steps = [int(float(row["step"])) for row in csv.DictReader(f)]
-    assert steps == list(range(1, STEPS + 1))
+        logged = [int(float(row["step"])) for row in csv.DictReader(f)]
+    assert logged == list(range(1, steps + 1))
